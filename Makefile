@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
+# Both work on a fresh machine with Python >= 3.11, make and the package registries.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU build from local disk and never pulls a CUDA build
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m reference.compare
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
