@@ -1,0 +1,139 @@
+"""torch's GRU beside :mod:`scratch.gru`: build a ``torch.nn.GRU`` with the same weights, run it
+(packed when there are lengths, layer by layer with given dropout masks), and take every
+gradient from autograd.  Used by the tests, the benchmark and ``python -m reference.compare``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+def torch_gru_like(gru, copy_weights: bool = True) -> nn.GRU:
+    """A ``torch.nn.GRU`` with scratch ``gru``'s configuration (and weights)."""
+    ref = nn.GRU(gru.input_size, gru.hidden_size, gru.num_layers, bias=gru.bias,
+                 batch_first=gru.batch_first, dropout=gru.dropout,
+                 bidirectional=gru.bidirectional, dtype=TORCH_DTYPES[gru.dtype])
+    if copy_weights:
+        ref.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in
+                             gru.state_dict().items()})
+    return ref
+
+
+def run_packed(module, x, h0=None, lengths=None, enforce_sorted: bool = False):
+    """``module(x, h0)``; with lengths, through ``pack_padded_sequence`` and back, padded to
+    x's full length (``total_length``) so the shapes match the unpacked call."""
+    if lengths is None:
+        return module(x, h0)
+    t_axis = 1 if module.batch_first else 0
+    packed = pack_padded_sequence(x, torch.as_tensor(np.asarray(lengths), dtype=torch.int64),
+                                  batch_first=module.batch_first, enforce_sorted=enforce_sorted)
+    out, h_n = module(packed, h0)
+    out, _ = pad_packed_sequence(out, batch_first=module.batch_first,
+                                 total_length=x.shape[t_axis])
+    return out, h_n
+
+
+def run_layerwise(ref: nn.GRU, x, h0, lengths=None, masks=None):
+    """``ref`` one layer at a time, multiplying layer k's output by ``masks[k]`` (scratch's
+    recorded dropout masks) before layer k + 1: torch with scratch's dropout, exactly.
+    Gradients flow to ``ref``'s own parameters (``functional_call``)."""
+    D, H = 2 if ref.bidirectional else 1, ref.hidden_size
+    params = dict(ref.named_parameters())
+    u, h_ns = x, []
+    for k in range(ref.num_layers):
+        single = nn.GRU(u.shape[-1], H, 1, bias=ref.bias, batch_first=ref.batch_first,
+                        bidirectional=ref.bidirectional, dtype=x.dtype)
+        mapping = {name: params[name.replace("_l0", f"_l{k}")]
+                   for name, _ in single.named_parameters()}
+        h0_k = None if h0 is None else h0[k * D:(k + 1) * D]
+        out, h_n = _call(single, mapping, u, h0_k, lengths)
+        h_ns.append(h_n)
+        u = out * masks[k] if (masks and k < ref.num_layers - 1) else out
+    return u, torch.cat(h_ns, dim=0)
+
+
+def _call(single, mapping, u, h0, lengths):
+    class _Packed(nn.Module):              # functional_call needs the packing inside a module
+        def __init__(self):
+            super().__init__()
+            self.gru = single
+
+        def forward(self, u, h0):
+            return run_packed(self.gru, u, h0, lengths)
+    wrapper = _Packed()
+    return functional_call(wrapper, {f"gru.{k}": v for k, v in mapping.items()}, (u, h0))
+
+
+def torch_forward_backward(ref: nn.GRU, x, h0, d_out, d_hn=None, lengths=None, masks=None):
+    """Everything scratch's forward + backward return, from torch autograd.
+
+    x, h0, d_out, d_hn: arrays (h0 is required: pass zeros to get d_h0); masks: scratch's
+    ``dropout_masks`` (then the model runs layer by layer, see :func:`run_layerwise`).
+    Returns dict(output, h_n, d_x, d_h0, grads={name: array}) as NumPy arrays.
+    """
+    ref.zero_grad(set_to_none=True)
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    ht = torch.tensor(np.asarray(h0), requires_grad=True)
+    if masks:
+        out, h_n = run_layerwise(ref, xt, ht, lengths,
+                                 [torch.from_numpy(np.asarray(m)) for m in masks])
+    else:
+        out, h_n = run_packed(ref, xt, ht, lengths)
+    loss = (out * torch.from_numpy(np.asarray(d_out))).sum()
+    if d_hn is not None:
+        loss = loss + (h_n * torch.from_numpy(np.asarray(d_hn))).sum()
+    loss.backward()
+    return dict(output=out.detach().numpy(), h_n=h_n.detach().numpy(),
+                d_x=xt.grad.numpy(), d_h0=ht.grad.numpy(),
+                grads={k: (p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape)))
+                       for k, p in ref.named_parameters()})
+
+
+# --------------------------------------------------------------------------------------------
+# python -m reference.compare
+# --------------------------------------------------------------------------------------------
+
+ASSIGNMENT = dict(batch=128, input_size=768, hidden_size=256, num_layers=2, bidirectional=True)
+
+
+def compare_rows(repeat: int = 3):
+    """GRU rows at the assignment's head shape (batch 128, 768 -> 256, 2 layers, bidirectional,
+    float32), with the time length cut to 64 steps (of up to 512) to keep the table quick;
+    ``bench/gru.py`` times the full shape."""
+    from scratch.gru import GRU
+
+    from .compare import compare_row
+
+    a, T = ASSIGNMENT, 64
+    gru = GRU(a["input_size"], a["hidden_size"], a["num_layers"], batch_first=True,
+              bidirectional=True, dtype="float32", seed=0)
+    ref = torch_gru_like(gru)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((a["batch"], T, a["input_size"])).astype(np.float32)
+    d_out = rng.standard_normal((a["batch"], T, 2 * a["hidden_size"])).astype(np.float32)
+    xt = torch.from_numpy(x)
+    h0 = np.zeros((2 * a["num_layers"], a["batch"], a["hidden_size"]), np.float32)
+
+    def torch_forward():
+        with torch.no_grad():
+            return ref(xt)
+
+    def scratch_both():
+        out, h_n = gru(x)
+        d_x, _ = gru.backward(d_out)
+        return [out, h_n, d_x] + [gru.grads[k] for k in sorted(gru.grads)]
+
+    def torch_both():
+        r = torch_forward_backward(ref, x, h0, d_out)
+        return [r["output"], r["h_n"], r["d_x"]] + [r["grads"][k] for k in sorted(r["grads"])]
+
+    shape = f"B128 T{T} 768->256 2L bi f32"
+    return [
+        compare_row(f"GRU forward ({shape})", lambda: gru(x), torch_forward, repeat),
+        compare_row(f"GRU fwd+bwd, all grads ({shape})", scratch_both, torch_both, repeat),
+    ]

@@ -1,0 +1,517 @@
+r"""``torch.nn.GRU`` from scratch: forward and backward through time, fast, in NumPy or CuPy.
+
+One step is :mod:`scratch.gru_cell` (equations there, torch's: ``b_hn`` inside the reset gate,
+gates stacked r | z | n).  This module runs that step over whole sequences, for stacked layers
+and both directions, with ``pack_padded_sequence`` semantics when ``lengths`` are given.
+
+Shapes (time-major; ``batch_first`` only transposes the input and the output)::
+
+    x    (T, B, I)          output (T, B, D H)       D = 2 if bidirectional else 1
+    h0   (L D, B, H)        h_n    (L D, B, H)       ordered [l0 fwd, l0 bwd, l1 fwd, ...]
+
+Where the time goes, and what is done about it:
+
+* The input projections of all T steps of a layer, both directions at once, are **one** matrix
+  product ``(T B, I) x (I, D 3H)``; so are, in the backward, dx and dW_ih.  dW_hh is one product
+  per direction after the loop.  Only ``h W_hh^T`` (forward) and ``dgh W_hh`` (backward) run
+  per step.
+* The per-step element-wise work writes into preallocated buffers (``out=``), never a fresh
+  array; gates are stored where they are computed, ready for the backward.
+* ``b_hr`` and ``b_hz`` are added outside the reset product, so they are folded into the input
+  projection's bias; only ``b_hn`` is added per step.
+* ``lengths``: the batch is put in decreasing-length order once, so at step t the sequences
+  still running are a *prefix* of the batch, ``n_t = #{b : L_b > t}``, and the step computes on
+  ``[:n_t]`` only.  Finished sequences keep their state untouched (that is the forward
+  direction's h_n, taken at step L_b - 1); the reverse direction walks t = T-1 .. 0 and a
+  sequence joins, from its h0, when t = L_b - 1.  Padded steps cost nothing: scratch with
+  lengths costs less than without, unlike torch's packed path on the CPU.
+* sigmoid is evaluated in place as ``(1 + tanh(x / 2)) / 2``: no overflow for any finite x, four
+  vectorised passes (:func:`scratch.functional.sigmoid`, the readable stable form, is used by
+  the cell reference and is ~15x slower on float32 here).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import array_module, as_float_array, float_dtype, get_xp, to_numpy
+from .gru_cell import split3
+
+PARAM_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _sigmoid_(a):
+    """In place: a <- sigmoid(a) = (1 + tanh(a / 2)) / 2.  Returns a."""
+    xp = array_module(a)
+    a *= 0.5
+    xp.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+    return a
+
+
+# --------------------------------------------------------------------------------------------
+# One layer, one direction: the scan and its backward, side by side.
+# --------------------------------------------------------------------------------------------
+
+def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False):
+    r"""Run the recurrence of one direction of one layer.
+
+    gi (T, B, 3H): ``x_t W_ih^T + b_ih + [b_hr, b_hz, 0]`` for every step (precomputed).
+    w_hh (3H, H), b_hn (H,), h0 (B, H).  ``out`` (T, B, H), a view to write h_t into, zero
+    where a sequence has ended.  ``n_active[t]``: rows [:n_t] run at step t (sorted batch).
+
+    Per step, on the running rows::
+
+        g   = h W_hh^T                                        one (n, H) x (H, 3H) product
+        r, z = sigmoid(gi_r + g_r), sigmoid(gi_z + g_z)       -> gates[t, :, :2H]
+        g_n = g[:, 2H:] + b_hn                                -> g_hn[t]
+        n   = tanh(gi_n + r * g_n)                            -> gates[t, :, 2H:]
+        h   = n + z * (h - n)                                 -> out[t], in place in h
+
+    Returns (h_T, gates (T, B, 3H) = [r | z | n], g_hn (T, B, H)): the cache of the backward.
+    """
+    xp = array_module(gi)
+    T, B, H3 = gi.shape
+    H = H3 // 3
+    gates = xp.zeros((T, B, H3), dtype=gi.dtype)
+    g_hn = xp.zeros((T, B, H), dtype=gi.dtype)
+    h = h0.copy()
+    g_buf = xp.empty((B, H3), dtype=gi.dtype)
+    tmp_buf = xp.empty((B, H), dtype=gi.dtype)
+    w_t = w_hh.T
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        m = n_active[t]
+        if m == 0:
+            continue
+        hb, g, tmp, gt, it = h[:m], g_buf[:m], tmp_buf[:m], gates[t, :m], gi[t, :m]
+        xp.matmul(hb, w_t, out=g)
+        rz = gt[:, :2 * H]
+        xp.add(it[:, :2 * H], g[:, :2 * H], out=rz)
+        _sigmoid_(rz)
+        r, z, n = split3(gt)
+        ghn = g_hn[t, :m]
+        xp.add(g[:, 2 * H:], b_hn, out=ghn)
+        xp.multiply(r, ghn, out=n)
+        n += it[:, 2 * H:]
+        xp.tanh(n, out=n)
+        xp.subtract(hb, n, out=tmp)
+        tmp *= z
+        xp.add(n, tmp, out=hb)
+        out[t, :m] = hb
+    return h, gates, g_hn
+
+
+def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, reverse=False):
+    r"""Backpropagation through time for :func:`scan_forward`, steps in reverse order.
+
+    d_out (T, B, H) or None: dL/d out; dh_n (B, H): dL/d h_T.  ``h_prev(t, m)`` gives the state
+    that entered step t, rows [:m].  Writes, for every step, into the zeroed arrays
+    dgi (T, B, 3H) = [da_r, da_z, da_n] and dgh (T, B, 3H) = [da_r, da_z, da_n * r]
+    (the gradients of the input and recurrent projections).  Per step, running rows::
+
+        dh  += d_out[t]
+        da_n = dh (1 - z) (1 - n^2)
+        da_z = dh (h_prev - n) z (1 - z)
+        da_r = da_n g_hn r (1 - r)
+        dh   = dh z + dgh W_hh                               one (n, 3H) x (3H, H) product
+
+    Rows that have ended keep dh unchanged (their state passed through).  Returns dL/dh0.
+    """
+    xp = array_module(gates)
+    T, B, H3 = gates.shape
+    H = H3 // 3
+    dh = dh_n.copy()
+    omz_buf = xp.empty((B, H), dtype=gates.dtype)
+    tmp_buf = xp.empty((B, H), dtype=gates.dtype)
+    mm_buf = xp.empty((B, H), dtype=gates.dtype)
+    for t in (range(T) if reverse else range(T - 1, -1, -1)):
+        m = n_active[t]
+        if m == 0:
+            continue
+        dhb, omz, tmp, mm = dh[:m], omz_buf[:m], tmp_buf[:m], mm_buf[:m]
+        if d_out is not None:
+            dhb += d_out[t, :m]
+        r, z, n = split3(gates[t, :m])
+        gi_t, gh_t = dgi[t, :m], dgh[t, :m]
+        da_r, da_z, da_n = split3(gi_t)
+        xp.subtract(1, z, out=omz)                     # 1 - z
+        xp.multiply(n, n, out=da_n)                    # da_n = dh (1 - z) (1 - n^2)
+        xp.subtract(1, da_n, out=da_n)
+        da_n *= omz
+        da_n *= dhb
+        xp.subtract(h_prev(t, m), n, out=da_z)         # da_z = dh (h_prev - n) z (1 - z)
+        da_z *= dhb
+        da_z *= z
+        da_z *= omz
+        xp.subtract(1, r, out=tmp)                     # da_r = da_n g_hn r (1 - r)
+        tmp *= r
+        xp.multiply(da_n, g_hn[t, :m], out=da_r)
+        da_r *= tmp
+        gh_t[:, :2 * H] = gi_t[:, :2 * H]
+        xp.multiply(da_n, r, out=gh_t[:, 2 * H:])
+        dhb *= z                                       # dh = dh z + dgh W_hh
+        xp.matmul(gh_t, w_hh, out=mm)
+        dhb += mm
+    return dh
+
+
+# --------------------------------------------------------------------------------------------
+# The module.
+# --------------------------------------------------------------------------------------------
+
+class GRU:
+    """``torch.nn.GRU`` in NumPy/CuPy: same constructor, parameter names, shapes, init and
+    semantics, plus :meth:`backward`.
+
+    ``gru(x, h0=None, lengths=None, training=False)`` -> (output, h_n);
+    ``gru.backward(d_output, d_h_n=None)`` -> (d_x, d_h0), filling ``gru.grads``.
+
+    Parameters are ``weight_ih_l{k}`` (3H, I_k), ``weight_hh_l{k}`` (3H, H), ``bias_ih_l{k}``,
+    ``bias_hh_l{k}`` (3H,), with ``_reverse`` for the backward direction; every entry is drawn
+    from U(-1/sqrt(H), 1/sqrt(H)) like torch (from ``seed``).  Dropout (between layers, only
+    when ``training=True``) draws its masks from the same seeded generator and records them
+    in ``dropout_masks`` (one per layer but the last, the layer output's shape and layout,
+    values 0 or 1 / (1 - p)), so torch can be made to apply the very same masks.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 dtype="float32", seed=None, xp=None):
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.input_size, self.hidden_size = int(input_size), int(hidden_size)
+        self.num_layers, self.bias = int(num_layers), bool(bias)
+        self.batch_first, self.dropout = bool(batch_first), float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.dtype = float_dtype(dtype)
+        self.xp = xp if xp is not None else get_xp()
+        self.generator = np.random.default_rng(seed)
+        k = 1.0 / math.sqrt(hidden_size)
+        self.params = {name: self.xp.asarray(
+            self.generator.uniform(-k, k, size=shape).astype(self.dtype))
+            for name, shape in self.param_shapes().items()}
+        self.grads: dict = {}
+        self.dropout_masks: list = []
+        self._cache = None
+
+    # ---- parameters ------------------------------------------------------------------------
+
+    def _suffixes(self):
+        return ("", "_reverse")[:self.num_directions]
+
+    def param_shapes(self) -> dict:
+        """{name: shape} in torch's order."""
+        H, D = self.hidden_size, self.num_directions
+        shapes = {}
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else D * H
+            for sfx in self._suffixes():
+                shapes[f"weight_ih_l{layer}{sfx}"] = (3 * H, in_size)
+                shapes[f"weight_hh_l{layer}{sfx}"] = (3 * H, H)
+                if self.bias:
+                    shapes[f"bias_ih_l{layer}{sfx}"] = (3 * H,)
+                    shapes[f"bias_hh_l{layer}{sfx}"] = (3 * H,)
+        return shapes
+
+    def state_dict(self) -> dict:
+        """{name: array} (copies), torch's names and order."""
+        return {name: p.copy() for name, p in self.params.items()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load torch tensors or arrays (cast to this GRU's dtype).  A missing, unexpected or
+        mis-shaped entry is a ValueError naming it; nothing is changed then."""
+        shapes = self.param_shapes()
+        missing = [k for k in shapes if k not in state_dict]
+        extra = [k for k in state_dict if k not in shapes]
+        if missing or extra:
+            raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {extra}")
+        new = {}
+        for name, shape in shapes.items():
+            arr = as_float_array(to_numpy(state_dict[name]), name, dtype=self.dtype, xp=self.xp)
+            if tuple(arr.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape}")
+            new[name] = arr.copy()
+        self.params = new
+
+    def _layer(self, layer):
+        """Per direction of ``layer``: (W_ih, W_hh, b_ih or None, b_hh or None)."""
+        p = self.params
+        return [(p[f"weight_ih_l{layer}{s}"], p[f"weight_hh_l{layer}{s}"],
+                 p.get(f"bias_ih_l{layer}{s}"), p.get(f"bias_hh_l{layer}{s}"))
+                for s in self._suffixes()]
+
+    # ---- input checks ----------------------------------------------------------------------
+
+    def _check_input(self, x, h0, lengths, enforce_sorted):
+        xp = self.xp
+        x = as_float_array(x, "x", xp=xp)
+        if x.ndim not in (2, 3):
+            layout = "(batch, time, input_size)" if self.batch_first else "(time, batch, input_size)"
+            raise ValueError(f"x must be 3-D {layout} or 2-D (time, input_size) unbatched, "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise ValueError(f"x has dtype {x.dtype} but the GRU's parameters are {self.dtype}; "
+                             "convert one of them (nothing is cast silently)")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"x has feature size {x.shape[-1]} but input_size is "
+                             f"{self.input_size}")
+        unbatched = x.ndim == 2
+        if unbatched:
+            x = x[:, None, :]
+        elif self.batch_first:
+            x = x.transpose(1, 0, 2)
+        T, B = x.shape[0], x.shape[1]
+        if T == 0 or B == 0:
+            raise ValueError(f"x must have at least one time step and one sequence, got "
+                             f"time={T}, batch={B}")
+        LD, H = self.num_layers * self.num_directions, self.hidden_size
+        if h0 is None:
+            h0 = xp.zeros((LD, B, H), dtype=self.dtype)
+        else:
+            h0 = as_float_array(h0, "h0", xp=xp)
+            want = (LD, H) if unbatched else (LD, B, H)
+            if tuple(h0.shape) != want:
+                raise ValueError(f"h0 must have shape {want} (num_layers * num_directions"
+                                 f"{'' if unbatched else ', batch'}, hidden_size), got "
+                                 f"{tuple(h0.shape)}")
+            if h0.dtype != self.dtype:
+                raise ValueError(f"h0 has dtype {h0.dtype} but the GRU's parameters are "
+                                 f"{self.dtype}")
+            if unbatched:
+                h0 = h0[:, None, :]
+        order = None
+        if lengths is None:
+            n_active = [B] * T
+        else:
+            if unbatched:
+                raise ValueError("lengths needs batched input (packed sequences are batches)")
+            lengths = to_numpy(lengths)
+            if lengths.ndim != 1 or lengths.shape[0] != B:
+                raise ValueError(f"lengths must have shape ({B},) (one per sequence), got "
+                                 f"{tuple(lengths.shape)}")
+            if lengths.dtype.kind not in "iu" and not (
+                    lengths.dtype.kind == "f" and np.all(np.isfinite(lengths))
+                    and np.all(lengths == np.round(lengths))):
+                raise ValueError(f"lengths must be integers, got {lengths!r}")
+            lengths = lengths.astype(np.int64)
+            if lengths.min() < 1 or lengths.max() > T:
+                raise ValueError(f"lengths must be in [1, {T}] (the time steps of x), got "
+                                 f"min {lengths.min()}, max {lengths.max()}")
+            if np.any(np.diff(lengths) > 0):
+                if enforce_sorted:
+                    raise ValueError("lengths are not sorted in decreasing order but "
+                                     "enforce_sorted=True; sort the batch or pass "
+                                     "enforce_sorted=False")
+                order = np.argsort(-lengths, kind="stable")
+                lengths = lengths[order]
+                x, h0 = x[:, order], h0[:, order]
+            # n_active[t] = #{b : L_b > t}: with decreasing lengths, rows [:n_t] run at step t
+            n_active = np.searchsorted(-lengths, -np.arange(T), side="left").tolist()
+        return xp.ascontiguousarray(x), h0, lengths, order, n_active, unbatched
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def __call__(self, x, h0=None, lengths=None, training: bool = False,
+                 enforce_sorted: bool = False):
+        return self.forward(x, h0, lengths, training, enforce_sorted)
+
+    def forward(self, x, h0=None, lengths=None, training: bool = False,
+                enforce_sorted: bool = False):
+        r"""(output, h_n), as ``torch.nn.GRU`` (with ``pack_padded_sequence`` if ``lengths``).
+
+        x: (T, B, I) [(B, T, I) if batch_first] or (T, I) unbatched; h0: (L D, B, H) or
+        (L D, H), zeros if None.  lengths: (B,) ints in [1, T]; then output is zero past each
+        sequence's end (it keeps T steps, like ``pad_packed_sequence(total_length=T)``).
+        ``enforce_sorted=True`` makes unsorted lengths an error (as torch's default);
+        otherwise any order is fine.
+
+        Layer k, with u the layer input (x, or the previous layer's output, dropped out if
+        training)::
+
+            GI = u W^T + c     W = [W_ih_fwd; W_ih_bwd] (D 3H, I_k), c = b_ih + [b_hr, b_hz, 0]
+            output[..., dH:(d+1)H], h_n[k D + d] = scan(GI[..., d 3H:(d+1) 3H]) per direction d
+        """
+        xp, H, D = self.xp, self.hidden_size, self.num_directions
+        x, h0, lengths, order, n_active, unbatched = self._check_input(
+            x, h0, lengths, enforce_sorted)
+        T, B = x.shape[0], x.shape[1]
+        h_n = xp.empty_like(h0)
+        layers, self.dropout_masks = [], []
+        u = x
+        for layer in range(self.num_layers):
+            dirs = self._layer(layer)
+            w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)       # (D 3H, I)
+            gi = xp.matmul(u.reshape(T * B, -1), w_cat.T).reshape(T, B, D * 3 * H)
+            if self.bias:
+                gi += xp.concatenate([b_ih + xp.concatenate([b_hh[:2 * H], 0 * b_hh[2 * H:]])
+                                      for _, _, b_ih, b_hh in dirs])
+            out = xp.zeros((T, B, D * H), dtype=self.dtype)
+            caches = []
+            for d, (_, w_hh, _, b_hh) in enumerate(dirs):
+                b_hn = b_hh[2 * H:] if self.bias else xp.zeros(H, dtype=self.dtype)
+                idx = layer * D + d
+                h_last, gates, g_hn = scan_forward(
+                    gi[..., d * 3 * H:(d + 1) * 3 * H], w_hh, b_hn, h0[idx],
+                    out[..., d * H:(d + 1) * H], n_active, reverse=d == 1)
+                h_n[idx] = h_last
+                caches.append((gates, g_hn))
+            del gi
+            layers.append((u, out, caches))
+            u = out
+            if training and self.dropout > 0 and layer < self.num_layers - 1:
+                mask = self._draw_mask(out.shape, B, T, order, unbatched)
+                u = out * mask
+        self._cache = dict(layers=layers, h0=h0, lengths=lengths, order=order,
+                           n_active=n_active, unbatched=unbatched, T=T, B=B)
+        return self._to_user(u, order, unbatched, time_major=False), \
+            self._h_to_user(h_n, order, unbatched)
+
+    def _draw_mask(self, shape, B, T, order, unbatched):
+        """A dropout mask, drawn and recorded in the user's layout; returned time-major and in
+        the internal (sorted) batch order."""
+        p = self.dropout
+        T, B, F = shape
+        user_shape = (T, F) if unbatched else ((B, T, F) if self.batch_first else (T, B, F))
+        keep = self.generator.random(user_shape) >= p
+        mask = self.xp.asarray((keep / (1.0 - p)).astype(self.dtype))
+        self.dropout_masks.append(mask)
+        if unbatched:
+            return mask[:, None, :]
+        m = mask.transpose(1, 0, 2) if self.batch_first else mask
+        return m[:, order] if order is not None else m
+
+    def _to_user(self, a, order, unbatched, time_major):
+        """Internal (T, B, F), sorted batch -> the user's layout and batch order."""
+        if order is not None:
+            a = a[:, np.argsort(order)]
+        if unbatched:
+            return a[:, 0]
+        return a.transpose(1, 0, 2) if self.batch_first and not time_major else a
+
+    def _h_to_user(self, h, order, unbatched):
+        if order is not None:
+            h = h[:, np.argsort(order)]
+        return h[:, 0] if unbatched else h
+
+    # ---- backward --------------------------------------------------------------------------
+
+    def backward(self, d_output, d_h_n=None):
+        r"""(d_x, d_h0) after :meth:`forward`; fills ``self.grads`` ({name: array}, replaced,
+        not accumulated).  d_output: the output's shape; d_h_n: h_n's shape or None (zero).
+
+        Layer k, last to first (dL/d output of layer k comes from layer k+1's dx)::
+
+            dgi, dgh, dh0[k D + d] = scan_backward(...) per direction d
+            dW_ih = dgi^T u      db_ih = sum dgi      du = dgi W      (one product each)
+            dW_hh = sum_t dgh_t^T h_{t-1}             db_hh = sum dgh
+        """
+        if self._cache is None:
+            raise RuntimeError("call forward before backward")
+        c, xp, H, D = self._cache, self.xp, self.hidden_size, self.num_directions
+        T, B, order, n_active, unbatched = c["T"], c["B"], c["order"], c["n_active"], c["unbatched"]
+        out_shape = (T, D * H) if unbatched else (
+            (B, T, D * H) if self.batch_first else (T, B, D * H))
+        d_output = as_float_array(d_output, "d_output", dtype=self.dtype, xp=xp)
+        if tuple(d_output.shape) != out_shape:
+            raise ValueError(f"d_output must have the output's shape {out_shape}, got "
+                             f"{tuple(d_output.shape)}")
+        d_y = self._from_user(d_output, order, unbatched)
+        h0 = c["h0"]
+        if d_h_n is None:
+            d_hn = xp.zeros_like(h0)
+        else:
+            d_h_n = as_float_array(d_h_n, "d_h_n", dtype=self.dtype, xp=xp)
+            want = (h0.shape[0], H) if unbatched else tuple(h0.shape)
+            if tuple(d_h_n.shape) != want:
+                raise ValueError(f"d_h_n must have h_n's shape {want}, got "
+                                 f"{tuple(d_h_n.shape)}")
+            d_hn = d_h_n[:, None, :] if unbatched else d_h_n
+            if order is not None:
+                d_hn = d_hn[:, order]
+        lengths = c["lengths"] if c["lengths"] is not None else np.full(B, T)
+        rows = np.arange(B)
+        d_h0 = xp.empty_like(h0)
+        grads = {}
+        for layer in range(self.num_layers - 1, -1, -1):
+            u, out, caches = c["layers"][layer]
+            dirs = self._layer(layer)
+            if layer < self.num_layers - 1 and self.dropout_masks:
+                d_y = d_y * self._mask_internal(layer, order, unbatched)
+            d_gi = xp.zeros((T, B, D * 3 * H), dtype=self.dtype)
+            for d, ((_, w_hh, _, _), (gates, g_hn)) in enumerate(zip(dirs, caches)):
+                idx, sfx = layer * D + d, ("", "_reverse")[d]
+                y = out[..., d * H:(d + 1) * H]
+                h_prev = self._h_prev(y, h0[idx], n_active, reverse=d == 1)
+                dgh = xp.zeros((T, B, 3 * H), dtype=self.dtype)
+                d_h0[idx] = scan_backward(d_y[..., d * H:(d + 1) * H], d_hn[idx], gates, g_hn,
+                                          h_prev, w_hh, d_gi[..., d * 3 * H:(d + 1) * 3 * H],
+                                          dgh, n_active, reverse=d == 1)
+                # dW_hh = sum_t dgh_t^T h_{t-1}: the state entering step t is y[t-1] (forward)
+                # or y[t+1] (reverse; zero past the end), or h0 at the sequence's first step.
+                if d == 0:
+                    dw_hh = dgh[1:].reshape(-1, 3 * H).T @ y[:-1].reshape(-1, H)
+                    first = dgh[0]
+                else:
+                    dw_hh = dgh[:-1].reshape(-1, 3 * H).T @ y[1:].reshape(-1, H)
+                    first = dgh[lengths - 1, rows]
+                grads[f"weight_hh_l{layer}{sfx}"] = dw_hh + first.T @ h0[idx]
+                if self.bias:
+                    grads[f"bias_hh_l{layer}{sfx}"] = dgh.sum(axis=(0, 1))
+                del dgh
+            flat = d_gi.reshape(T * B, D * 3 * H)
+            dw_ih = flat.T @ u.reshape(T * B, -1)
+            db_ih = flat.sum(axis=0) if self.bias else None
+            w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
+            d_y = (flat @ w_cat).reshape(T, B, -1)
+            for d, sfx in enumerate(self._suffixes()):
+                grads[f"weight_ih_l{layer}{sfx}"] = dw_ih[d * 3 * H:(d + 1) * 3 * H]
+                if self.bias:
+                    grads[f"bias_ih_l{layer}{sfx}"] = db_ih[d * 3 * H:(d + 1) * 3 * H]
+        self.grads = {name: grads[name] for name in self.param_shapes()}
+        return (self._to_user(d_y, order, unbatched, time_major=False),
+                self._h_to_user(d_h0, order, unbatched))
+
+    @staticmethod
+    def _h_prev(y, h0, n_active, reverse):
+        """h_prev(t, m): the state entering step t, rows [:m] (a view where possible)."""
+        T = y.shape[0]
+        if not reverse:
+            return lambda t, m: y[t - 1, :m] if t > 0 else h0[:m]
+        buf = array_module(y).empty_like(h0)
+
+        def h_prev(t, m):
+            k = n_active[t + 1] if t + 1 < T else 0      # rows that ran at t + 1
+            if k == 0:
+                return h0[:m]
+            if k >= m:
+                return y[t + 1, :m]
+            buf[:k] = y[t + 1, :k]                        # joined earlier
+            buf[k:m] = h0[k:m]                            # join now, from h0
+            return buf[:m]
+        return h_prev
+
+    def _mask_internal(self, layer, order, unbatched):
+        m = self.dropout_masks[layer]
+        if unbatched:
+            return m[:, None, :]
+        m = m.transpose(1, 0, 2) if self.batch_first else m
+        return m[:, order] if order is not None else m
+
+    def _from_user(self, a, order, unbatched):
+        """The user's layout and batch order -> internal (T, B, F), sorted batch."""
+        if unbatched:
+            return a[:, None, :]
+        a = a.transpose(1, 0, 2) if self.batch_first else a
+        return a[:, order] if order is not None else a
+
+    def __repr__(self):
+        return (f"GRU({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"bias={self.bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
+                f"bidirectional={self.bidirectional}, dtype={self.dtype})")
