@@ -77,6 +77,7 @@ def torch_forward_backward(ref: nn.GRU, x, h0, d_out, d_hn=None, lengths=None, m
     Returns dict(output, h_n, d_x, d_h0, grads={name: array}) as NumPy arrays.
     """
     ref.zero_grad(set_to_none=True)
+    ref.eval()                     # torch's own dropout off: masks, if any, are scratch's
     xt = torch.tensor(np.asarray(x), requires_grad=True)
     ht = torch.tensor(np.asarray(h0), requires_grad=True)
     if masks:

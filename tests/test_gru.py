@@ -1,0 +1,350 @@
+"""scratch GRU == torch.nn.GRU: outputs, h_n and every gradient against torch autograd (packed
+sequences for lengths, torch fed scratch's dropout masks), a finite-difference check that does
+not use torch, the readable cell, state_dict round trips and clear errors."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reference.gru import run_packed, torch_forward_backward, torch_gru_like
+from scratch.gru import GRU
+from scratch.gru_cell import gru_cell_backward, gru_cell_forward
+
+TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+
+@st.composite
+def gru_cases(draw, dtype=None, dropout=False):
+    """A GRU configuration, its (scaled, non-zero-bias) weights and the data for one call."""
+    c = dict(
+        dtype=np.dtype(dtype or draw(st.sampled_from([np.float32, np.float64]))),
+        num_layers=draw(st.integers(2 if dropout else 1, 3)), bidirectional=draw(st.booleans()),
+        batch_first=draw(st.booleans()), bias=draw(st.booleans()),
+        batch=draw(st.integers(1, 8)), time=draw(st.integers(1, 40)),
+        input_size=draw(st.integers(1, 32)), hidden_size=draw(st.integers(1, 32)),
+        with_h0=draw(st.booleans()), with_d_hn=draw(st.booleans()),
+        scale=draw(st.sampled_from([0.3, 1.0, 3.0])), seed=draw(st.integers(0, 2 ** 32 - 1)),
+        dropout=draw(st.sampled_from([0.2, 0.5])) if dropout else 0.0)
+    c["with_lengths"] = draw(st.booleans())
+    c["unbatched"] = not c["with_lengths"] and draw(st.integers(0, 5)) == 0
+    return c
+
+
+def build(c):
+    """(scratch GRU with random weights, its torch twin, x, h0 or None, lengths or None,
+    d_output, d_h_n or None) for case ``c``."""
+    rng = np.random.default_rng(c["seed"])
+    gru = GRU(c["input_size"], c["hidden_size"], c["num_layers"], bias=c["bias"],
+              batch_first=c["batch_first"], dropout=c["dropout"],
+              bidirectional=c["bidirectional"], dtype=c["dtype"], seed=c["seed"])
+    k = c["scale"] / np.sqrt(c["hidden_size"])
+    gru.load_state_dict({n: rng.uniform(-k, k, s) for n, s in gru.param_shapes().items()})
+    B, T, D, LD = c["batch"], c["time"], gru.num_directions, gru.num_directions * c["num_layers"]
+    if c["unbatched"]:
+        x_shape, h_shape, out_shape = (T, c["input_size"]), (LD, c["hidden_size"]), (T, D * c["hidden_size"])
+    else:
+        x_shape = (B, T, c["input_size"]) if c["batch_first"] else (T, B, c["input_size"])
+        h_shape, out_shape = (LD, B, c["hidden_size"]), x_shape[:2] + (D * c["hidden_size"],)
+    dt = c["dtype"]
+    x = (rng.standard_normal(x_shape) * c["scale"]).astype(dt)
+    h0 = rng.uniform(-1, 1, h_shape).astype(dt) if c["with_h0"] else None
+    lengths = rng.integers(1, T + 1, B) if c["with_lengths"] else None
+    d_out = rng.standard_normal(out_shape).astype(dt)
+    d_hn = rng.standard_normal(h_shape).astype(dt) if c["with_d_hn"] else None
+    return gru, torch_gru_like(gru), x, h0, lengths, d_out, d_hn
+
+
+def assert_close(name, got, want, dtype):
+    """|got - want| <= tol * max(1, max |want|), and same shape and dtype."""
+    want = np.asarray(want)
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert got.dtype == dtype, (name, got.dtype)
+    err = float(np.max(np.abs(got - want))) if want.size else 0.0
+    bound = TOL[np.dtype(dtype)] * max(1.0, float(np.max(np.abs(want))) if want.size else 1.0)
+    assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
+
+
+def check_against_torch(c, training=False):
+    gru, ref, x, h0, lengths, d_out, d_hn = build(c)
+    out, h_n = gru(x, h0, lengths=lengths, training=training)
+    d_x, d_h0 = gru.backward(d_out, d_hn)
+    h0_t = h0 if h0 is not None else np.zeros(h_n.shape, c["dtype"])
+    masks = gru.dropout_masks if training else None
+    if training and c["num_layers"] > 1:
+        assert len(masks) == c["num_layers"] - 1
+    r = torch_forward_backward(ref, x, h0_t, d_out, d_hn, lengths=lengths, masks=masks)
+    dt = c["dtype"]
+    assert_close("output", out, r["output"], dt)
+    assert_close("h_n", h_n, r["h_n"], dt)
+    assert_close("d_x", d_x, r["d_x"], dt)
+    assert_close("d_h0", d_h0, r["d_h0"], dt)
+    assert list(gru.grads) == list(r["grads"])
+    for name, g in gru.grads.items():
+        assert_close(name, g, r["grads"][name], dt)
+    if lengths is not None:                      # padded steps: output 0, no gradient to x
+        t = np.arange(c["time"])
+        pad = (t[None, :] >= lengths[:, None]) if c["batch_first"] else (t[:, None] >= lengths[None, :])
+        assert not out[pad].any() and not d_x[pad].any()
+
+
+@given(gru_cases(np.float64))
+def test_float64_matches_torch_autograd(c):
+    check_against_torch(c)
+
+
+@given(gru_cases(np.float32))
+def test_float32_matches_torch_autograd(c):
+    check_against_torch(c)
+
+
+@settings(max_examples=25)
+@given(gru_cases(dropout=True))
+def test_dropout_masks_applied_in_torch_reproduce_scratch(c):
+    check_against_torch(c, training=True)
+
+
+def test_dropout_only_when_training_and_seeded():
+    x = np.random.default_rng(0).standard_normal((6, 4, 5))
+    a = GRU(5, 7, num_layers=3, dropout=0.5, dtype="float64", seed=3)
+    b = GRU(5, 7, num_layers=3, dropout=0.5, dtype="float64", seed=3)
+    out_eval, _ = a(x)
+    assert a.dropout_masks == []
+    np.testing.assert_array_equal(GRU(5, 7, num_layers=3, dtype="float64", seed=3)(x)[0], out_eval)
+    out_a, _ = a(x, training=True)
+    out_b, _ = b(x, training=True)
+    np.testing.assert_array_equal(out_a, out_b)                  # same seed, same masks
+    assert not np.array_equal(out_a, out_eval)
+    for m in a.dropout_masks:
+        assert m.shape == (6, 4, 7) and set(np.unique(m)) <= {0.0, 2.0}
+    big = GRU(5, 50, num_layers=2, dropout=0.25, dtype="float32", seed=1)
+    big(np.ones((40, 30, 5), np.float32), training=True)
+    assert abs((big.dropout_masks[0] == 0).mean() - 0.25) < 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# independent of torch
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bidirectional,lengths", [(False, None), (True, [4, 2, 5])])
+def test_finite_difference_gradients(bidirectional, lengths):
+    """Central differences of L = <output, d_out> + <h_n, d_hn> in float64, on every entry of
+    x, h0 and every parameter, against the analytic backward."""
+    rng = np.random.default_rng(11)
+    gru = GRU(3, 4, num_layers=2, bidirectional=bidirectional, dtype="float64", seed=5)
+    gru.load_state_dict({n: rng.uniform(-0.8, 0.8, s) for n, s in gru.param_shapes().items()})
+    D = gru.num_directions
+    x, h0 = rng.standard_normal((5, 3, 3)), rng.standard_normal((2 * D, 3, 4))
+    d_out, d_hn = rng.standard_normal((5, 3, 4 * D)), rng.standard_normal((2 * D, 3, 4))
+
+    def loss():
+        out, h_n = gru(x, h0, lengths=lengths)
+        return float(np.sum(out * d_out) + np.sum(h_n * d_hn))
+
+    loss()
+    d_x, d_h0 = gru.backward(d_out, d_hn)
+    analytic = [(x, d_x), (h0, d_h0)] + [(gru.params[n], g) for n, g in gru.grads.items()]
+    eps = 1e-6
+    for arr, grad in analytic:
+        numeric = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            v = arr[i]
+            arr[i] = v + eps
+            up = loss()
+            arr[i] = v - eps
+            down = loss()
+            arr[i] = v
+            numeric[i] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_fast_path_equals_the_readable_cell_loop():
+    """One layer, one direction: scratch.gru == a Python loop over gru_cell_forward/backward."""
+    rng = np.random.default_rng(2)
+    gru = GRU(6, 5, dtype="float64", seed=0)
+    p = gru.params
+    w_ih, w_hh, b_ih, b_hh = (p[k + "_l0"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    x, h0, d_out = rng.standard_normal((9, 4, 6)), rng.standard_normal((4, 5)), rng.standard_normal((9, 4, 5))
+    out, h_n = gru(x, h0[None])
+    d_x, d_h0 = gru.backward(d_out)
+    h, caches, hs = h0, [], []
+    for t in range(9):
+        h, cache = gru_cell_forward(x[t], h, w_ih, w_hh, b_ih, b_hh)
+        hs.append(h)
+        caches.append(cache)
+    np.testing.assert_allclose(out, np.stack(hs), rtol=0, atol=1e-14)
+    dh, dxs, acc = np.zeros((4, 5)), [], [0, 0, 0, 0]
+    for t in range(8, -1, -1):
+        dx_t, dh, *g = gru_cell_backward(dh + d_out[t], caches[t], w_ih, w_hh)
+        dxs.append(dx_t)
+        acc = [a + b for a, b in zip(acc, g)]
+    np.testing.assert_allclose(d_x, np.stack(dxs[::-1]), atol=1e-13)
+    np.testing.assert_allclose(d_h0[0], dh, atol=1e-13)
+    for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), acc):
+        np.testing.assert_allclose(gru.grads[name + "_l0"], g, atol=1e-12)
+
+
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(1, 12), st.integers(0, 2 ** 32 - 1))
+def test_cell_matches_torch_gru_cell_autograd(batch, input_size, hidden_size, seed):
+    rng = np.random.default_rng(seed)
+    cell = torch.nn.GRUCell(input_size, hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-1, 1, generator=torch.Generator().manual_seed(seed))
+    x = torch.tensor(rng.standard_normal((batch, input_size)), requires_grad=True)
+    h = torch.tensor(rng.standard_normal((batch, hidden_size)), requires_grad=True)
+    dh_new = rng.standard_normal((batch, hidden_size))
+    h_new = cell(x, h)
+    (h_new * torch.from_numpy(dh_new)).sum().backward()
+    w = [p.detach().numpy() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
+    ours, cache = gru_cell_forward(x.detach().numpy(), h.detach().numpy(), *w)
+    np.testing.assert_allclose(ours, h_new.detach().numpy(), atol=1e-14)
+    got = gru_cell_backward(dh_new, cache, w[0], w[1])
+    want = [x.grad, h.grad, cell.weight_ih.grad, cell.weight_hh.grad, cell.bias_ih.grad,
+            cell.bias_hh.grad]
+    for g, t in zip(got, want):
+        np.testing.assert_allclose(g, t.numpy(), atol=1e-13)
+
+
+# --------------------------------------------------------------------------------------------
+# parameters, state_dict, dtypes
+# --------------------------------------------------------------------------------------------
+
+def test_parameters_names_shapes_and_init_like_torch():
+    gru = GRU(7, 20, num_layers=2, bidirectional=True, dtype="float64", seed=0)
+    ref = torch.nn.GRU(7, 20, num_layers=2, bidirectional=True)
+    assert list(gru.state_dict()) == list(ref.state_dict())
+    for name, t in ref.state_dict().items():
+        assert gru.state_dict()[name].shape == tuple(t.shape)
+    assert list(GRU(3, 4, bias=False).state_dict()) == list(torch.nn.GRU(3, 4, bias=False).state_dict())
+    # U(-1/sqrt(H), 1/sqrt(H)): bounded, mean ~0, variance k^2 / 3
+    k = 1 / np.sqrt(20)
+    w = np.concatenate([v.ravel() for v in gru.state_dict().values()])
+    assert np.abs(w).max() <= k and w.size > 10000
+    assert abs(w.mean()) < 0.02 * k and abs(w.var() / (k * k / 3) - 1) < 0.05
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_state_dict_round_trip_through_torch_is_exact(dtype):
+    tdt = torch.float32 if dtype == "float32" else torch.float64
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(5, 6, num_layers=2, bidirectional=True, batch_first=True, dtype=tdt)
+    gru = GRU(5, 6, num_layers=2, bidirectional=True, batch_first=True, dtype=dtype)
+    gru.load_state_dict(ref.state_dict())
+    back = torch.nn.GRU(5, 6, num_layers=2, bidirectional=True, batch_first=True, dtype=tdt)
+    back.load_state_dict({k: torch.from_numpy(v) for k, v in gru.state_dict().items()})
+    x = torch.randn(3, 8, 5, dtype=tdt)
+    with torch.no_grad():
+        for a, b in zip(ref(x), back(x)):
+            assert torch.equal(a, b)
+        out, h_n = gru(x.numpy())
+        assert_close("output", out, ref(x)[0].numpy(), np.dtype(dtype))
+        assert_close("h_n", h_n, ref(x)[1].numpy(), np.dtype(dtype))
+    assert all(v.dtype == np.dtype(dtype) for v in gru.state_dict().values())
+
+
+def test_load_state_dict_errors_name_the_entry():
+    gru = GRU(3, 4, num_layers=2)
+    sd = gru.state_dict()
+    with pytest.raises(ValueError, match="missing.*bias_hh_l1"):
+        gru.load_state_dict({k: v for k, v in sd.items() if k != "bias_hh_l1"})
+    with pytest.raises(ValueError, match="unexpected.*weight_ih_l2"):
+        gru.load_state_dict(sd | {"weight_ih_l2": sd["weight_ih_l1"]})
+    with pytest.raises(ValueError, match=r"weight_hh_l0 has shape \(12, 5\), expected \(12, 4\)"):
+        gru.load_state_dict(sd | {"weight_hh_l0": np.zeros((12, 5))})
+    with pytest.raises(ValueError, match="bias_ih_l0 contains NaN"):
+        gru.load_state_dict(sd | {"bias_ih_l0": np.full(12, np.nan)})
+    np.testing.assert_array_equal(gru.state_dict()["weight_hh_l0"], sd["weight_hh_l0"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_preserved_everywhere(dtype):
+    gru = GRU(3, 4, num_layers=2, bidirectional=True, dtype=dtype)
+    x = np.ones((5, 2, 3), dtype)
+    out, h_n = gru(x, lengths=[5, 3])
+    d_x, d_h0 = gru.backward(np.ones_like(out), np.ones_like(h_n))
+    assert {a.dtype for a in (out, h_n, d_x, d_h0, *gru.grads.values())} == {np.dtype(dtype)}
+    other = np.float64 if dtype == np.float32 else np.float32
+    with pytest.raises(ValueError, match="dtype"):
+        gru(x.astype(other))
+
+
+def test_extreme_inputs_stay_finite_and_match_torch():
+    gru = GRU(2, 3, dtype="float32", seed=0)
+    x = np.array([[[1e30, -1e30]], [[-3e4, 3e4]], [[0.0, 1.0]]], np.float32)
+    out, h_n = gru(x)
+    d_x, _ = gru.backward(np.ones_like(out))
+    assert np.isfinite(out).all() and np.isfinite(d_x).all()
+    with torch.no_grad():
+        want = torch_gru_like(gru)(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(out, want, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# lengths and bad input
+# --------------------------------------------------------------------------------------------
+
+def test_lengths_all_full_equals_no_lengths_and_order_does_not_matter():
+    rng = np.random.default_rng(4)
+    gru = GRU(3, 5, num_layers=2, bidirectional=True, dtype="float64", seed=1)
+    x = rng.standard_normal((6, 4, 3))
+    np.testing.assert_array_equal(gru(x, lengths=[6] * 4)[0], gru(x)[0])
+    lengths = np.array([2, 6, 3, 5])
+    out, h_n = gru(x, lengths=lengths)
+    perm = np.argsort(-lengths)
+    out_sorted, h_sorted = gru(x[:, perm], lengths=lengths[perm], enforce_sorted=True)
+    np.testing.assert_array_equal(out[:, perm], out_sorted)
+    np.testing.assert_array_equal(h_n[:, perm], h_sorted)
+    with torch.no_grad():     # torch with enforce_sorted=False agrees too
+        t_out, t_h = run_packed(torch_gru_like(gru), torch.from_numpy(x), None, lengths)
+    np.testing.assert_allclose(out, t_out.numpy(), atol=1e-13)
+    np.testing.assert_allclose(h_n, t_h.numpy(), atol=1e-13)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda g: g(np.ones((2, 3, 4, 5))), r"3-D \(time, batch, input_size\) or 2-D"),
+    (lambda g: g(np.ones(4)), r"3-D .* got shape \(4,\)"),
+    (lambda g: g(np.ones((5, 2, 7))), "feature size 7 but input_size is 4"),
+    (lambda g: g(np.ones((0, 2, 4))), "at least one time step"),
+    (lambda g: g(np.ones((5, 2, 4)), lengths=[5, 0]), r"lengths must be in \[1, 5\]"),
+    (lambda g: g(np.ones((5, 2, 4)), lengths=[6, 1]), r"lengths must be in \[1, 5\]"),
+    (lambda g: g(np.ones((5, 2, 4)), lengths=[5]), r"lengths must have shape \(2,\)"),
+    (lambda g: g(np.ones((5, 2, 4)), lengths=[2.5, 1]), "lengths must be integers"),
+    (lambda g: g(np.ones((5, 2, 4)), lengths=[2, 5], enforce_sorted=True), "not sorted"),
+    (lambda g: g(np.ones((5, 4)), lengths=[5]), "lengths needs batched input"),
+    (lambda g: g(np.array([[[np.nan] * 4]])), "x contains NaN or inf"),
+    (lambda g: g(np.array([[[np.inf] * 4]])), "x contains NaN or inf"),
+    (lambda g: g(np.ones((5, 2, 4)), h0=np.zeros((1, 2, 3))), r"h0 must have shape \(2, 2, 3\)"),
+    (lambda g: g(np.ones((5, 4)), h0=np.zeros((2, 1, 3))), r"h0 must have shape \(2, 3\)"),
+    (lambda g: g(np.ones((5, 2, 4)), h0=np.full((2, 2, 3), np.nan)), "h0 contains NaN"),
+    (lambda g: g(np.ones((5, 2, 4)), h0=np.zeros((2, 2, 3), np.float32)), "h0 has dtype"),
+])
+def test_bad_input_is_a_clear_value_error(call, match):
+    gru = GRU(4, 3, num_layers=2, dtype="float64")
+    with pytest.raises(ValueError, match=match):
+        call(gru)
+
+
+def test_backward_checks():
+    gru = GRU(4, 3, dtype="float64")
+    with pytest.raises(RuntimeError, match="forward before backward"):
+        gru.backward(np.ones((5, 2, 3)))
+    gru(np.ones((5, 2, 4)))
+    with pytest.raises(ValueError, match=r"d_output must have the output's shape \(5, 2, 3\)"):
+        gru.backward(np.ones((5, 2, 4)))
+    with pytest.raises(ValueError, match=r"d_h_n must have h_n's shape \(1, 2, 3\)"):
+        gru.backward(np.ones((5, 2, 3)), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="d_output contains NaN"):
+        gru.backward(np.full((5, 2, 3), np.nan))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(input_size=0, hidden_size=3), "input_size must be a positive integer"),
+    (dict(input_size=2, hidden_size=2.5), "hidden_size must be a positive integer"),
+    (dict(input_size=2, hidden_size=3, num_layers=0), "num_layers must be a positive"),
+    (dict(input_size=2, hidden_size=3, dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+    (dict(input_size=2, hidden_size=3, dtype="float16"), "float32 or float64"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GRU(**kwargs)
