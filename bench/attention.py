@@ -1,0 +1,268 @@
+"""Attention benchmark: softmax vs Efficient Attention vs linear attention, scratch and torch side
+by side in one run, plus autoregressive decoding (recurrent linear state vs softmax over a cache).
+
+    .venv/bin/python bench/attention.py [--min-n 128] [--max-n 16384] [--decode-max 8192]
+                                        [--repeat 3] [--max-call-s 30] [--out bench/results]
+
+Forward pass, d_k = d_v = 64, one head, batch 1, float32, one thread on each side (NumPy's BLAS
+and torch; ``BENCH_THREADS`` changes it): the machine is shared and thread oversubscription makes
+timings erratic.  For each n: best-of-``repeat`` wall
+time, and the peak extra resident memory of one call (Linux: reset the process's peak RSS through
+``/proc/self/clear_refs``, call, read ``VmHWM`` - RSS before; page-granular, so tiny sizes read
+~0; allocations of 64 KiB and more are mmap-ed so that freed memory is not silently reused).
+A variant whose call took longer than ``--max-call-s`` is not run at larger n.  Prints the
+table, the crossover n (from where on linear / efficient beat softmax), the speed-up at the
+largest n and the decode per-token times; writes ``attention.json`` and ``attention.png`` under
+``--out``.  Numbers under CPU contention are noisy: the side-by-side ratios are what matter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)          # before NumPy loads its BLAS
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reference import attention as R  # noqa: E402
+from scratch import attention as A  # noqa: E402
+
+D = 64
+
+# (variant, side) -> f(q, k, v); "causal" variants need n == m (self-attention: q, k, v all n x d)
+VARIANTS = {
+    ("softmax", "scratch"): lambda q, k, v: A.softmax_attention(q, k, v),
+    ("softmax", "torch"): R.softmax_attention,
+    ("softmax", "torch SDPA"): R.softmax_attention_sdpa,
+    ("softmax causal", "scratch"): lambda q, k, v: A.softmax_attention(q, k, v, causal=True),
+    ("softmax causal", "torch"): lambda q, k, v: R.softmax_attention(q, k, v, causal=True),
+    ("efficient", "scratch"): A.efficient_attention,
+    ("efficient", "torch"): R.efficient_attention,
+    ("linear", "scratch"): A.linear_attention,
+    ("linear", "torch"): R.linear_attention,
+    ("linear causal", "scratch"): lambda q, k, v: A.linear_attention(q, k, v, causal=True),
+    ("linear causal", "torch"): lambda q, k, v: R.linear_attention(q, k, v, causal=True),
+}
+
+
+def _fixed_mmap_threshold(nbytes: int = 1 << 16) -> None:
+    """glibc: serve every allocation >= ``nbytes`` by mmap and unmap it on free (the default
+    threshold grows to 32 MiB as blocks are freed, after which freed heap memory is reused
+    without showing in the RSS).  Then peak RSS sees each large temporary array."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)         # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_extra_bytes(fn) -> tuple[float, int | None]:
+    """(seconds, peak resident bytes above the RSS before the call) of one call of ``fn``."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                       # reset VmHWM (peak RSS) to the current RSS
+        before = _status_kb("VmRSS")
+    except OSError:
+        before = None
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    del out
+    if before is None:
+        return seconds, None
+    return seconds, max(0, _status_kb("VmHWM") - before) * 1024
+
+
+def measure(fn, repeat: int) -> tuple[float, int | None]:
+    """(best time over ``repeat`` calls, peak extra memory of the first call)."""
+    best, mem = peak_extra_bytes(fn)
+    for _ in range(repeat - 1 if best < 1.0 else 0):     # one call is enough once it takes 1 s
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, mem
+
+
+def sweep(sizes, repeat, max_call_s):
+    rows, stopped = [], set()
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        q, k, v = (rng.standard_normal((n, D), dtype=np.float32) for _ in range(3))
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        for (variant, side), f in VARIANTS.items():
+            if (variant, side) in stopped:
+                continue
+            args = (q, k, v) if side == "scratch" else (tq, tk, tv)
+            if side == "scratch":
+                call = lambda f=f, args=args: f(*args)  # noqa: E731
+            else:
+                def call(f=f, args=args):
+                    with torch.no_grad():
+                        return f(*args)
+            seconds, mem = measure(call, repeat)
+            rows.append(dict(variant=variant, side=side, n=n, seconds=seconds, peak_bytes=mem))
+            print(f"  n={n:>6} {variant:<15} {side:<10} {seconds * 1e3:>10.2f} ms  "
+                  f"{(mem or 0) / 2**20:>9.1f} MiB", flush=True)
+            if seconds > max_call_s:
+                stopped.add((variant, side))
+    return rows
+
+
+def lookup(rows, variant, side):
+    return {r["n"]: r for r in rows if r["variant"] == variant and r["side"] == side}
+
+
+def crossover(rows, fast, slow, side):
+    """Smallest n from which ``fast`` is faster than ``slow`` at every measured n (or None)."""
+    a, b = lookup(rows, fast, side), lookup(rows, slow, side)
+    common = sorted(set(a) & set(b))
+    for i, n in enumerate(common):
+        if all(a[m]["seconds"] < b[m]["seconds"] for m in common[i:]):
+            return n
+    return None
+
+
+def decode(max_tokens: int):
+    """Per-token time: LinearAttentionState.step vs softmax over a growing K/V cache (scratch)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((max_tokens, D), dtype=np.float32) for _ in range(3))
+    state = A.LinearAttentionState(D, D, dtype="float32")
+    lin, soft = np.empty(max_tokens), np.empty(max_tokens)
+    state.step(q[0], k[0], v[0])                       # warm-up calls, not timed
+    A.softmax_attention(q[:1], k[:1], v[:1])
+    state.reset()
+    for t in range(max_tokens):
+        t0 = time.perf_counter()
+        state.step(q[t], k[t], v[t])
+        lin[t] = time.perf_counter() - t0
+    for t in range(max_tokens):          # the cache is q/k/v[: t + 1]: keys so far, no copy
+        t0 = time.perf_counter()
+        A.softmax_attention(q[t: t + 1], k[: t + 1], v[: t + 1])
+        soft[t] = time.perf_counter() - t0
+    points = []
+    t = 1
+    while t <= max_tokens:               # median over the tokens in (t/2, t]
+        window = slice(t // 2, t)
+        points.append(dict(tokens=t, linear_s=float(np.median(lin[window])),
+                           softmax_s=float(np.median(soft[window]))))
+        t *= 2
+    return points
+
+
+def plot(rows, points, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+    styles = {"scratch": "-o", "torch": "--s", "torch SDPA": ":^"}
+    colours = {"softmax": "C3", "softmax causal": "C1", "efficient": "C2", "linear": "C0",
+               "linear causal": "C9"}
+    for (variant, side) in VARIANTS:
+        got = lookup(rows, variant, side)
+        ns = sorted(got)
+        label = f"{variant} ({side})"
+        axes[0].loglog(ns, [got[n]["seconds"] for n in ns], styles[side], color=colours[variant],
+                       label=label, ms=4)
+        mem = [(n, got[n]["peak_bytes"]) for n in ns if got[n]["peak_bytes"]]
+        if mem:
+            axes[1].loglog([m[0] for m in mem], [m[1] / 2**20 for m in mem], styles[side],
+                           color=colours[variant], label=label, ms=4)
+    axes[0].set(xlabel="sequence length n", ylabel="forward time (s)",
+                title=f"time vs n (d={D}, float32)")
+    axes[1].set(xlabel="sequence length n", ylabel="peak extra memory (MiB)",
+                title="memory vs n")
+    axes[0].legend(fontsize=7)
+    toks = [p["tokens"] for p in points]
+    axes[2].loglog(toks, [p["linear_s"] * 1e6 for p in points], "-o", color="C0",
+                   label="linear: recurrent state step")
+    axes[2].loglog(toks, [p["softmax_s"] * 1e6 for p in points], "-o", color="C3",
+                   label="softmax over the K/V cache")
+    axes[2].set(xlabel="tokens generated so far", ylabel="time per token (us)",
+                title="autoregressive decoding (scratch)")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--min-n", type=int, default=128)
+    p.add_argument("--max-n", type=int, default=16384)
+    p.add_argument("--decode-max", type=int, default=8192)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--max-call-s", type=float, default=30.0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    sizes = [2 ** e for e in range(int(math.log2(args.min_n)), int(math.log2(args.max_n)) + 1)]
+    print(f"attention forward, d={D}, batch 1, one head, float32; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    _fixed_mmap_threshold()
+    t_start = time.perf_counter()
+    rows = sweep(sizes, args.repeat, args.max_call_s)
+    points = decode(args.decode_max)
+    largest = max(sizes)
+    summary = {}
+    for side in ("scratch", "torch"):
+        for fast, slow in [("linear", "softmax"), ("efficient", "softmax"),
+                           ("linear causal", "softmax causal")]:
+            a, b = lookup(rows, fast, side), lookup(rows, slow, side)
+            n = max(set(a) & set(b))
+            summary[f"{side}: {fast} vs {slow}"] = dict(
+                crossover_n=crossover(rows, fast, slow, side), at_n=n,
+                speedup=b[n]["seconds"] / a[n]["seconds"],
+                fast_bytes=a[n]["peak_bytes"], slow_bytes=b[n]["peak_bytes"])
+    print(f"\nsummary at n = {largest} (speed-up = softmax time / other time):")
+    for key, s in summary.items():
+        mem = (f"  memory {s['fast_bytes'] / 2**20:.1f} vs {s['slow_bytes'] / 2**20:.1f} MiB"
+               if s["fast_bytes"] is not None and s["slow_bytes"] is not None else "")
+        print(f"  {key:<42} crossover n = {s['crossover_n']}, speed-up at n={s['at_n']}: "
+              f"{s['speedup']:.1f}x{mem}")
+    for variant in ("linear", "linear causal", "efficient", "softmax"):
+        got = lookup(rows, variant, "scratch")
+        if largest in got and largest // 2 in got and got[largest // 2]["peak_bytes"]:
+            ratio = got[largest]["peak_bytes"] / got[largest // 2]["peak_bytes"]
+            print(f"  scratch {variant:<14} memory({largest}) / memory({largest // 2}) = "
+                  f"{ratio:.2f}  (2 = O(n), 4 = O(n^2))")
+    print("\nautoregressive decoding, per-token time (scratch):")
+    for pt in points:
+        print(f"  {pt['tokens']:>6} tokens: linear state {pt['linear_s'] * 1e6:8.1f} us   "
+              f"softmax over cache {pt['softmax_s'] * 1e6:8.1f} us")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "attention.json", "w") as f:
+        json.dump(dict(d=D, dtype="float32", rows=rows, summary=summary, decode=points,
+                       torch=torch.__version__, threads=torch.get_num_threads(),
+                       wall_s=time.perf_counter() - t_start), f, indent=2)
+    plot(rows, points, out / "attention.png")
+    print(f"\nwrote {out / 'attention.json'} and {out / 'attention.png'} "
+          f"({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
