@@ -55,12 +55,14 @@ def _sigmoid_(a):
 # One layer, one direction: the scan and its backward, side by side.
 # --------------------------------------------------------------------------------------------
 
-def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False):
+def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g_hn=None):
     r"""Run the recurrence of one direction of one layer.
 
     gi (T, B, 3H): ``x_t W_ih^T + b_ih + [b_hr, b_hz, 0]`` for every step (precomputed).
-    w_hh (3H, H), b_hn (H,), h0 (B, H).  ``out`` (T, B, H), a view to write h_t into, zero
-    where a sequence has ended.  ``n_active[t]``: rows [:n_t] run at step t (sorted batch).
+    w_hh (3H, H), b_hn (H,), h0 (B, H).  ``out`` (T, B, H), a view to write h_t into (and 0
+    where a sequence has ended).  ``n_active[t]``: rows [:n_t] run at step t (sorted batch).
+    ``gates`` (T, B, 3H) and ``g_hn`` (T, B, H): where to keep the cache (allocated if None);
+    with a leading 1 instead of T, every step overwrites the same slot (inference: no cache).
 
     Per step, on the running rows::
 
@@ -75,23 +77,27 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False):
     xp = array_module(gi)
     T, B, H3 = gi.shape
     H = H3 // 3
-    gates = xp.zeros((T, B, H3), dtype=gi.dtype)
-    g_hn = xp.zeros((T, B, H), dtype=gi.dtype)
+    if gates is None:
+        gates = xp.empty((T, B, H3), dtype=gi.dtype)
+        g_hn = xp.empty((T, B, H), dtype=gi.dtype)
+    keep = gates.shape[0] == T
     h = h0.copy()
     g_buf = xp.empty((B, H3), dtype=gi.dtype)
     tmp_buf = xp.empty((B, H), dtype=gi.dtype)
     w_t = w_hh.T
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        m = n_active[t]
+        m, s = n_active[t], t if keep else 0
+        if m < B:
+            out[t, m:] = 0                              # ended (or not yet started)
         if m == 0:
             continue
-        hb, g, tmp, gt, it = h[:m], g_buf[:m], tmp_buf[:m], gates[t, :m], gi[t, :m]
+        hb, g, tmp, gt, it = h[:m], g_buf[:m], tmp_buf[:m], gates[s, :m], gi[t, :m]
         xp.matmul(hb, w_t, out=g)
         rz = gt[:, :2 * H]
         xp.add(it[:, :2 * H], g[:, :2 * H], out=rz)
         _sigmoid_(rz)
         r, z, n = split3(gt)
-        ghn = g_hn[t, :m]
+        ghn = g_hn[s, :m]
         xp.add(g[:, 2 * H:], b_hn, out=ghn)
         xp.multiply(r, ghn, out=n)
         n += it[:, 2 * H:]
@@ -109,7 +115,8 @@ def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, re
     d_out (T, B, H) or None: dL/d out; dh_n (B, H): dL/d h_T.  ``h_prev(t, m)`` gives the state
     that entered step t, rows [:m].  Writes, for every step, into the zeroed arrays
     dgi (T, B, 3H) = [da_r, da_z, da_n] and dgh (T, B, 3H) = [da_r, da_z, da_n * r]
-    (the gradients of the input and recurrent projections).  Per step, running rows::
+    (the gradients of the input and recurrent projections; rows that do not run are set to
+    0).  Per step, running rows::
 
         dh  += d_out[t]
         da_n = dh (1 - z) (1 - n^2)
@@ -128,6 +135,9 @@ def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, re
     mm_buf = xp.empty((B, H), dtype=gates.dtype)
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         m = n_active[t]
+        if m < B:
+            dgi[t, m:] = 0
+            dgh[t, m:] = 0
         if m == 0:
             continue
         dhb, omz, tmp, mm = dh[:m], omz_buf[:m], tmp_buf[:m], mm_buf[:m]
@@ -155,6 +165,28 @@ def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, re
         xp.matmul(gh_t, w_hh, out=mm)
         dhb += mm
     return dh
+
+
+class Workspace:
+    """Big arrays kept from one call to the next and reused when the shape and dtype match.
+
+    A forward + backward at the assignment's shape needs ~1 GB of cache and gradient arrays;
+    fresh ones every call cost a page fault (and the OS zeroing the page) on the first touch of
+    every 4 KiB, a fifth of the run time.  Nothing handed back to the caller lives here.
+    """
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, name, shape, dtype, xp):
+        a = self._arrays.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype or array_module(a) is not xp:
+            self._arrays[name] = None                   # free the old one first
+            a = self._arrays[name] = xp.empty(shape, dtype=dtype)
+        return a
+
+    def clear(self):
+        self._arrays.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +232,7 @@ class GRU:
         self.grads: dict = {}
         self.dropout_masks: list = []
         self._cache = None
+        self.workspace = Workspace()
 
     # ---- parameters ------------------------------------------------------------------------
 
@@ -319,18 +352,19 @@ class GRU:
     # ---- forward ---------------------------------------------------------------------------
 
     def __call__(self, x, h0=None, lengths=None, training: bool = False,
-                 enforce_sorted: bool = False):
-        return self.forward(x, h0, lengths, training, enforce_sorted)
+                 enforce_sorted: bool = False, cache: bool = True):
+        return self.forward(x, h0, lengths, training, enforce_sorted, cache)
 
     def forward(self, x, h0=None, lengths=None, training: bool = False,
-                enforce_sorted: bool = False):
+                enforce_sorted: bool = False, cache: bool = True):
         r"""(output, h_n), as ``torch.nn.GRU`` (with ``pack_padded_sequence`` if ``lengths``).
 
         x: (T, B, I) [(B, T, I) if batch_first] or (T, I) unbatched; h0: (L D, B, H) or
         (L D, H), zeros if None.  lengths: (B,) ints in [1, T]; then output is zero past each
         sequence's end (it keeps T steps, like ``pad_packed_sequence(total_length=T)``).
         ``enforce_sorted=True`` makes unsorted lengths an error (as torch's default);
-        otherwise any order is fine.
+        otherwise any order is fine.  ``cache=False``: inference, keep nothing for
+        :meth:`backward` (as torch under ``no_grad``).
 
         Layer k, with u the layer input (x, or the previous layer's output, dropped out if
         training)::
@@ -338,38 +372,51 @@ class GRU:
             GI = u W^T + c     W = [W_ih_fwd; W_ih_bwd] (D 3H, I_k), c = b_ih + [b_hr, b_hz, 0]
             output[..., dH:(d+1)H], h_n[k D + d] = scan(GI[..., d 3H:(d+1) 3H]) per direction d
         """
-        xp, H, D = self.xp, self.hidden_size, self.num_directions
+        xp, H, D, dt = self.xp, self.hidden_size, self.num_directions, self.dtype
         x, h0, lengths, order, n_active, unbatched = self._check_input(
             x, h0, lengths, enforce_sorted)
         T, B = x.shape[0], x.shape[1]
+        ws = self.workspace
         h_n = xp.empty_like(h0)
-        layers, self.dropout_masks = [], []
+        layers, self.dropout_masks, self._cache = [], [], None
         u = x
         for layer in range(self.num_layers):
             dirs = self._layer(layer)
             w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)       # (D 3H, I)
-            gi = xp.matmul(u.reshape(T * B, -1), w_cat.T).reshape(T, B, D * 3 * H)
-            if self.bias:
-                gi += xp.concatenate([b_ih + xp.concatenate([b_hh[:2 * H], 0 * b_hh[2 * H:]])
-                                      for _, _, b_ih, b_hh in dirs])
-            out = xp.zeros((T, B, D * H), dtype=self.dtype)
+            gi = ws.get("gi", (T, B, D * 3 * H), dt, xp)
+            bias = xp.concatenate([b_ih + xp.concatenate([b_hh[:2 * H], 0 * b_hh[2 * H:]])
+                                   for _, _, b_ih, b_hh in dirs]) if self.bias else None
+            if self._skip_padding(n_active, B):        # one product per step, valid rows only
+                for t, m in enumerate(n_active):
+                    xp.matmul(u[t, :m], w_cat.T, out=gi[t, :m])
+                    if bias is not None:
+                        gi[t, :m] += bias
+            else:                                       # one product for all steps
+                xp.matmul(u.reshape(T * B, -1), w_cat.T, out=gi.reshape(T * B, D * 3 * H))
+                if bias is not None:
+                    gi += bias
+            last = layer == self.num_layers - 1
+            out = (xp.empty((T, B, D * H), dtype=dt) if last    # handed back: never reused
+                   else ws.get(f"out{layer}", (T, B, D * H), dt, xp))
             caches = []
             for d, (_, w_hh, _, b_hh) in enumerate(dirs):
-                b_hn = b_hh[2 * H:] if self.bias else xp.zeros(H, dtype=self.dtype)
-                idx = layer * D + d
+                b_hn = b_hh[2 * H:] if self.bias else xp.zeros(H, dtype=dt)
+                idx, slots = layer * D + d, T if cache else 1
                 h_last, gates, g_hn = scan_forward(
                     gi[..., d * 3 * H:(d + 1) * 3 * H], w_hh, b_hn, h0[idx],
-                    out[..., d * H:(d + 1) * H], n_active, reverse=d == 1)
+                    out[..., d * H:(d + 1) * H], n_active, reverse=d == 1,
+                    gates=ws.get(f"gates{layer}.{d}.{slots}", (slots, B, 3 * H), dt, xp),
+                    g_hn=ws.get(f"g_hn{layer}.{d}.{slots}", (slots, B, H), dt, xp))
                 h_n[idx] = h_last
                 caches.append((gates, g_hn))
-            del gi
             layers.append((u, out, caches))
             u = out
             if training and self.dropout > 0 and layer < self.num_layers - 1:
                 mask = self._draw_mask(out.shape, B, T, order, unbatched)
                 u = out * mask
-        self._cache = dict(layers=layers, h0=h0, lengths=lengths, order=order,
-                           n_active=n_active, unbatched=unbatched, T=T, B=B)
+        if cache:
+            self._cache = dict(layers=layers, h0=h0, lengths=lengths, order=order,
+                               n_active=n_active, unbatched=unbatched, T=T, B=B)
         return self._to_user(u, order, unbatched, time_major=False), \
             self._h_to_user(h_n, order, unbatched)
 
@@ -413,7 +460,7 @@ class GRU:
             dW_hh = sum_t dgh_t^T h_{t-1}             db_hh = sum dgh
         """
         if self._cache is None:
-            raise RuntimeError("call forward before backward")
+            raise RuntimeError("call forward (with cache=True) before backward")
         c, xp, H, D = self._cache, self.xp, self.hidden_size, self.num_directions
         T, B, order, n_active, unbatched = c["T"], c["B"], c["order"], c["n_active"], c["unbatched"]
         out_shape = (T, D * H) if unbatched else (
@@ -444,12 +491,12 @@ class GRU:
             dirs = self._layer(layer)
             if layer < self.num_layers - 1 and self.dropout_masks:
                 d_y = d_y * self._mask_internal(layer, order, unbatched)
-            d_gi = xp.zeros((T, B, D * 3 * H), dtype=self.dtype)
+            d_gi = self.workspace.get("d_gi", (T, B, D * 3 * H), self.dtype, xp)
             for d, ((_, w_hh, _, _), (gates, g_hn)) in enumerate(zip(dirs, caches)):
                 idx, sfx = layer * D + d, ("", "_reverse")[d]
                 y = out[..., d * H:(d + 1) * H]
                 h_prev = self._h_prev(y, h0[idx], n_active, reverse=d == 1)
-                dgh = xp.zeros((T, B, 3 * H), dtype=self.dtype)
+                dgh = self.workspace.get(f"dgh{d}", (T, B, 3 * H), self.dtype, xp)
                 d_h0[idx] = scan_backward(d_y[..., d * H:(d + 1) * H], d_hn[idx], gates, g_hn,
                                           h_prev, w_hh, d_gi[..., d * 3 * H:(d + 1) * 3 * H],
                                           dgh, n_active, reverse=d == 1)
@@ -464,12 +511,16 @@ class GRU:
                 grads[f"weight_hh_l{layer}{sfx}"] = dw_hh + first.T @ h0[idx]
                 if self.bias:
                     grads[f"bias_hh_l{layer}{sfx}"] = dgh.sum(axis=(0, 1))
-                del dgh
             flat = d_gi.reshape(T * B, D * 3 * H)
             dw_ih = flat.T @ u.reshape(T * B, -1)
             db_ih = flat.sum(axis=0) if self.bias else None
             w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
-            d_y = (flat @ w_cat).reshape(T, B, -1)
+            if self._skip_padding(n_active, B):
+                d_y = xp.zeros((T, B, w_cat.shape[1]), dtype=self.dtype)
+                for t, m in enumerate(n_active):
+                    xp.matmul(d_gi[t, :m], w_cat, out=d_y[t, :m])
+            else:
+                d_y = (flat @ w_cat).reshape(T, B, -1)
             for d, sfx in enumerate(self._suffixes()):
                 grads[f"weight_ih_l{layer}{sfx}"] = dw_ih[d * 3 * H:(d + 1) * 3 * H]
                 if self.bias:
@@ -477,6 +528,12 @@ class GRU:
         self.grads = {name: grads[name] for name in self.param_shapes()}
         return (self._to_user(d_y, order, unbatched, time_major=False),
                 self._h_to_user(d_h0, order, unbatched))
+
+    @staticmethod
+    def _skip_padding(n_active, B):
+        """With lengths that leave over 10% padding, the input projection (and dx) run as one
+        (n_t, I) product per step on the valid rows instead of one product over padding too."""
+        return sum(n_active) < 0.9 * B * len(n_active)
 
     @staticmethod
     def _h_prev(y, h0, n_active, reverse):

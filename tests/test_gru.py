@@ -327,7 +327,7 @@ def test_bad_input_is_a_clear_value_error(call, match):
 
 def test_backward_checks():
     gru = GRU(4, 3, dtype="float64")
-    with pytest.raises(RuntimeError, match="forward before backward"):
+    with pytest.raises(RuntimeError, match=r"forward \(with cache=True\) before backward"):
         gru.backward(np.ones((5, 2, 3)))
     gru(np.ones((5, 2, 4)))
     with pytest.raises(ValueError, match=r"d_output must have the output's shape \(5, 2, 3\)"):
@@ -348,3 +348,30 @@ def test_backward_checks():
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GRU(**kwargs)
+
+
+def test_inference_mode_and_reused_buffers_never_leak_into_results():
+    """cache=False gives the same output and keeps nothing for backward; arrays handed back
+    stay valid after later calls (the workspace only holds internal buffers)."""
+    rng = np.random.default_rng(8)
+    gru = GRU(3, 4, num_layers=2, bidirectional=True, dtype="float64", seed=2)
+    x1, x2 = rng.standard_normal((6, 5, 3)), rng.standard_normal((6, 5, 3))
+    d_out = rng.standard_normal((6, 5, 8))
+    out1, h1 = gru(x1, lengths=[6, 2, 5, 1, 3])
+    d_x1, _ = gru.backward(d_out)
+    g1 = {k: v.copy() for k, v in gru.grads.items()}
+    kept = [a.copy() for a in (out1, h1, d_x1)]
+    out_inf, h_inf = gru(x1, lengths=[6, 2, 5, 1, 3], cache=False)
+    np.testing.assert_array_equal(out_inf, out1)
+    np.testing.assert_array_equal(h_inf, h1)
+    with pytest.raises(RuntimeError, match="forward"):
+        gru.backward(d_out)
+    gru(x2)                                              # same shapes, other data, no lengths
+    gru.backward(d_out)
+    for a, b in zip((out1, h1, d_x1), kept):
+        np.testing.assert_array_equal(a, b)
+    gru(x1, lengths=[6, 2, 5, 1, 3])                      # and back: padded rows zero again
+    d_x, _ = gru.backward(d_out)
+    np.testing.assert_array_equal(d_x, d_x1)
+    for k in g1:
+        np.testing.assert_array_equal(gru.grads[k], g1[k])

@@ -1,0 +1,175 @@
+"""GRU benchmark: scratch (NumPy) vs ``torch.nn.GRU`` on the CPU, side by side in one run.
+
+    .venv/bin/python bench/gru.py [--shapes assignment,small] [--repeat 1] [--time T]
+                                  [--no-packed] [--out bench/results]
+
+Shapes: ``assignment``, the BERT-BiGRU head (batch 128, time 256, 768 -> 256, 2 layers,
+bidirectional, float32); ``small`` (batch 16, time 32, 32 -> 32, 2 layers, bidirectional).
+For each: forward (torch under ``no_grad``) and forward + backward (all parameter gradients and
+dx), without lengths, and with lengths (uniform in [T/4, T], unsorted: torch goes through
+``pack_padded_sequence(enforce_sorted=False)``, scratch through ``lengths=``).  Best of
+``--repeat`` wall times; ratio = scratch / torch (below 1: scratch faster); GFLOP/s counts the
+matrix products only (2 m n k each; backward = 2x forward) over the *valid* steps, so with
+lengths they count the useful work.  Threads: ``BENCH_THREADS`` (default 1) for NumPy's BLAS
+and torch alike; the machine is shared, so absolute times are noisy and the side-by-side ratios
+are what matter.  Writes ``gru.json`` and ``gru.png`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = str(THREADS)          # before NumPy loads its BLAS
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reference.gru import run_packed, torch_gru_like  # noqa: E402
+from scratch.gru import GRU  # noqa: E402
+
+SHAPES = {
+    "assignment": dict(batch=128, time=256, input_size=768, hidden_size=256, num_layers=2),
+    "small": dict(batch=16, time=32, input_size=32, hidden_size=32, num_layers=2),
+}
+
+
+def gru_flops(s, steps_total, backward=False):
+    """Matrix-product FLOPs of a bidirectional GRU over ``steps_total`` (sequence, step) pairs:
+    per layer and direction 2 * steps * 3H * (I_k + H); the backward costs twice that."""
+    H, D = s["hidden_size"], 2
+    f = 0
+    for k in range(s["num_layers"]):
+        i_k = s["input_size"] if k == 0 else D * H
+        f += D * 2 * steps_total * 3 * H * (i_k + H)
+    return f * (3 if backward else 1)
+
+
+def best_time(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bench_shape(name, s, repeat, packed=True, warm_up=False, quiet=False):
+    rng = np.random.default_rng(0)
+    B, T = s["batch"], s["time"]
+    gru = GRU(s["input_size"], s["hidden_size"], s["num_layers"], batch_first=True,
+              bidirectional=True, dtype="float32", seed=0)
+    ref = torch_gru_like(gru).eval()
+    x = rng.standard_normal((B, T, s["input_size"])).astype(np.float32)
+    d_out = rng.standard_normal((B, T, 2 * s["hidden_size"])).astype(np.float32)
+    lengths = rng.integers(max(1, T // 4), T + 1, B)
+    lengths[rng.integers(B)] = T
+    xt, dt = torch.from_numpy(x), torch.from_numpy(d_out)
+
+    def torch_fwd(L):
+        with torch.no_grad():
+            return run_packed(ref, xt, None, L)[0].numpy()
+
+    def torch_fwd_bwd(L):
+        xg = xt.clone().requires_grad_()
+        ref.zero_grad(set_to_none=True)
+        out, _ = run_packed(ref, xg, None, L)
+        out.backward(dt)
+        return xg.grad.numpy()
+
+    def scratch_fwd(L):                     # inference: nothing kept for a backward
+        return gru(x, lengths=L, cache=False)[0]
+
+    def scratch_fwd_bwd(L):
+        gru(x, lengths=L)
+        return gru.backward(d_out)[0]
+
+    for fn in (torch_fwd, torch_fwd_bwd, scratch_fwd, scratch_fwd_bwd) if warm_up else ():
+        fn(None)                            # first calls: allocator, autograd and BLAS set-up
+    rows = []
+    cases = [("no lengths", None)] + ([("lengths (torch packed)", lengths)] if packed else [])
+    for case, L in cases:
+        steps = B * T if L is None else int(np.sum(L))
+        for kind, s_fn, t_fn, bwd in (("forward", scratch_fwd, torch_fwd, False),
+                                      ("fwd+bwd", scratch_fwd_bwd, torch_fwd_bwd, True)):
+            s_t, s_out = best_time(lambda: s_fn(L), repeat)
+            t_t, t_out = best_time(lambda: t_fn(L), repeat)
+            flops = gru_flops(s, steps, backward=bwd)
+            scale = max(1.0, float(np.abs(t_out).max()))
+            row = dict(shape=name, case=case, pass_=kind, scratch_s=s_t, torch_s=t_t,
+                       ratio=s_t / t_t, scratch_gflops=flops / s_t / 1e9,
+                       torch_gflops=flops / t_t / 1e9,
+                       max_rel_err=float(np.abs(s_out - t_out).max()) / scale)
+            rows.append(row)
+            if not quiet:
+                print(format_row(row), flush=True)
+    return rows
+
+
+HEAD = (f"{'shape':<11} {'case':<23} {'pass':<8} {'scratch s':>9} {'torch s':>9} {'ratio':>6} "
+        f"{'scratch GF/s':>12} {'torch GF/s':>10} {'rel err':>8}")
+
+
+def format_row(r):
+    return (f"{r['shape']:<11} {r['case']:<23} {r['pass_']:<8} {r['scratch_s']:>9.3f} "
+            f"{r['torch_s']:>9.3f} {r['ratio']:>6.2f} {r['scratch_gflops']:>12.1f} "
+            f"{r['torch_gflops']:>10.1f} {r['max_rel_err']:>8.1e}")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['shape']}\n{r['case']}\n{r['pass_']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows], color="tab:blue")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("scratch time / torch time")
+    ax.set_title(f"scratch GRU vs torch.nn.GRU, CPU, {THREADS} thread(s), float32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="assignment,small",
+                   help="comma-separated, of: " + ", ".join(SHAPES))
+    p.add_argument("--repeat", type=int, default=1, help="timing repeats, best kept")
+    p.add_argument("--time", type=int, help="override the time length of every shape")
+    p.add_argument("--no-packed", action="store_true", help="skip the lengths / packed rows")
+    p.add_argument("--out", default="bench/results")
+    a = p.parse_args(argv)
+    print(f"threads: {THREADS}  torch {torch.__version__}  numpy {np.__version__}")
+    print(HEAD)
+    print("-" * len(HEAD))
+    bench_shape("warm-up", dict(SHAPES["small"], time=4), 1, quiet=True)
+    rows = []
+    for name in a.shapes.split(","):
+        s = dict(SHAPES[name])
+        if a.time:
+            s["time"] = a.time
+        rows += bench_shape(name, s, a.repeat, packed=not a.no_packed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(threads=THREADS, torch=torch.__version__, numpy=np.__version__,
+                shapes={n: SHAPES[n] | ({"time": a.time} if a.time else {})
+                        for n in a.shapes.split(",")}, repeat=a.repeat)
+    (out / "gru.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    plot(rows, out / "gru.png")
+    print(f"wrote {out / 'gru.json'} and {out / 'gru.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
