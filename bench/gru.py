@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 torch.set_num_threads(THREADS)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from reference.compare import best_time  # noqa: E402
 from reference.gru import run_packed, torch_gru_like  # noqa: E402
 from scratch.gru import GRU  # noqa: E402
 
@@ -53,16 +53,7 @@ def gru_flops(s, steps_total, backward=False):
     return f * (3 if backward else 1)
 
 
-def best_time(fn, repeat):
-    best, out = float("inf"), None
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
-def bench_shape(name, s, repeat, packed=True, warm_up=False, quiet=False):
+def bench_shape(name, s, repeat, packed=True, quiet=False):
     rng = np.random.default_rng(0)
     B, T = s["batch"], s["time"]
     gru = GRU(s["input_size"], s["hidden_size"], s["num_layers"], batch_first=True,
@@ -92,16 +83,14 @@ def bench_shape(name, s, repeat, packed=True, warm_up=False, quiet=False):
         gru(x, lengths=L)
         return gru.backward(d_out)[0]
 
-    for fn in (torch_fwd, torch_fwd_bwd, scratch_fwd, scratch_fwd_bwd) if warm_up else ():
-        fn(None)                            # first calls: allocator, autograd and BLAS set-up
     rows = []
     cases = [("no lengths", None)] + ([("lengths (torch packed)", lengths)] if packed else [])
     for case, L in cases:
         steps = B * T if L is None else int(np.sum(L))
         for kind, s_fn, t_fn, bwd in (("forward", scratch_fwd, torch_fwd, False),
                                       ("fwd+bwd", scratch_fwd_bwd, torch_fwd_bwd, True)):
-            s_t, s_out = best_time(lambda: s_fn(L), repeat)
-            t_t, t_out = best_time(lambda: t_fn(L), repeat)
+            s_out, s_t = best_time(lambda: s_fn(L), repeat)
+            t_out, t_t = best_time(lambda: t_fn(L), repeat)
             flops = gru_flops(s, steps, backward=bwd)
             scale = max(1.0, float(np.abs(t_out).max()))
             row = dict(shape=name, case=case, pass_=kind, scratch_s=s_t, torch_s=t_t,
@@ -153,13 +142,14 @@ def main(argv=None):
     print(f"threads: {THREADS}  torch {torch.__version__}  numpy {np.__version__}")
     print(HEAD)
     print("-" * len(HEAD))
-    bench_shape("warm-up", dict(SHAPES["small"], time=4), 1, quiet=True)
+    bench_shape("warm-up", dict(SHAPES["small"], time=4), 1, quiet=True)   # first-call set-up
     rows = []
     for name in a.shapes.split(","):
         s = dict(SHAPES[name])
         if a.time:
             s["time"] = a.time
-        rows += bench_shape(name, s, a.repeat, packed=not a.no_packed)
+        repeat = max(a.repeat, 5) if name == "small" else a.repeat    # small: cheap, noisy
+        rows += bench_shape(name, s, repeat, packed=not a.no_packed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(threads=THREADS, torch=torch.__version__, numpy=np.__version__,
