@@ -10,7 +10,10 @@ timings erratic.  For each n: best-of-``repeat`` wall
 time, and the peak extra resident memory of one call (Linux: reset the process's peak RSS through
 ``/proc/self/clear_refs``, call, read ``VmHWM`` - RSS before; page-granular, so tiny sizes read
 ~0; allocations of 64 KiB and more are mmap-ed so that freed memory is not silently reused).
-A variant whose call took longer than ``--max-call-s`` is not run at larger n.  Prints the
+Rows: scratch and torch for each variant, torch's own ``scaled_dot_product_attention``, and
+scratch causal linear attention with ``chunk_size=1`` (per-position prefix sums, memory
+O(n d_k d_v), the form torch's reference uses) beside the default chunked one.  A variant whose
+call took longer than ``--max-call-s`` is not run at larger n.  Prints the
 table, the crossover n (from where on linear / efficient beat softmax), the speed-up at the
 largest n and the decode per-token times; writes ``attention.json`` and ``attention.png`` under
 ``--out``.  Numbers under CPU contention are noisy: the side-by-side ratios are what matter.
@@ -54,6 +57,9 @@ VARIANTS = {
     ("linear", "torch"): R.linear_attention,
     ("linear causal", "scratch"): lambda q, k, v: A.linear_attention(q, k, v, causal=True),
     ("linear causal", "torch"): lambda q, k, v: R.linear_attention(q, k, v, causal=True),
+    # chunk_size=1: the textbook per-position prefix sums S_i (memory O(n d_k d_v)), like torch's
+    ("linear causal", "scratch C=1"): lambda q, k, v: A.linear_attention(q, k, v, causal=True,
+                                                                         chunk_size=1),
 }
 
 
@@ -113,8 +119,9 @@ def sweep(sizes, repeat, max_call_s):
         for (variant, side), f in VARIANTS.items():
             if (variant, side) in stopped:
                 continue
-            args = (q, k, v) if side == "scratch" else (tq, tk, tv)
-            if side == "scratch":
+            scratch = side.startswith("scratch")
+            args = (q, k, v) if scratch else (tq, tk, tv)
+            if scratch:
                 call = lambda f=f, args=args: f(*args)  # noqa: E731
             else:
                 def call(f=f, args=args):
@@ -122,7 +129,7 @@ def sweep(sizes, repeat, max_call_s):
                         return f(*args)
             seconds, mem = measure(call, repeat)
             rows.append(dict(variant=variant, side=side, n=n, seconds=seconds, peak_bytes=mem))
-            print(f"  n={n:>6} {variant:<15} {side:<10} {seconds * 1e3:>10.2f} ms  "
+            print(f"  n={n:>6} {variant:<15} {side:<12} {seconds * 1e3:>10.2f} ms  "
                   f"{(mem or 0) / 2**20:>9.1f} MiB", flush=True)
             if seconds > max_call_s:
                 stopped.add((variant, side))
@@ -177,7 +184,7 @@ def plot(rows, points, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    styles = {"scratch": "-o", "torch": "--s", "torch SDPA": ":^"}
+    styles = {"scratch": "-o", "torch": "--s", "torch SDPA": ":^", "scratch C=1": "-.x"}
     colours = {"softmax": "C3", "softmax causal": "C1", "efficient": "C2", "linear": "C0",
                "linear causal": "C9"}
     for (variant, side) in VARIANTS:
