@@ -1,0 +1,63 @@
+"""Tiny synthetic aclImdb archives and a tiny random encoder, made by the tests themselves."""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from reference.encoders import Encoder, minilm_path
+
+POS_WORDS = "great wonderful superb moving brilliant loved".split()
+NEG_WORDS = "awful boring dull terrible waste hated".split()
+
+
+def review(i: int, positive: bool) -> str:
+    words = POS_WORDS if positive else NEG_WORDS
+    return f"Review {i}: " + " ".join(words[(i + k) % len(words)] for k in range(3 + i % 7)) + "."
+
+
+def make_tree(root: Path, n_per_class: int = 6, splits=("train", "test")) -> Path:
+    """aclImdb/{split}/{pos,neg}/{id}_{rating}.txt under ``root``; returns root / "aclImdb"."""
+    for split in splits:
+        for label in ("pos", "neg"):
+            d = root / "aclImdb" / split / label
+            d.mkdir(parents=True)
+            for i in range(n_per_class):
+                rating = 8 if label == "pos" else 2
+                (d / f"{i}_{rating}.txt").write_text(review(i, label == "pos"), encoding="utf-8")
+    return root / "aclImdb"
+
+
+def make_archive(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def tree_files(n_per_class: int = 6, splits=("train", "test")) -> dict[str, bytes]:
+    files = {}
+    for split in splits:
+        for label in ("pos", "neg"):
+            for i in range(n_per_class):
+                rating = 8 if label == "pos" else 2
+                files[f"aclImdb/{split}/{label}/{i}_{rating}.txt"] = review(i, label == "pos").encode()
+    return files
+
+
+def tokenizer() -> BertTokenizerFast:
+    return BertTokenizerFast.from_pretrained(minilm_path())
+
+
+def tiny_encoder(seed: int = 0, hidden: int = 32) -> Encoder:
+    """A random 2-layer BERT (hidden 32) with the real uncased vocabulary's tokenizer."""
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512)
+    model = BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
+    return Encoder(model, tokenizer(), f"tiny-{seed}", "random")

@@ -1,0 +1,116 @@
+"""The frozen-feature cache: values equal an unpadded encoder run, hits, invalidation, resume."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from reference import features as Fe
+from tests.imdb_fixtures import review, tiny_encoder
+
+TEXTS = [review(i, i % 2 == 0) * (1 + i % 5) for i in range(23)]
+
+
+def direct(encoder, text, max_length=512):
+    ids = encoder.tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return encoder.model(**ids)[0][0].numpy()
+
+
+def test_features_equal_an_unpadded_run_of_each_review(tmp_path):
+    enc = tiny_encoder()
+    st = Fe.extract_features(enc, TEXTS, tmp_path, batch_tokens=200, shard_size=5,
+                             autocast=False, progress=False)
+    assert len(st) == len(TEXTS) and st.hidden_size == 32
+    for i in range(len(TEXTS)):
+        ref = direct(enc, TEXTS[i])
+        got = st.get(i)
+        assert got.dtype == np.float16 and got.shape == ref.shape and st.lengths[i] == len(ref)
+        np.testing.assert_allclose(got.astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+    x, lengths = st.batch([3, 0, 7])
+    assert x.shape == (3, int(st.lengths[[3, 0, 7]].max()), 32) and x.dtype == torch.float32
+    assert lengths.tolist() == st.lengths[[3, 0, 7]].tolist()
+    assert (x[1, lengths[1]:] == 0).all()
+    np.testing.assert_array_equal(x[0, :lengths[0]].numpy(), st.get(3).astype(np.float32))
+
+
+def test_bf16_autocast_stays_close_to_float32(tmp_path):
+    enc = tiny_encoder()
+    a = Fe.extract_features(enc, TEXTS[:4], tmp_path, autocast=True, progress=False)
+    b = Fe.extract_features(enc, TEXTS[:4], tmp_path, autocast=False, progress=False)
+    assert a.folder != b.folder                       # the autocast choice is part of the key
+    for i in range(4):
+        np.testing.assert_allclose(a.get(i).astype(np.float32), b.get(i).astype(np.float32), atol=0.1)
+
+
+def test_token_batches_respect_the_budget():
+    lengths = np.sort(np.random.default_rng(0).integers(1, 300, 500))
+    runs = list(Fe.token_batches(lengths, 1000))
+    assert runs[0][0] == 0 and runs[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    assert all((stop - start) * lengths[stop - 1] <= 1000 or stop - start == 1 for start, stop in runs)
+
+
+def test_cache_hit_does_not_run_the_encoder(tmp_path, monkeypatch):
+    enc = tiny_encoder()
+    st = Fe.extract_features(enc, TEXTS, tmp_path, shard_size=8, autocast=False, progress=False)
+    monkeypatch.setattr(Fe, "_encode", lambda *a, **k: pytest.fail("cache miss"))
+    again = Fe.extract_features(enc, TEXTS, tmp_path, shard_size=8, autocast=False, progress=False)
+    assert again.folder == st.folder
+    np.testing.assert_array_equal(again.get(5), st.get(5))
+
+
+def test_stale_caches_are_never_used(tmp_path):
+    enc = tiny_encoder()
+    base = Fe.extract_features(enc, TEXTS, tmp_path, autocast=False, progress=False).folder
+    other_weights = tiny_encoder(seed=1)
+    assert Fe.extract_features(other_weights, TEXTS, tmp_path, autocast=False, progress=False).folder != base
+    assert Fe.extract_features(enc, TEXTS[:-1] + ["changed"], tmp_path, autocast=False, progress=False).folder != base
+    assert Fe.extract_features(enc, TEXTS, tmp_path, max_length=16, autocast=False, progress=False).folder != base
+    with torch.no_grad():
+        enc.model.encoder.layer[0].output.dense.bias[0] += 1e-3      # one weight changed in place
+    assert Fe.extract_features(enc, TEXTS, tmp_path, autocast=False, progress=False).folder != base
+
+
+def test_interrupted_extraction_resumes_and_matches_a_clean_run(tmp_path, monkeypatch):
+    enc = tiny_encoder()
+    real_encode, calls = Fe._encode, []
+
+    def failing(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        calls.append(1)
+        return real_encode(*a, **k)
+
+    monkeypatch.setattr(Fe, "_encode", failing)
+    kw = dict(batch_tokens=10**6, shard_size=5, autocast=False, progress=False)  # 1 batch/shard
+    with pytest.raises(KeyboardInterrupt):
+        Fe.extract_features(enc, TEXTS, tmp_path / "c", **kw)
+    (folder,) = (tmp_path / "c").iterdir()
+    assert sorted(p.name for p in folder.glob("shard_*")) == [f"shard_{i:05d}.safetensors" for i in range(3)]
+    assert not (folder / "index.json").exists()
+    with pytest.raises(FileNotFoundError, match="not complete"):
+        Fe.FeatureStore(folder)
+
+    calls.clear()
+    monkeypatch.setattr(Fe, "_encode", lambda *a, **k: (calls.append(1), real_encode(*a, **k))[1])
+    resumed = Fe.extract_features(enc, TEXTS, tmp_path / "c", **kw)
+    assert len(calls) == 2                                      # only the 2 missing shards of 5
+    clean = Fe.extract_features(enc, TEXTS, tmp_path / "clean", **kw)
+    for i in range(len(TEXTS)):
+        np.testing.assert_array_equal(resumed.get(i), clean.get(i))
+    meta = json.loads((folder / "index.json").read_text())
+    assert meta["n"] == len(TEXTS) and len(meta["shards"]) == 5 and meta["dtype"] == "float16"
+    assert not list(folder.glob(".*tmp*"))
+
+
+def test_a_changed_shard_plan_restarts_cleanly(tmp_path):
+    enc = tiny_encoder()
+    kw = dict(autocast=False, progress=False)
+    a = Fe.extract_features(enc, TEXTS, tmp_path, shard_size=5, **kw)
+    before = [a.get(i).astype(np.float32) for i in range(len(TEXTS))]
+    (a.folder / "index.json").unlink()                       # pretend it was interrupted
+    b = Fe.extract_features(enc, TEXTS, tmp_path, shard_size=7, **kw)
+    assert len(b.meta["shards"]) == 4 and len(list(b.folder.glob("shard_*"))) == 4
+    for i in range(len(TEXTS)):
+        np.testing.assert_allclose(b.get(i).astype(np.float32), before[i], atol=2e-3)
