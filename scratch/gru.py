@@ -16,15 +16,20 @@ Where the time goes, and what is done about it:
   per direction after the loop.  Only ``h W_hh^T`` (forward) and ``dgh W_hh`` (backward) run
   per step.
 * The per-step element-wise work writes into preallocated buffers (``out=``), never a fresh
-  array; gates are stored where they are computed, ready for the backward.
+  array; gates are stored where they are computed, ready for the backward.  The big arrays
+  (cache, gradients of the projections) live in a :class:`Workspace` reused from call to call,
+  so the OS does not have to hand out and zero ~1 GB of fresh pages per training step.
+  ``cache=False`` (inference) keeps one step's gates instead of all of them.
 * ``b_hr`` and ``b_hz`` are added outside the reset product, so they are folded into the input
   projection's bias; only ``b_hn`` is added per step.
 * ``lengths``: the batch is put in decreasing-length order once, so at step t the sequences
   still running are a *prefix* of the batch, ``n_t = #{b : L_b > t}``, and the step computes on
   ``[:n_t]`` only.  Finished sequences keep their state untouched (that is the forward
   direction's h_n, taken at step L_b - 1); the reverse direction walks t = T-1 .. 0 and a
-  sequence joins, from its h0, when t = L_b - 1.  Padded steps cost nothing: scratch with
-  lengths costs less than without, unlike torch's packed path on the CPU.
+  sequence joins, from its h0, when t = L_b - 1.  The layer inputs are packed first (the valid
+  (t, b) rows, time-major: torch's ``PackedSequence.data`` layout), so the input projection,
+  dx and dW_ih are still one product each, over valid rows only.  Padded steps cost nothing:
+  scratch with lengths costs less than without.
 * sigmoid is evaluated in place as ``(1 + tanh(x / 2)) / 2``: no overflow for any finite x, four
   vectorised passes (:func:`scratch.functional.sigmoid`, the readable stable form, is used by
   the cell reference and is ~15x slower on float32 here).
@@ -38,8 +43,6 @@ import numpy as np
 from .backend import array_module, as_float_array, float_dtype, get_xp, to_numpy
 from .gru_cell import split3
 
-PARAM_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
 
 def _sigmoid_(a):
     """In place: a <- sigmoid(a) = (1 + tanh(a / 2)) / 2.  Returns a."""
@@ -51,6 +54,11 @@ def _sigmoid_(a):
     return a
 
 
+def packed_starts(n_active):
+    """s_t = n_0 + ... + n_{t-1}: where step t's rows start in the packed (N, F) layout."""
+    return np.concatenate([[0], np.cumsum(n_active[:-1])]).astype(int).tolist()
+
+
 # --------------------------------------------------------------------------------------------
 # One layer, one direction: the scan and its backward, side by side.
 # --------------------------------------------------------------------------------------------
@@ -58,8 +66,10 @@ def _sigmoid_(a):
 def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g_hn=None):
     r"""Run the recurrence of one direction of one layer.
 
-    gi (T, B, 3H): ``x_t W_ih^T + b_ih + [b_hr, b_hz, 0]`` for every step (precomputed).
-    w_hh (3H, H), b_hn (H,), h0 (B, H).  ``out`` (T, B, H), a view to write h_t into (and 0
+    gi (N, 3H): ``x_t W_ih^T + b_ih + [b_hr, b_hz, 0]`` for the N = sum_t n_t valid (t, b)
+    pairs, time-major: torch's ``PackedSequence.data`` layout, where step t's rows are
+    ``gi[s_t : s_t + n_t]`` with s_t = n_0 + ... + n_{t-1} (without lengths: (T B, 3H), the
+    (T, B, 3H) array flattened).  w_hh (3H, H), b_hn (H,), h0 (B, H).  ``out`` (T, B, H), a view to write h_t into (and 0
     where a sequence has ended).  ``n_active[t]``: rows [:n_t] run at step t (sorted batch).
     ``gates`` (T, B, 3H) and ``g_hn`` (T, B, H): where to keep the cache (allocated if None);
     with a leading 1 instead of T, every step overwrites the same slot (inference: no cache).
@@ -75,8 +85,9 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g
     Returns (h_T, gates (T, B, 3H) = [r | z | n], g_hn (T, B, H)): the cache of the backward.
     """
     xp = array_module(gi)
-    T, B, H3 = gi.shape
+    T, B, H3 = len(n_active), h0.shape[0], gi.shape[1]
     H = H3 // 3
+    starts = packed_starts(n_active)
     if gates is None:
         gates = xp.empty((T, B, H3), dtype=gi.dtype)
         g_hn = xp.empty((T, B, H), dtype=gi.dtype)
@@ -91,7 +102,7 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g
             out[t, m:] = 0                              # ended (or not yet started)
         if m == 0:
             continue
-        hb, g, tmp, gt, it = h[:m], g_buf[:m], tmp_buf[:m], gates[s, :m], gi[t, :m]
+        hb, g, tmp, gt, it = h[:m], g_buf[:m], tmp_buf[:m], gates[s, :m], gi[starts[t]:starts[t] + m]
         xp.matmul(hb, w_t, out=g)
         rz = gt[:, :2 * H]
         xp.add(it[:, :2 * H], g[:, :2 * H], out=rz)
@@ -113,10 +124,10 @@ def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, re
     r"""Backpropagation through time for :func:`scan_forward`, steps in reverse order.
 
     d_out (T, B, H) or None: dL/d out; dh_n (B, H): dL/d h_T.  ``h_prev(t, m)`` gives the state
-    that entered step t, rows [:m].  Writes, for every step, into the zeroed arrays
-    dgi (T, B, 3H) = [da_r, da_z, da_n] and dgh (T, B, 3H) = [da_r, da_z, da_n * r]
-    (the gradients of the input and recurrent projections; rows that do not run are set to
-    0).  Per step, running rows::
+    that entered step t, rows [:m].  Writes, for every step, into dgi (N, 3H) = [da_r, da_z,
+    da_n] (packed like :func:`scan_forward`'s gi) and dgh (T, B, 3H) = [da_r, da_z, da_n * r]
+    (the gradients of the input and recurrent projections; dgh's rows that do not run are set
+    to 0).  Per step, running rows::
 
         dh  += d_out[t]
         da_n = dh (1 - z) (1 - n^2)
@@ -129,6 +140,7 @@ def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, re
     xp = array_module(gates)
     T, B, H3 = gates.shape
     H = H3 // 3
+    starts = packed_starts(n_active)
     dh = dh_n.copy()
     omz_buf = xp.empty((B, H), dtype=gates.dtype)
     tmp_buf = xp.empty((B, H), dtype=gates.dtype)
@@ -136,7 +148,6 @@ def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, re
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         m = n_active[t]
         if m < B:
-            dgi[t, m:] = 0
             dgh[t, m:] = 0
         if m == 0:
             continue
@@ -144,7 +155,7 @@ def scan_backward(d_out, dh_n, gates, g_hn, h_prev, w_hh, dgi, dgh, n_active, re
         if d_out is not None:
             dhb += d_out[t, :m]
         r, z, n = split3(gates[t, :m])
-        gi_t, gh_t = dgi[t, :m], dgh[t, :m]
+        gi_t, gh_t = dgi[starts[t]:starts[t] + m], dgh[t, :m]
         da_r, da_z, da_n = split3(gi_t)
         xp.subtract(1, z, out=omz)                     # 1 - z
         xp.multiply(n, n, out=da_n)                    # da_n = dh (1 - z) (1 - n^2)
@@ -377,24 +388,21 @@ class GRU:
             x, h0, lengths, enforce_sorted)
         T, B = x.shape[0], x.shape[1]
         ws = self.workspace
+        # valid (t, b) pairs, if any padding: the layers' inputs are packed (N, I) time-major
+        valid = None if sum(n_active) == T * B else xp.asarray(
+            np.arange(B)[None, :] < np.asarray(n_active)[:, None])
         h_n = xp.empty_like(h0)
         layers, self.dropout_masks, self._cache = [], [], None
         u = x
         for layer in range(self.num_layers):
             dirs = self._layer(layer)
             w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)       # (D 3H, I)
-            gi = ws.get("gi", (T, B, D * 3 * H), dt, xp)
-            bias = xp.concatenate([b_ih + xp.concatenate([b_hh[:2 * H], 0 * b_hh[2 * H:]])
-                                   for _, _, b_ih, b_hh in dirs]) if self.bias else None
-            if self._skip_padding(n_active, B):        # one product per step, valid rows only
-                for t, m in enumerate(n_active):
-                    xp.matmul(u[t, :m], w_cat.T, out=gi[t, :m])
-                    if bias is not None:
-                        gi[t, :m] += bias
-            else:                                       # one product for all steps
-                xp.matmul(u.reshape(T * B, -1), w_cat.T, out=gi.reshape(T * B, D * 3 * H))
-                if bias is not None:
-                    gi += bias
+            u_p = self._pack(u, valid)                          # (N, I_k)
+            gi = ws.get("gi", (u_p.shape[0], D * 3 * H), dt, xp)
+            xp.matmul(u_p, w_cat.T, out=gi)                     # all steps: one product
+            if self.bias:
+                gi += xp.concatenate([b_ih + xp.concatenate([b_hh[:2 * H], 0 * b_hh[2 * H:]])
+                                      for _, _, b_ih, b_hh in dirs])
             last = layer == self.num_layers - 1
             out = (xp.empty((T, B, D * H), dtype=dt) if last    # handed back: never reused
                    else ws.get(f"out{layer}", (T, B, D * H), dt, xp))
@@ -403,19 +411,19 @@ class GRU:
                 b_hn = b_hh[2 * H:] if self.bias else xp.zeros(H, dtype=dt)
                 idx, slots = layer * D + d, T if cache else 1
                 h_last, gates, g_hn = scan_forward(
-                    gi[..., d * 3 * H:(d + 1) * 3 * H], w_hh, b_hn, h0[idx],
+                    gi[:, d * 3 * H:(d + 1) * 3 * H], w_hh, b_hn, h0[idx],
                     out[..., d * H:(d + 1) * H], n_active, reverse=d == 1,
                     gates=ws.get(f"gates{layer}.{d}.{slots}", (slots, B, 3 * H), dt, xp),
                     g_hn=ws.get(f"g_hn{layer}.{d}.{slots}", (slots, B, H), dt, xp))
                 h_n[idx] = h_last
                 caches.append((gates, g_hn))
-            layers.append((u, out, caches))
+            layers.append((u_p, out, caches))
             u = out
             if training and self.dropout > 0 and layer < self.num_layers - 1:
                 mask = self._draw_mask(out.shape, B, T, order, unbatched)
                 u = out * mask
         if cache:
-            self._cache = dict(layers=layers, h0=h0, lengths=lengths, order=order,
+            self._cache = dict(layers=layers, h0=h0, lengths=lengths, order=order, valid=valid,
                                n_active=n_active, unbatched=unbatched, T=T, B=B)
         return self._to_user(u, order, unbatched, time_major=False), \
             self._h_to_user(h_n, order, unbatched)
@@ -491,14 +499,14 @@ class GRU:
             dirs = self._layer(layer)
             if layer < self.num_layers - 1 and self.dropout_masks:
                 d_y = d_y * self._mask_internal(layer, order, unbatched)
-            d_gi = self.workspace.get("d_gi", (T, B, D * 3 * H), self.dtype, xp)
+            d_gi = self.workspace.get("d_gi", (u.shape[0], D * 3 * H), self.dtype, xp)
             for d, ((_, w_hh, _, _), (gates, g_hn)) in enumerate(zip(dirs, caches)):
                 idx, sfx = layer * D + d, ("", "_reverse")[d]
                 y = out[..., d * H:(d + 1) * H]
                 h_prev = self._h_prev(y, h0[idx], n_active, reverse=d == 1)
                 dgh = self.workspace.get(f"dgh{d}", (T, B, 3 * H), self.dtype, xp)
                 d_h0[idx] = scan_backward(d_y[..., d * H:(d + 1) * H], d_hn[idx], gates, g_hn,
-                                          h_prev, w_hh, d_gi[..., d * 3 * H:(d + 1) * 3 * H],
+                                          h_prev, w_hh, d_gi[:, d * 3 * H:(d + 1) * 3 * H],
                                           dgh, n_active, reverse=d == 1)
                 # dW_hh = sum_t dgh_t^T h_{t-1}: the state entering step t is y[t-1] (forward)
                 # or y[t+1] (reverse; zero past the end), or h0 at the sequence's first step.
@@ -511,16 +519,10 @@ class GRU:
                 grads[f"weight_hh_l{layer}{sfx}"] = dw_hh + first.T @ h0[idx]
                 if self.bias:
                     grads[f"bias_hh_l{layer}{sfx}"] = dgh.sum(axis=(0, 1))
-            flat = d_gi.reshape(T * B, D * 3 * H)
-            dw_ih = flat.T @ u.reshape(T * B, -1)
-            db_ih = flat.sum(axis=0) if self.bias else None
+            dw_ih = d_gi.T @ u
+            db_ih = d_gi.sum(axis=0) if self.bias else None
             w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
-            if self._skip_padding(n_active, B):
-                d_y = xp.zeros((T, B, w_cat.shape[1]), dtype=self.dtype)
-                for t, m in enumerate(n_active):
-                    xp.matmul(d_gi[t, :m], w_cat, out=d_y[t, :m])
-            else:
-                d_y = (flat @ w_cat).reshape(T, B, -1)
+            d_y = self._unpack(d_gi @ w_cat, c["valid"], T, B)
             for d, sfx in enumerate(self._suffixes()):
                 grads[f"weight_ih_l{layer}{sfx}"] = dw_ih[d * 3 * H:(d + 1) * 3 * H]
                 if self.bias:
@@ -530,10 +532,17 @@ class GRU:
                 self._h_to_user(d_h0, order, unbatched))
 
     @staticmethod
-    def _skip_padding(n_active, B):
-        """With lengths that leave over 10% padding, the input projection (and dx) run as one
-        (n_t, I) product per step on the valid rows instead of one product over padding too."""
-        return sum(n_active) < 0.9 * B * len(n_active)
+    def _pack(u, valid):
+        """(T, B, F) -> (N, F): the valid (t, b) rows, time-major (a view without padding)."""
+        return u.reshape(-1, u.shape[-1]) if valid is None else u[valid]
+
+    def _unpack(self, a, valid, T, B):
+        """(N, F) -> (T, B, F), zero at the padded (t, b)."""
+        if valid is None:
+            return a.reshape(T, B, -1)
+        full = self.xp.zeros((T, B, a.shape[-1]), dtype=a.dtype)
+        full[valid] = a
+        return full
 
     @staticmethod
     def _h_prev(y, h0, n_active, reverse):
