@@ -353,8 +353,9 @@ class GRU:
                     raise ValueError("lengths are not sorted in decreasing order but "
                                      "enforce_sorted=True; sort the batch or pass "
                                      "enforce_sorted=False")
-                order = np.argsort(-lengths, kind="stable")
-                lengths = lengths[order]
+                order_np = np.argsort(-lengths, kind="stable")
+                lengths = lengths[order_np]
+                order = xp.asarray(order_np)              # index arrays live with the data
                 x, h0 = x[:, order], h0[:, order]
             # n_active[t] = #{b : L_b > t}: with decreasing lengths, rows [:n_t] run at step t
             n_active = np.searchsorted(-lengths, -np.arange(T), side="left").tolist()
@@ -445,14 +446,14 @@ class GRU:
     def _to_user(self, a, order, unbatched, time_major):
         """Internal (T, B, F), sorted batch -> the user's layout and batch order."""
         if order is not None:
-            a = a[:, np.argsort(order)]
+            a = a[:, self.xp.argsort(order)]
         if unbatched:
             return a[:, 0]
         return a.transpose(1, 0, 2) if self.batch_first and not time_major else a
 
     def _h_to_user(self, h, order, unbatched):
         if order is not None:
-            h = h[:, np.argsort(order)]
+            h = h[:, self.xp.argsort(order)]
         return h[:, 0] if unbatched else h
 
     # ---- backward --------------------------------------------------------------------------
@@ -491,7 +492,7 @@ class GRU:
             if order is not None:
                 d_hn = d_hn[:, order]
         lengths = c["lengths"] if c["lengths"] is not None else np.full(B, T)
-        rows = np.arange(B)
+        rows = xp.arange(B)
         d_h0 = xp.empty_like(h0)
         grads = {}
         for layer in range(self.num_layers - 1, -1, -1):
@@ -515,7 +516,7 @@ class GRU:
                     first = dgh[0]
                 else:
                     dw_hh = dgh[:-1].reshape(-1, 3 * H).T @ y[1:].reshape(-1, H)
-                    first = dgh[lengths - 1, rows]
+                    first = dgh[xp.asarray(lengths - 1), rows]
                 grads[f"weight_hh_l{layer}{sfx}"] = dw_hh + first.T @ h0[idx]
                 if self.bias:
                     grads[f"bias_hh_l{layer}{sfx}"] = dgh.sum(axis=(0, 1))
