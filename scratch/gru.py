@@ -44,14 +44,12 @@ from .backend import array_module, as_float_array, float_dtype, get_xp, to_numpy
 from .gru_cell import split3
 
 
-def _sigmoid_(a):
-    """In place: a <- sigmoid(a) = (1 + tanh(a / 2)) / 2.  Returns a."""
-    xp = array_module(a)
+def _sigmoid_(a, xp=np):
+    """In place: a <- sigmoid(a) = (1 + tanh(a / 2)) / 2, ``xp`` a's array module."""
     a *= 0.5
     xp.tanh(a, out=a)
     a *= 0.5
     a += 0.5
-    return a
 
 
 def packed_starts(n_active):
@@ -106,8 +104,8 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g
         xp.matmul(hb, w_t, out=g)
         rz = gt[:, :2 * H]
         xp.add(it[:, :2 * H], g[:, :2 * H], out=rz)
-        _sigmoid_(rz)
-        r, z, n = split3(gt)
+        _sigmoid_(rz, xp)
+        r, z, n = gt[:, :H], gt[:, H:2 * H], gt[:, 2 * H:]
         ghn = g_hn[s, :m]
         xp.add(g[:, 2 * H:], b_hn, out=ghn)
         xp.multiply(r, ghn, out=n)
