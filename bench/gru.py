@@ -119,7 +119,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     labels = [f"{r['shape']}\n{r['case']}\n{r['pass_']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.7 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["ratio"] for r in rows], color="tab:blue")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(rows)), labels, fontsize=7)

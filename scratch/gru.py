@@ -215,6 +215,10 @@ class GRU:
     when ``training=True``) draws its masks from the same seeded generator and records them
     in ``dropout_masks`` (one per layer but the last, the layer output's shape and layout,
     values 0 or 1 / (1 - p)), so torch can be made to apply the very same masks.
+
+    Beyond torch's signature: ``lengths`` and ``enforce_sorted`` (packed sequences),
+    ``training`` (dropout), ``cache=False`` (inference), ``seed``, ``xp`` (array module), and
+    ``workspace`` (big buffers kept between calls; ``gru.workspace.clear()`` frees them).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
