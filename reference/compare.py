@@ -19,7 +19,7 @@ import torch
 
 from scratch.backend import to_numpy
 
-SUITES = ("reference.recurrence", "reference.attention")
+SUITES = ("reference.recurrence", "reference.attention", "reference.gru")
 
 
 @dataclass
