@@ -86,7 +86,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", metavar="MODULE",
                    help=f"run only these suites (default: all of {', '.join(SUITES)})")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="limit both sides to N threads (BLAS and torch); default: libraries' own")
     args = p.parse_args(argv)
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
     rows = collect(args.only or SUITES, args.repeat)
     print(format_table(rows))
     if args.json:
