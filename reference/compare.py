@@ -69,10 +69,10 @@ def collect(suites=SUITES, repeat: int = 3) -> list[Row]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'component':<44} {'max|scratch-ref|':>16} {'scratch s':>10} {'torch s':>10} {'ratio':>7}"
+    head = f"{'component':<54} {'max|scratch-ref|':>16} {'scratch s':>10} {'torch s':>10} {'ratio':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.component:<44} {r.max_abs_err:>16.3e} {r.scratch_s:>10.4f} "
+        lines.append(f"{r.component:<54} {r.max_abs_err:>16.3e} {r.scratch_s:>10.4f} "
                      f"{r.torch_s:>10.4f} {r.ratio:>7.2f}")
     return "\n".join(lines)
 
