@@ -132,8 +132,12 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
 
 # --- features, with the cache shared by other processes --------------------------------------
 
-def _other_writer_alive(me: int = os.getpid()) -> bool:
-    """Whether another process in this folder runs reference.features/train (Linux /proc)."""
+WRITERS = ("reference.features",)
+
+
+def _writer_alive(patterns=WRITERS, me: int = os.getpid()) -> bool:
+    """Whether another process in this folder runs one of ``patterns`` (an extraction CLI);
+    read from /proc (Linux; elsewhere: False)."""
     proc, cwd = Path("/proc"), os.getcwd()
     if not proc.is_dir():
         return False
@@ -142,8 +146,7 @@ def _other_writer_alive(me: int = os.getpid()) -> bool:
             continue
         try:
             cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if ("reference.features" in cmd or "reference.train" in cmd
-                    or "reference.demo" in cmd) and os.readlink(p / "cwd") == cwd:
+            if any(pat in cmd for pat in patterns) and os.readlink(p / "cwd") == cwd:
                 return True
         except OSError:
             continue
@@ -151,10 +154,11 @@ def _other_writer_alive(me: int = os.getpid()) -> bool:
 
 
 def features(encoder, texts, cache, max_length: int, device="cpu", desc="features",
-             progress=True, poll_s: float = 60.0, log=print):
+             progress=True, poll_s: float = 60.0, log=print, writers=WRITERS):
     """FeatureStore of ``texts`` (reference.features.extract_features), but never a second
     extraction beside another one: if the cache entry is partial (plan.json, no index.json)
-    while another reference.features/train process runs here, wait for it to finish."""
+    while a ``python -m reference.features`` process runs in this folder, wait for it.
+    Returns (store, seconds spent waiting)."""
     from .features import FeatureStore, cache_key, extract_features
     from .data import tokenize
     from .encoders import bf16_supported
@@ -162,17 +166,18 @@ def features(encoder, texts, cache, max_length: int, device="cpu", desc="feature
     autocast = bf16_supported(device)
     key = cache_key(encoder, tokenize(encoder.tokenizer, texts, max_length), max_length, autocast)
     folder = Path(cache) / key
-    waited = False
+    t0 = time.perf_counter()
+    waited = 0.0
     while (folder / "plan.json").exists() and not (folder / "index.json").exists() \
-            and _other_writer_alive():
+            and _writer_alive(writers):
         if not waited:
             log(f"{desc}: another process is extracting {folder}; waiting for it")
-            waited = True
         time.sleep(poll_s)
+        waited = time.perf_counter() - t0
     if (folder / "index.json").exists():
-        return FeatureStore(folder)
+        return FeatureStore(folder), waited
     return extract_features(encoder, texts, cache, max_length=max_length, device=device,
-                            autocast=autocast, progress=progress, desc=desc)
+                            autocast=autocast, progress=progress, desc=desc), waited
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -284,21 +289,24 @@ def main(argv=None) -> int:
     ckpt.write_json(out / ckpt.CONFIG, config)
 
     t0 = time.perf_counter()
-    train_store = features(encoder, train_reviews.texts, a.cache, a.max_length, device, "train",
-                           progress)
-    feature_seconds = {"train": round(time.perf_counter() - t0, 1)}
+    train_store, waited = features(encoder, train_reviews.texts, a.cache, a.max_length, device,
+                                   "train", progress)
+    feature_seconds = {"train": round(time.perf_counter() - t0 - waited, 1)}
+    wait_seconds = {"train": round(waited, 1)}
     n = len(train_reviews)
     tr_idx, va_idx = train_valid_split(n, round(n * VALID_FRACTION), a.seed)
     train = Split(train_store, tr_idx, train_reviews.labels[tr_idx])
     valid = Split(train_store, va_idx, train_reviews.labels[va_idx])
     print(f"train {len(train)}, valid {len(valid)} reviews; train features "
-          f"{feature_seconds['train']:.0f} s ({train_store.folder})", flush=True)
+          f"{feature_seconds['train']:.0f} s ({train_store.folder})"
+          + (f", after waiting {waited:.0f} s for another process" if waited else ""), flush=True)
 
     torch.manual_seed(a.seed)
     head = GRUHead(**model_args).to(device)
     metrics = {"config": config, "n_train": len(train), "n_valid": len(valid),
                "n_test": len(test_reviews), "device": device, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "feature_seconds": feature_seconds}
+               "torch": torch.__version__, "feature_seconds": feature_seconds,
+               "feature_wait_seconds": wait_seconds}
 
     def log(msg):
         print(msg, flush=True)
@@ -309,9 +317,10 @@ def main(argv=None) -> int:
     ckpt.write_json(out / ckpt.METRICS, metrics)
 
     t0 = time.perf_counter()
-    test_store = features(encoder, test_reviews.texts, a.cache, a.max_length, device, "test",
-                          progress)
-    feature_seconds["test"] = round(time.perf_counter() - t0, 1)
+    test_store, waited = features(encoder, test_reviews.texts, a.cache, a.max_length, device,
+                                  "test", progress)
+    feature_seconds["test"] = round(time.perf_counter() - t0 - waited, 1)
+    wait_seconds["test"] = round(waited, 1)
     best, _ = ckpt.load_head(out, device)
     best_epoch = min(history, key=lambda r: r["valid_loss"])["epoch"]
     t0 = time.perf_counter()

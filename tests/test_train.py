@@ -270,3 +270,40 @@ def test_train_and_predict_cli_end_to_end(tiny_world, tmp_path, capsys):
     ids = torch.tensor([[101, *tok.convert_tokens_to_ids(tok.tokenize(POS[0])), 102]])
     assert p == pytest.approx(torch.sigmoid(model(ids)).item(), abs=0) and 0 < p < 1
     assert float(lines[0].split()[0]) == pytest.approx(p, abs=5e-5)
+
+
+def test_features_wait_for_another_extraction_of_the_same_cache(tiny_world, tmp_path):
+    """A partial cache entry being written by another extraction process is waited for, not
+    extracted a second time beside it.  The other process here just sleeps; it is recognised
+    by a pattern unique to this test, so real jobs on the machine do not interfere."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from reference.data import tokenize
+    from reference.encoders import bf16_supported, load_encoder
+    from reference.features import cache_key
+
+    _, enc_dir = tiny_world
+    enc = load_encoder(str(enc_dir))
+    texts = POS + NEG
+    key = cache_key(enc, tokenize(enc.tokenizer, texts, 16), 16, bf16_supported("cpu"))
+    (tmp_path / key).mkdir()
+    (tmp_path / key / "plan.json").write_text("{}")
+    tag = f"reference.features-test-{os.getpid()}"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2.5)", tag],
+                             cwd=os.getcwd())
+    try:
+        t0 = time.perf_counter()
+        store, waited = train.features(enc, texts, tmp_path, 16, poll_s=0.2, progress=False,
+                                       log=str, writers=(tag,))
+        assert waited >= 1.0 and time.perf_counter() - t0 >= 2.0
+        assert other.poll() is not None                     # it ran only after the other ended
+    finally:
+        other.kill()
+        other.wait()
+    assert len(store) == 8 and (tmp_path / key / "index.json").exists()
+    store2, waited2 = train.features(enc, texts, tmp_path, 16, progress=False, log=str,
+                                     writers=(tag,))
+    assert waited2 == 0 and store2.folder == store.folder   # now a plain cache hit
