@@ -21,6 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m reference.compare
+	$(PY) -m reference.demo
 
 test: $(STAMP)
 	$(PY) -m pytest
