@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .atomic import atomic_write, write_json  # noqa: F401  (re-exported)
 from .model import BERTGRUSentiment, GRUHead
 
 CONFIG, WEIGHTS, STATE, METRICS = "config.json", "model.safetensors", "last.pt", "metrics.json"
@@ -30,29 +31,6 @@ HEAD_ARGS = ("emb_dim", "hidden_dim", "output_dim", "n_layers", "bidirectional",
 
 class CheckpointError(FileNotFoundError):
     """A checkpoint is missing, incomplete or does not fit the model (message names the file)."""
-
-
-def atomic_write(path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:                                   # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def write_json(path, obj) -> None:
-    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def head_state(model: GRUHead) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import BertModel, BertTokenizerFast
+from transformers.utils import logging as hf_logging
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,15 @@ def resolve(name: str = "auto") -> tuple[str, str]:
 def load_encoder(name: str = "auto", device: str = "cpu") -> Encoder:
     """Load, check, freeze (requires_grad=False) and put in eval mode."""
     canonical, source = resolve(name)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # the unused pooler weights are expected: no load report
     try:
         tok = BertTokenizerFast.from_pretrained(source)
         model = BertModel.from_pretrained(source, add_pooling_layer=False)
     except OSError as e:
         raise EncoderError(f"cannot load encoder {name!r} from {source}: {e}") from e
+    finally:
+        hf_logging.set_verbosity(level)
     check_tokenizer(tok)
     model.eval().requires_grad_(False).to(device)
     return Encoder(model, tok, canonical, source)

@@ -12,15 +12,17 @@ turns it off), and stored as float16:
 ``key`` hashes the encoder (name, config, every weight), ``max_length``, the autocast choice
 and the token ids of every text, so a stale cache is never used.  Each shard is written to a
 temporary file and renamed, so a shard on disk is whole; an interrupted run resumes at the
-first missing shard; without ``index.json`` a cache is never read as complete.
+first missing shard; without ``index.json`` a cache is never read as complete.  One writer per
+entry at a time (an ``flock`` on ``<key>/.lock``): a second process asking for the same
+features waits for the first and then reads its cache.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -30,20 +32,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .data import tokenize
 from .encoders import Encoder, bf16_supported
 
 FORMAT = 1
+log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path(".cache/features")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def encoder_fingerprint(encoder: Encoder) -> str:
@@ -86,6 +81,7 @@ class FeatureStore:
             self._where[index, 0] = s
             self._where[index, 1] = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             self._shards.append(f.get_slice("features"))
+        self.wait_seconds = 0.0          # set by extract_features: time spent behind another writer
         if (self._where[:, 0] < 0).any():
             raise ValueError(f"{self.folder}: corrupt cache, some reviews have no features")
 
@@ -147,17 +143,48 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     folder = Path(cache_root) / key
     if (folder / "index.json").exists():
         return FeatureStore(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with writer_lock(folder, desc) as waited:       # one writer per entry; others wait here
+        if not (folder / "index.json").exists():     # (and find it complete afterwards)
+            _extract(encoder, ids, folder, key, max_length, batch_tokens, shard_size, autocast,
+                     device, progress, desc)
+    store = FeatureStore(folder)
+    store.wait_seconds = waited
+    return store
 
+
+@contextlib.contextmanager
+def writer_lock(folder: Path, desc: str = "features"):
+    """Exclusive ``flock`` on ``folder/.lock`` while an entry is written; yields the seconds
+    spent waiting for another process (or thread) that held it.  The kernel drops the lock
+    when its holder exits, so a killed run never leaves a stale lock behind."""
+    import fcntl
+
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    t0 = time.perf_counter()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is extracting %s; waiting for it", desc, folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def _extract(encoder, ids, folder: Path, key: str, max_length: int, batch_tokens: int,
+             shard_size: int, autocast: bool, device, progress: bool, desc: str) -> None:
+    """Write the shards still missing, then ``index.json`` (caller holds the writer lock)."""
     lengths = np.array([len(a) for a in ids])
     order = np.argsort(lengths, kind="stable")
     shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
     plan = {"key": key, "shard_size": shard_size, "n": len(ids)}
-    folder.mkdir(parents=True, exist_ok=True)
     plan_file = folder / "plan.json"
     if plan_file.exists() and json.loads(plan_file.read_text()) != plan:
-        shutil.rmtree(folder)                      # a different plan: its shards don't fit
-        folder.mkdir(parents=True)
-    atomic_write_text(plan_file, json.dumps(plan))
+        for old in folder.glob("shard_*.safetensors"):   # a different plan: its shards don't fit
+            old.unlink()
+    atomic_write(plan_file, json.dumps(plan).encode())
 
     names = [f"shard_{s:05d}.safetensors" for s in range(len(shards))]
     todo = [s for s in range(len(shards)) if not (folder / names[s]).exists()]
@@ -180,8 +207,7 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
             "source": encoder.source, "max_length": max_length, "autocast_bf16": autocast,
             "dtype": "float16", "shards": names, "tokens": int(lengths.sum()),
             "seconds_this_run": round(time.perf_counter() - t0, 1)}
-    atomic_write_text(folder / "index.json", json.dumps(meta, indent=1))
-    return FeatureStore(folder)
+    atomic_write(folder / "index.json", json.dumps(meta, indent=1).encode())
 
 
 def imdb_features(encoder: Encoder, data: dict, cache_root=DEFAULT_ROOT, **kw) -> dict:

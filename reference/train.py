@@ -132,52 +132,16 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
 
 # --- features, with the cache shared by other processes --------------------------------------
 
-WRITERS = ("reference.features",)
-
-
-def _writer_alive(patterns=WRITERS, me: int = os.getpid()) -> bool:
-    """Whether another process in this folder runs one of ``patterns`` (an extraction CLI);
-    read from /proc (Linux; elsewhere: False)."""
-    proc, cwd = Path("/proc"), os.getcwd()
-    if not proc.is_dir():
-        return False
-    for p in proc.iterdir():
-        if not p.name.isdigit() or int(p.name) in (me, os.getppid()):
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if any(pat in cmd for pat in patterns) and os.readlink(p / "cwd") == cwd:
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def features(encoder, texts, cache, max_length: int, device="cpu", desc="features",
-             progress=True, poll_s: float = 60.0, log=print, writers=WRITERS):
-    """FeatureStore of ``texts`` (reference.features.extract_features), but never a second
-    extraction beside another one: if the cache entry is partial (plan.json, no index.json)
-    while a ``python -m reference.features`` process runs in this folder, wait for it.
-    Returns (store, seconds spent waiting)."""
-    from .features import FeatureStore, cache_key, extract_features
-    from .data import tokenize
-    from .encoders import bf16_supported
+             progress=True):
+    """(FeatureStore of ``texts``, seconds spent waiting for another process writing the same
+    cache entry): :func:`reference.features.extract_features`, which never runs two
+    extractions of one entry side by side."""
+    from .features import extract_features
 
-    autocast = bf16_supported(device)
-    key = cache_key(encoder, tokenize(encoder.tokenizer, texts, max_length), max_length, autocast)
-    folder = Path(cache) / key
-    t0 = time.perf_counter()
-    waited = 0.0
-    while (folder / "plan.json").exists() and not (folder / "index.json").exists() \
-            and _writer_alive(writers):
-        if not waited:
-            log(f"{desc}: another process is extracting {folder}; waiting for it")
-        time.sleep(poll_s)
-        waited = time.perf_counter() - t0
-    if (folder / "index.json").exists():
-        return FeatureStore(folder), waited
-    return extract_features(encoder, texts, cache, max_length=max_length, device=device,
-                            autocast=autocast, progress=progress, desc=desc), waited
+    store = extract_features(encoder, texts, cache, max_length=max_length, device=device,
+                             progress=progress, desc=desc)
+    return store, store.wait_seconds
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -114,3 +114,31 @@ def test_a_changed_shard_plan_restarts_cleanly(tmp_path):
     assert len(b.meta["shards"]) == 4 and len(list(b.folder.glob("shard_*"))) == 4
     for i in range(len(TEXTS)):
         np.testing.assert_allclose(b.get(i).astype(np.float32), before[i], atol=2e-3)
+
+
+def test_a_second_writer_waits_then_reads_the_first_ones_cache(tmp_path, monkeypatch):
+    """Two extractions of one entry never run side by side: the second waits on the lock, then
+    finds the cache complete and runs the encoder not once."""
+    import threading
+    import time
+
+    enc = tiny_encoder()
+    real_encode, callers, started = Fe._encode, [], threading.Event()
+
+    def slow_encode(*a, **k):
+        callers.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.3)
+        return real_encode(*a, **k)
+
+    monkeypatch.setattr(Fe, "_encode", slow_encode)
+    kw = dict(batch_tokens=10**6, shard_size=8, autocast=False, progress=False)   # 3 shards
+    first = threading.Thread(target=Fe.extract_features, args=(enc, TEXTS, tmp_path), kwargs=kw,
+                             name="first")
+    first.start()
+    assert started.wait(30)
+    second = Fe.extract_features(enc, TEXTS, tmp_path, **kw)
+    first.join()
+    assert callers == ["first"] * 3                 # the second writer computed nothing
+    assert second.wait_seconds >= 0.3 and len(second) == len(TEXTS)
+    assert Fe.extract_features(enc, TEXTS, tmp_path, **kw).wait_seconds == 0.0   # plain hit
