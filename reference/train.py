@@ -22,7 +22,6 @@ generator, so an interrupted run resumed gives the same numbers as an uninterrup
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

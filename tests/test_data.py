@@ -1,10 +1,8 @@
 """IMDB loading, download, split, tokenization and bucketing: on archives the tests make, and on
 the real archive (IMDB_PATH)."""
-import gzip
 import hashlib
 import http.server
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from reference.gru import run_packed, torch_forward_backward, torch_gru_like
+from reference.gru import run_packed, torch_forward_backward
 from scratch.gru import GRU
 from scratch.gru_cell import gru_cell_backward, gru_cell_forward
 
