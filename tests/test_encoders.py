@@ -1,4 +1,5 @@
 """Encoder resolution and the tokenizer-vocabulary guard."""
+import dataclasses
 import logging
 
 import pytest
@@ -20,11 +21,10 @@ def test_tiny_tokenizer_is_refused(tmp_path):
         E.check_tokenizer(tiny)
 
 
-def test_wrong_casing_is_refused(monkeypatch):
-    tok = tokenizer()
-    monkeypatch.setattr(E, "PROBE", ("Hello WORLD how ARE yoU?", [1, 2, 3]))
+def test_wrong_casing_is_refused():
+    wrong = dataclasses.replace(E.BERT, probe=("Hello WORLD how ARE yoU?", [1, 2, 3]))
     with pytest.raises(E.EncoderError, match="encodes 'Hello WORLD how ARE yoU\\?'"):
-        E.check_tokenizer(tok)
+        E.check_tokenizer(tokenizer(), wrong)
 
 
 def test_auto_falls_back_to_minilm_with_one_log_line(monkeypatch, caplog):
