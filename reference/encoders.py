@@ -188,9 +188,10 @@ def load_encoder(name: str = "auto", device: str = "cpu") -> Encoder:
 
 def check_model(model, info: dict, family: Family, source: str) -> None:
     """The loaded model is of the family's type and every one of its weights came from disk."""
-    if model.config.model_type != family.model_type:
-        raise EncoderError(f"{source}: loaded a {model.config.model_type} model, expected "
-                           f"{family.model_type}")
+    built = type(model).config_class.model_type     # what the class is, not what config.json says
+    if built != family.model_type or model.config.model_type != family.model_type:
+        raise EncoderError(f"{source}: config.json declares {model.config.model_type!r}, loaded "
+                           f"as {type(model).__name__} ({built}); expected {family.model_type}")
     if missing := info.get("missing_keys"):
         raise EncoderError(f"{source}: {len(missing)} weights are not in the checkpoint and "
                            f"would be random (e.g. {sorted(missing)[0]}): wrong model class "

