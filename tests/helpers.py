@@ -93,6 +93,9 @@ seeds = st.integers(0, 2 ** 32 - 1)
 #   extreme    near the ends of the float32 range the maths allows: q, k at 1e15 (phi(q).phi(k)
 #              summed over d_k, m still below 3.4e38) or 1e-20 (scores subnormal), v at 1e25
 #              or 1e-20
+# In every regime feature 0 of each query and all of key 0 keep phi > 0 (not shifted, not
+# hugely negative), so phi(q_i) . phi(k_0) > 0 and no linear-attention denominator is 0:
+# where one is (every product underflowed, eps = 0) is a test of its own.
 ATTENTION_REGIMES = ("normal", "saturated", "underflow", "extreme")
 
 
@@ -122,8 +125,12 @@ def attention_problems(draw, causal=False, dtype=None, mask_kinds=("none", "leng
                                                (1.0, 1e-20)]))
     rng = np.random.default_rng(draw(seeds))
     q, k = (scale * rng.standard_normal(lead + (s, d_k)) for s in (n, m))
-    if shift:
-        q, k = (x + shift * (rng.random(x.shape) < 0.5) for x in (q, k))
+    if shift:                           # never feature 0 of a query, never key 0
+        shift_q, shift_k = rng.random(q.shape) < 0.5, rng.random(k.shape) < 0.5
+        shift_q[..., 0], shift_k[..., 0, :] = False, False
+        q, k = q + shift * shift_q, k + shift * shift_k
+    if scale >= 10:                     # -10 s would underflow phi: keep those entries >= 0
+        q[..., 0], k[..., 0, :] = np.abs(q[..., 0]), np.abs(k[..., 0, :])
     v = v_scale * rng.standard_normal(lead + (m, d_v))
     d_out = rng.standard_normal(lead + (n, d_v))
     kind = draw(st.sampled_from(mask_kinds))
