@@ -44,8 +44,9 @@ Gradients are spelled ``d_<quantity>`` throughout: ``d_h_n`` is dL/dh_n, ``d_gi`
 ``d_a_n`` dL/da_n (a_n the pre-activation of n), ``d_w_hh`` dL/dW_hh.
 
 Reading order: :class:`GRU` (constructor, parameters, forward, backward), then the pieces in
-the order the forward uses them: :class:`Layout`, :class:`ForwardCache`, :class:`Workspace`,
-packing, :func:`scan_forward` beside :func:`scan_backward`, and the small helpers.
+the order the forward uses them: :class:`Layout`, :func:`active_rows`, :class:`Workspace`,
+:func:`pack` (and :func:`unpack`), :func:`scan_forward` beside :func:`scan_backward`, and
+last what the forward keeps for the backward, :class:`ForwardCache`.
 """
 from __future__ import annotations
 
@@ -445,33 +446,12 @@ class Layout:
         return (T, F) if self.unbatched else ((B, T, F) if self.batch_first else (T, B, F))
 
 
-@dataclass
-class LayerCache:
-    """What the backward needs of one layer."""
-    u: object            # (N, I_k) the layer's input, packed (x, or the previous layer's
-                         #          output after dropout)
-    out: object          # (T, B, D H) the layer's output (zero past each sequence's end)
-    gates: list          # per direction, (T, B, 3H): [r | z | n] at every step
-    g_hn: list           # per direction, (T, B, H): W_hn h_{t-1} + b_hn at every step
-
-
-@dataclass
-class ForwardCache:
-    """What :meth:`GRU.forward` keeps for :meth:`GRU.backward` (internal layout)."""
-    layers: list         # LayerCache per layer
-    h0: object           # (L D, B, H)
-    lengths: object      # (B,) int64, decreasing; None without lengths
-    n_active: list       # n_t: rows [:n_t] run at step t
-    valid: object        # (T, B) bool, True at the (t, b) that exist; None without padding
-    layout: Layout
-
-    @property
-    def T(self) -> int:
-        return len(self.n_active)
-
-    @property
-    def B(self) -> int:
-        return self.h0.shape[1]
+def active_rows(lengths, T, B):
+    """n_t = #{b : L_b > t} for t < T: with decreasing lengths, rows [:n_t] run at step t
+    (all B of them at every step without lengths)."""
+    if lengths is None:
+        return [B] * T
+    return np.searchsorted(-lengths, -np.arange(T), side="left").tolist()
 
 
 class Workspace:
@@ -494,14 +474,6 @@ class Workspace:
 
     def clear(self):
         self._arrays.clear()
-
-
-def active_rows(lengths, T, B):
-    """n_t = #{b : L_b > t} for t < T: with decreasing lengths, rows [:n_t] run at step t
-    (all B of them at every step without lengths)."""
-    if lengths is None:
-        return [B] * T
-    return np.searchsorted(-lengths, -np.arange(T), side="left").tolist()
 
 
 def pack(u, valid):
@@ -668,3 +640,36 @@ def _sigmoid_(a, xp=np):
 def packed_starts(n_active):
     """s_t = n_0 + ... + n_{t-1}: where step t's rows start in the packed (N, F) layout."""
     return np.concatenate([[0], np.cumsum(n_active[:-1])]).astype(int).tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# What the forward keeps for the backward.
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerCache:
+    """What the backward needs of one layer."""
+    u: object            # (N, I_k) the layer's input, packed (x, or the previous layer's
+                         #          output after dropout)
+    out: object          # (T, B, D H) the layer's output (zero past each sequence's end)
+    gates: list          # per direction, (T, B, 3H): [r | z | n] at every step
+    g_hn: list           # per direction, (T, B, H): W_hn h_{t-1} + b_hn at every step
+
+
+@dataclass
+class ForwardCache:
+    """What :meth:`GRU.forward` keeps for :meth:`GRU.backward` (internal layout)."""
+    layers: list         # LayerCache per layer
+    h0: object           # (L D, B, H)
+    lengths: object      # (B,) int64, decreasing; None without lengths
+    n_active: list       # n_t: rows [:n_t] run at step t
+    valid: object        # (T, B) bool, True at the (t, b) that exist; None without padding
+    layout: Layout
+
+    @property
+    def T(self) -> int:
+        return len(self.n_active)
+
+    @property
+    def B(self) -> int:
+        return self.h0.shape[1]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from scratch import attention as A
 
-from .helpers import assert_close, central_differences, tol
+from .helpers import assert_close, central_differences, dtypes, tol
 from .helpers import attention_problems as problems
 
 
@@ -247,7 +247,7 @@ def test_zero_denominator_is_a_clear_error_where_torch_gives_nan():
 
 
 @settings(max_examples=10)
-@given(st.sampled_from([np.float32, np.float64]), st.lists(st.integers(1, 3), max_size=2))
+@given(dtypes, st.lists(st.integers(1, 3), max_size=2))
 def test_state_shapes_dtype_and_reset(dtype, batch):
     batch = tuple(batch)
     s = A.LinearAttentionState(3, 5, batch_shape=batch, dtype=dtype)

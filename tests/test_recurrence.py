@@ -14,12 +14,14 @@ from hypothesis.extra.numpy import arrays
 from reference.recurrence import AlternatingRNN as TorchRNN
 from scratch.recurrence import AlternatingRNN, closed_form, even_beats_odd, readout
 
+from .helpers import dtypes
+
 magnitudes = st.sampled_from([1e-30, 1e-6, 1.0, 1e3, 1e12, 1e30])
 
 
 @st.composite
 def sequences(draw, dtype=None):
-    dtype = dtype or draw(st.sampled_from([np.float32, np.float64]))
+    dtype = dtype or draw(dtypes)
     batch, n = draw(st.integers(1, 6)), draw(st.integers(1, 200))
     scale = draw(magnitudes)
     x = draw(arrays(dtype, (batch, n), elements=st.floats(-1, 1, width=32)))
@@ -99,7 +101,7 @@ def test_saturated_once_h_beyond_a_hundredth(mag, positive):
     assert abs(y[0, -1] - 1.0) > 1e-3
 
 
-@given(st.sampled_from([np.float32, np.float64]), st.sampled_from(["sigmoid", "tanh"]),
+@given(dtypes, st.sampled_from(["sigmoid", "tanh"]),
        st.sampled_from([1000.0, 10.0, 1e6]), st.floats(-0.01, 1.0), st.booleans())
 def test_readout_at_the_overflow_edge_saturates_without_overflow(dtype, act, gain, u, positive):
     """|h| from just below finfo(dtype).max / gain (the edge where gain * h overflows) up to
