@@ -28,19 +28,16 @@ import sys
 import time
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "1"))
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)          # before NumPy loads its BLAS
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(THREADS)
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference import attention as R  # noqa: E402
+from reference.timing import best_time, bench_threads, pin_threads  # noqa: E402
 from scratch import attention as A  # noqa: E402
+
+THREADS = pin_threads(bench_threads())
 
 D = 64
 
@@ -102,12 +99,11 @@ def peak_extra_bytes(fn) -> tuple[float, int | None]:
 
 def measure(fn, repeat: int) -> tuple[float, int | None]:
     """(best time over ``repeat`` calls, peak extra memory of the first call)."""
-    best, mem = peak_extra_bytes(fn)
-    for _ in range(repeat - 1 if best < 1.0 else 0):     # one call is enough once it takes 1 s
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, mem
+    first, mem = peak_extra_bytes(fn)
+    if repeat < 2 or first >= 1.0:                       # one call is enough once it takes 1 s
+        return first, mem
+    _, rest = best_time(fn, repeat - 1, enough=1.0)
+    return min(first, rest), mem
 
 
 def sweep(sizes, repeat, max_call_s):

@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-THREADS = int(os.environ.get("BENCH_THREADS", "1"))
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = str(THREADS)          # before NumPy loads its BLAS
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-torch.set_num_threads(THREADS)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reference.compare import best_time  # noqa: E402
 from reference.gru import run_packed, torch_gru_like  # noqa: E402
+from reference.timing import best_time, bench_threads, pin_threads  # noqa: E402
 from scratch.gru import GRU  # noqa: E402
+
+THREADS = pin_threads(bench_threads())
 
 SHAPES = {
     "assignment": dict(batch=128, time=256, input_size=768, hidden_size=256, num_layers=2),

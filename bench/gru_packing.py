@@ -10,18 +10,24 @@ exact, the padded kernel).  Two length patterns: ``bucketed`` (lengths within 3%
 reference.data.bucket_batches gives) and ``spread`` (lengths uniform in [steps/4, steps]).
 The largest |fast - packed| over logits and gradients is printed too.  Wall and CPU seconds are
 both reported (CPU time, summed over threads, is the steadier one on a shared machine).
+Threads: ``BENCH_THREADS`` (default 1), as the other benchmarks.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from reference.model import GRUHead
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reference.model import GRUHead  # noqa: E402
+from reference.timing import best_time, bench_threads, pin_threads  # noqa: E402
+
+THREADS = pin_threads(bench_threads())
 
 
 def packed_logits(head: GRUHead, x, lengths):
@@ -53,13 +59,8 @@ def bench(batch, steps, emb, hidden, repeat, pattern, seed=0):
     lengths[0] = steps
     rows, cpu, outs = {}, {}, {}
     for name, fn in PATHS.items():
-        best, best_cpu = float("inf"), float("inf")
-        for _ in range(repeat):
-            t0, c0 = time.perf_counter(), time.process_time()
-            outs[name] = step(fn, head, x, lengths)
-            best = min(best, time.perf_counter() - t0)
-            best_cpu = min(best_cpu, time.process_time() - c0)
-        rows[name], cpu[name] = best, best_cpu
+        outs[name], rows[name], cpu[name] = best_time(lambda: step(fn, head, x, lengths), repeat,
+                                                      with_cpu=True)
     (yf, gf), (yp, gp) = outs["fast exact"], outs["packed"]
     err = max([float((yf - yp).abs().max())] + [float((a - b).abs().max()) for a, b in zip(gf, gp)])
     return rows, cpu, err

@@ -1,17 +1,25 @@
 """``python -m reference.compare``: every scratch component beside its torch reference.
 
 One row per component: the largest |scratch - reference| over its outputs (and gradients where
-the row says so), the best-of-N wall time of each side measured in this run, and their ratio
-(scratch / torch; below 1 means scratch is faster).  Each component module exposes
-``compare_rows(repeat) -> list[Row]``; :data:`SUITES` lists them in order.
+the row says so), the best-of-N wall time of each side measured in this run
+(:func:`reference.timing.best_time`), and their ratio (scratch / torch; below 1 means scratch
+is faster).
+
+This module owns the rows: it imports both sides (``scratch`` and the torch mirrors
+``reference.recurrence``, ``reference.attention``, ``reference.gru``, which hold torch maths
+only).  A suite is a function ``rows(repeat) -> list[Row]`` registered with ``@suite(name)``;
+the table lists the suites in the order they are registered here.  Adding one::
+
+    @suite("adam")
+    def adam_rows(repeat):
+        ...
+        return [compare_row("Adam: 100 steps", scratch_fn, torch_fn, repeat)]
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,7 +27,7 @@ import torch
 
 from scratch.backend import to_numpy
 
-SUITES = ("reference.recurrence", "reference.attention", "reference.gru")
+from .timing import best_time, pin_threads
 
 
 @dataclass
@@ -32,16 +40,6 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.scratch_s / self.torch_s if self.torch_s > 0 else float("inf")
-
-
-def best_time(fn, repeat: int = 3):
-    """(result of the last call, best wall time in seconds over ``repeat`` calls)."""
-    best, out = float("inf"), None
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
 
 
 def max_abs_diff(a, b) -> float:
@@ -61,10 +59,145 @@ def compare_row(component: str, scratch_fn, torch_fn, repeat: int = 3) -> Row:
     return Row(component, max_abs_diff(s_out, t_out), s_t, t_t)
 
 
-def collect(suites=SUITES, repeat: int = 3) -> list[Row]:
+# --------------------------------------------------------------------------------------------
+# The suites, in table order.
+# --------------------------------------------------------------------------------------------
+
+SUITES: dict = {}          # name -> rows(repeat) -> list[Row], in registration (table) order
+
+
+def suite(name: str):
+    """Register ``rows(repeat) -> list[Row]`` as the suite ``name`` (``--only name``)."""
+    def register(rows):
+        SUITES[name] = rows
+        return rows
+    return register
+
+
+@suite("recurrence")
+def recurrence_rows(repeat: int = 3) -> list[Row]:
+    """The toy recurrence: loop and closed form vs the torch module."""
+    from scratch import recurrence as S
+
+    from . import recurrence as R
+
+    x = np.random.default_rng(0).standard_normal((256, 200))
+    xt = torch.from_numpy(x)
+    ref, rnn = R.AlternatingRNN(), S.AlternatingRNN()
+
+    def torch_h():
+        with torch.no_grad():
+            return ref(xt)
+
+    return [
+        compare_row("toy recurrence: loop y, h (256x200, f64)", lambda: rnn(x), torch_h, repeat),
+        compare_row("toy recurrence: closed form h (256x200, f64)",
+                    lambda: S.closed_form(x), lambda: torch_h()[1], repeat),
+    ]
+
+
+@suite("attention")
+def attention_rows(repeat: int = 3) -> list[Row]:
+    """Each variant's output and its three gradients (scratch forward + backward vs torch
+    forward + autograd), batch 4 x 256 x 64, float64; then recurrent decoding."""
+    from scratch import attention as A
+
+    from . import attention as R
+
+    rng = np.random.default_rng(0)
+    q, k, v, d_out = (rng.standard_normal((4, 256, 64)) for _ in range(4))
+    tq, tk, tv, td = (torch.from_numpy(x) for x in (q, k, v, d_out))
+    variants = [
+        ("softmax", A.softmax_attention, A.softmax_attention_backward, R.softmax_attention, {}),
+        ("softmax causal", A.softmax_attention, A.softmax_attention_backward,
+         R.softmax_attention, {"causal": True}),
+        ("efficient (Shen)", A.efficient_attention, A.efficient_attention_backward,
+         R.efficient_attention, {}),
+        ("linear", A.linear_attention, A.linear_attention_backward, R.linear_attention, {}),
+        ("linear causal", A.linear_attention, A.linear_attention_backward, R.linear_attention,
+         {"causal": True}),
+    ]
+    rows = []
+    for name, fwd, bwd, ref, kw in variants:
+        rows.append(compare_row(
+            f"attention {name}: out+3 grads",
+            lambda fwd=fwd, bwd=bwd, kw=kw: (fwd(q, k, v, **kw), *bwd(q, k, v, d_out, **kw)),
+            lambda ref=ref, kw=kw: R.with_grads(ref, tq, tk, tv, td, **kw), repeat))
+    state = A.LinearAttentionState(64, 64, batch_shape=(4,), dtype="float64")
+
+    def recurrent():
+        state.reset()
+        return np.stack([state.step(q[:, t], k[:, t], v[:, t]) for t in range(q.shape[1])], 1)
+
+    def torch_causal():
+        with torch.no_grad():
+            return R.linear_attention(tq, tk, tv, causal=True)
+
+    rows.append(compare_row("attention linear recurrent: 256 steps", recurrent,
+                            torch_causal, repeat))
+    return rows
+
+
+# The assignment's head GRU (the time length is cut in the rows below).
+ASSIGNMENT = dict(batch=128, input_size=768, hidden_size=256, num_layers=2, bidirectional=True)
+
+
+@suite("gru")
+def gru_rows(repeat: int = 3) -> list[Row]:
+    """GRU rows at the assignment's head shape (batch 128, 768 -> 256, 2 layers, bidirectional,
+    float32), with the time length cut to 16 steps (of up to 512) to keep the table quick;
+    ``bench/gru.py`` times the full shape."""
+    from scratch.gru import GRU
+
+    from .gru import torch_forward_backward, torch_gru_like
+
+    a, T = ASSIGNMENT, 16
+    gru = GRU(a["input_size"], a["hidden_size"], a["num_layers"], batch_first=True,
+              bidirectional=True, dtype="float32", seed=0)
+    ref = torch_gru_like(gru)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((a["batch"], T, a["input_size"])).astype(np.float32)
+    d_out = rng.standard_normal((a["batch"], T, 2 * a["hidden_size"])).astype(np.float32)
+    xt = torch.from_numpy(x)
+    h0 = np.zeros((2 * a["num_layers"], a["batch"], a["hidden_size"]), np.float32)
+
+    def torch_forward():
+        with torch.no_grad():
+            return ref(xt)
+
+    def scratch_both():
+        out, h_n = gru(x)
+        d_x, _ = gru.backward(d_out)
+        return [out, h_n, d_x] + [gru.grads[k] for k in sorted(gru.grads)]
+
+    def torch_both():
+        r = torch_forward_backward(ref, x, h0, d_out)
+        return [r["output"], r["h_n"], r["d_x"]] + [r["grads"][k] for k in sorted(r["grads"])]
+
+    shape = f"B128 T{T} 768->256 2L bi f32"
+    return [
+        compare_row(f"GRU forward ({shape})", lambda: gru(x), torch_forward, repeat),
+        compare_row(f"GRU fwd+bwd, all grads ({shape})", scratch_both, torch_both, repeat),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------------------------
+
+def suite_name(name: str) -> str:
+    """A suite's name; the old module spelling ``reference.gru`` still works for ``gru``."""
+    short = name.removeprefix("reference.")
+    if short not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    return short
+
+
+def collect(suites=None, repeat: int = 3) -> list[Row]:
+    """The rows of ``suites`` (names; all of them, in table order, if None)."""
     rows: list[Row] = []
-    for name in suites:
-        rows.extend(importlib.import_module(name).compare_rows(repeat=repeat))
+    for name in (SUITES if suites is None else [suite_name(s) for s in suites]):
+        rows.extend(SUITES[name](repeat=repeat))
     return rows
 
 
@@ -83,18 +216,19 @@ def main(argv=None) -> int:
         description="Run every scratch component beside its torch reference and print "
                     "max |scratch - reference|, both times and their ratio (scratch / torch).")
     p.add_argument("--repeat", type=int, default=3, help="timing repeats, best kept (default 3)")
-    p.add_argument("--only", action="append", metavar="MODULE",
+    p.add_argument("--only", action="append", metavar="SUITE",
                    help=f"run only these suites (default: all of {', '.join(SUITES)})")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     p.add_argument("--threads", type=int, metavar="N",
                    help="limit both sides to N threads (BLAS and torch); default: libraries' own")
     args = p.parse_args(argv)
+    try:
+        suites = None if not args.only else [suite_name(s) for s in args.only]
+    except ValueError as e:
+        p.error(str(e))
     if args.threads:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(args.threads)
-        torch.set_num_threads(args.threads)
-    rows = collect(args.only or SUITES, args.repeat)
+        pin_threads(args.threads)
+    rows = collect(suites, args.repeat)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -28,26 +28,3 @@ class AlternatingRNN(nn.Module):
         act = torch.sigmoid if self.activation == "sigmoid" else torch.tanh
         return act(self.gain * h), h
 
-
-def compare_rows(repeat: int = 3):
-    """Rows for ``python -m reference.compare``: loop and closed form vs this module."""
-    import numpy as np
-
-    from scratch import recurrence as scratch_rec
-
-    from .compare import compare_row
-
-    x = np.random.default_rng(0).standard_normal((256, 200))
-    xt = torch.from_numpy(x)
-    ref = AlternatingRNN()
-
-    def torch_h():
-        with torch.no_grad():
-            return ref(xt)
-
-    rnn = scratch_rec.AlternatingRNN()
-    return [
-        compare_row("toy recurrence: loop y, h (256x200, f64)", lambda: rnn(x), torch_h, repeat),
-        compare_row("toy recurrence: closed form h (256x200, f64)",
-                    lambda: scratch_rec.closed_form(x), lambda: torch_h()[1], repeat),
-    ]

@@ -232,9 +232,30 @@ def efficient_attention(q, k, v, key_mask=None, normalization="softmax"):
 
 def efficient_attention_naive(q, k, v, key_mask=None, normalization="softmax"):
     """The same product bracketed the other way, (rho_q(Q) rho_k(K)^T) V: an n x m matrix,
-    O(n m d).  Only for tests and teaching."""
+    O(n m d).  Only for tests and teaching, and written out on its own (it shares no maths
+    helper with :func:`efficient_attention`, so comparing the two tests both)::
+
+        softmax:  rho_q(Q)_id = e^{Q_id} / sum_d' e^{Q_id'}        (over each query's features)
+                  rho_k(K)_jd = e^{K_jd} / sum_{kept j'} e^{K_j'd}  (over the kept positions)
+        scaling:  rho_q(Q) rho_k(K)^T = Q K^T / m,  m = number of kept keys, padded keys 0
+    """
     q, k, v = _qkv(q, k, v)
-    rho_q, rho_k, _ = _efficient_rho(q, k, key_mask, normalization)
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    xp = array_module(q)
+    keep = _key_mask(key_mask, k, xp)
+    keep = xp.ones(k.shape[:-1], dtype=bool) if keep is None else keep
+    n_kept = keep.sum(axis=-1)[..., None, None]                       # (..., 1, 1)
+    if bool((n_kept == 0).any()):
+        raise ValueError("efficient attention: every key is masked out")
+    if normalization == "scaling":
+        weights = xp.where(keep[..., None, :], q @ _t(k), 0) / n_kept.astype(q.dtype)
+        return weights @ v
+    e_q = xp.exp(q - q.max(axis=-1, keepdims=True))                   # exponents <= 0
+    rho_q = e_q / e_q.sum(axis=-1, keepdims=True)
+    k_max = xp.where(keep[..., None], k, -xp.inf).max(axis=-2, keepdims=True)
+    e_k = xp.where(keep[..., None], xp.exp(xp.where(keep[..., None], k - k_max, 0)), 0)
+    rho_k = e_k / e_k.sum(axis=-2, keepdims=True)
     return (rho_q @ _t(rho_k)) @ v
 
 
@@ -289,12 +310,16 @@ def _linear_features(q, k, v, key_mask, alpha):
     return f_q, f_k, w, keep
 
 
+ZERO_DENOMINATOR = ("linear attention: a query has no unmasked key (denominator 0, or every "
+                    "phi(q_i) . phi(k_j) underflowed to 0: phi(x) = elu(x) + 1 is 0 below about "
+                    "-17 in float32, -37 in float64); use eps > 0 to get output 0 there")
+
+
 def _normalise(num_den, eps):
     """[N | D] -> out = N / (D + eps); ValueError for a zero denominator when eps == 0."""
     num, den = num_den[..., :-1], num_den[..., -1:] + eps
     if eps == 0 and bool((den == 0).any()):
-        raise ValueError("linear attention: a query has no unmasked key (denominator 0); "
-                         "use eps > 0 to get output 0 there")
+        raise ValueError(ZERO_DENOMINATOR)
     return num / den, den
 
 
@@ -393,20 +418,29 @@ def linear_attention(q, k, v, causal=False, eps=1e-6, alpha=1.0, key_mask=None, 
 
 
 def linear_attention_naive(q, k, v, causal=False, eps=1e-6, alpha=1.0, key_mask=None):
-    """The explicit O(n m) formula, for tests and teaching:
+    """The explicit O(n m) formula, for tests and teaching, written out on its own (it shares
+    no maths helper with :func:`linear_attention`, so comparing the two tests both)::
 
         out_i = sum_j A_ij V_j / (sum_j A_ij + eps),   A_ij = phi(Q_i) . phi(K_j)  (0 if j > i
-        when causal, 0 for a padded key)
+        when causal, 0 for a padded key),   phi(x) = x + 1 (x > 0), alpha (e^x - 1) + 1 (x <= 0)
     """
     q, k, v = _qkv(q, k, v, causal=causal)
     _check_linear_args(eps, alpha)
     xp = array_module(q)
-    f_q, f_k, w, _ = _linear_features(q, k, v, key_mask, alpha)
-    a = f_q @ _t(f_k)
+    keep = _key_mask(key_mask, k, xp)
+
+    def phi(x):
+        return xp.where(x > 0, x + 1, alpha * xp.expm1(xp.minimum(x, 0)) + 1).astype(x.dtype)
+
+    a = phi(q) @ _t(phi(k))                                        # (..., n, m)
     if causal:
         a = xp.where(_causal_mask(q.shape[-2], xp), a, 0)
-    out, _ = _normalise(a @ w, eps)
-    return out
+    if keep is not None:
+        a = xp.where(keep[..., None, :], a, 0)
+    den = a.sum(axis=-1, keepdims=True) + eps
+    if eps == 0 and bool((den == 0).any()):
+        raise ValueError(ZERO_DENOMINATOR)
+    return (a @ v) / den
 
 
 def linear_attention_backward(q, k, v, d_out, causal=False, eps=1e-6, alpha=1.0,
@@ -434,8 +468,10 @@ class LinearAttentionState:
 
     ``S``: (*batch_shape, d_k, d_v), ``Z``: (*batch_shape, d_k), both zero at the start.
     ``step`` takes q_t, k_t: (*batch_shape, d_k), v_t: (*batch_shape, d_v) (cast to the state's
-    dtype) and returns out_t: (*batch_shape, d_v).  Stepping through a sequence gives exactly
-    ``linear_attention(q, k, v, causal=True)`` up to rounding.
+    dtype) and returns out_t: (*batch_shape, d_v).  ``key_mask_t`` (bool, broadcastable to
+    batch_shape; True = keep): a padded key adds nothing to S or Z, its query still gets an
+    output.  Stepping through a sequence gives exactly
+    ``linear_attention(q, k, v, causal=True, key_mask=...)`` up to rounding.
     """
 
     def __init__(self, d_k: int, d_v: int, batch_shape=(), dtype="float32", eps: float = 1e-6,
@@ -460,16 +496,22 @@ class LinearAttentionState:
                              f"got {tuple(x.shape)}")
         return x
 
-    def step(self, q_t, k_t, v_t):
-        """Add token t's key/value to the state and return its output (*batch_shape, d_v)."""
+    def step(self, q_t, k_t, v_t, key_mask_t=None):
+        """Add token t's key/value to the state (unless masked) and return its output
+        (*batch_shape, d_v)."""
         q_t, k_t = self._arg(q_t, "q_t", self.d_k), self._arg(k_t, "k_t", self.d_k)
         v_t = self._arg(v_t, "v_t", self.d_v)
         f_k, f_q = feature_map(k_t, self.alpha), feature_map(q_t, self.alpha)
+        keep = _bool_mask(key_mask_t, self.batch_shape, "key_mask_t (*batch_shape,)", self.xp)
+        if keep is not None:
+            f_k = f_k * keep[..., None]
         self.S += f_k[..., :, None] * v_t[..., None, :]
         self.Z += f_k
         self.t += 1
         num = (f_q[..., None, :] @ self.S)[..., 0, :]
         den = (f_q * self.Z).sum(-1, keepdims=True) + self.eps
+        if self.eps == 0 and bool((den == 0).any()):
+            raise ValueError(ZERO_DENOMINATOR)
         return num / den
 
     def __repr__(self):

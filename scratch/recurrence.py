@@ -48,11 +48,14 @@ def _as_sequences(x, name="x"):
 
 def readout(h, gain: float = 1000.0, activation: str = "sigmoid"):
     """y = act(gain * h) without overflow: h is clipped to +-finfo.max / gain first, which
-    changes nothing that was representable (act is saturated long before)."""
+    changes nothing that was representable (act is saturated long before).  The bound is the
+    float just *below* the rounded quotient: fl(max / gain) may round up, and then
+    fl(max / gain) * gain overflows (float64, gain 1e6)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     xp = array_module(h)
-    bound = np.finfo(h.dtype).max / max(abs(gain), 1.0)
+    g = h.dtype.type(max(abs(gain), 1.0))
+    bound = np.nextafter(np.finfo(h.dtype).max / g, h.dtype.type(0))   # bound * g <= max
     z = xp.clip(h, -bound, bound) * h.dtype.type(gain)
     return sigmoid(z) if activation == "sigmoid" else tanh(z)
 

@@ -1,6 +1,8 @@
 """Attention, scratch against torch: every variant's output and its three gradients (scratch's
-hand-written backward against torch autograd), float64 to 1e-10 and float32 to 1e-5 relative,
-over 0-2 leading axes, n, m in 1..64, d_k, d_v in 1..32, with and without masks."""
+hand-written backward against torch autograd), float64 to 1e-10 relative and float32 as
+accurate as torch's own float32 (see :func:`check`), over 0-2 leading axes, n, m in 1..64,
+d_k, d_v in 1..32, with and without masks, in the regimes of helpers.attention_problems
+(saturated softmax rows, phi underflow, the ends of the float32 range)."""
 import numpy as np
 import pytest
 import torch
@@ -8,63 +10,46 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference import attention as R
+from reference import compare
 from scratch import attention as A
 
-TOL = {np.float64: 1e-10, np.float32: 1e-5}
+from .helpers import assert_as_accurate_as, assert_close, tol
+from .helpers import attention_problems as problems
+
+NAMES = ("out", "d_q", "d_k", "d_v")
 
 
-def assert_close(mine, ref, tol, what="", floor=0.0):
-    """|mine - ref| <= tol (|ref| + max |ref|) + floor: relative, with an absolute part at the
-    array's own scale (gradients have entries that cancel to ~0) and ``floor`` for arrays
-    whose true value is exactly 0 (a few rounding errors of the problem's scale)."""
-    ref = np.asarray(ref, dtype=np.float64)
-    assert mine.shape == ref.shape, (what, mine.shape, ref.shape)
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    err = np.abs(mine.astype(np.float64) - ref)
-    bound = tol * (np.abs(ref) + scale) + floor
-    assert (err <= bound).all(), f"{what}: max err {err.max():.3e}, scale {scale:.3e}"
-
-
-@st.composite
-def problems(draw, causal=False, dtype=None, mask_kinds=("none", "lengths", "random")):
-    """(q, k, v, d_out, key_mask or None) with random shapes, scales and key padding.
-
-    Key 0 is always kept, so no query (causal or not) is left without a key.
-    """
-    dtype = dtype or draw(st.sampled_from([np.float64, np.float32]))
-    lead = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
-    n = draw(st.integers(1, 64))
-    m = n if causal else draw(st.integers(1, 64))
-    d_k, d_v = draw(st.integers(1, 32)), draw(st.integers(1, 32))
-    scale = draw(st.sampled_from([0.1, 1.0, 3.0]))
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    q, k = (scale * rng.standard_normal(lead + (s, d_k)) for s in (n, m))
-    v = rng.standard_normal(lead + (m, d_v))
-    d_out = rng.standard_normal(lead + (n, d_v))
-    kind = draw(st.sampled_from(mask_kinds))
-    if kind == "lengths":
-        key_mask = A.key_mask_from_lengths(rng.integers(1, m + 1, size=lead), m)
-    elif kind == "random":
-        key_mask = rng.random(lead + (m,)) < 0.6
-        key_mask[..., 0] = True
-    else:
-        key_mask = None
-    return tuple(x.astype(dtype) for x in (q, k, v, d_out)) + (key_mask,)
-
-
-def torch_truth(fn, q, k, v, d_out, **kw):
-    """Output and gradients from torch autograd in float64 (the truth for both dtypes)."""
-    t = (torch.from_numpy(x.astype(np.float64)) for x in (q, k, v, d_out))
+def torch_grads(fn, q, k, v, d_out, dtype, **kw):
+    """(out, d_q, d_k, d_v) from torch autograd, computed in ``dtype`` on these inputs."""
+    t = (torch.from_numpy(x.astype(dtype)) for x in (q, k, v, d_out))
     kw = {key: (torch.from_numpy(val) if isinstance(val, np.ndarray) else val)
           for key, val in kw.items()}
     return [x.numpy() for x in R.with_grads(fn, *t, **kw)]
 
 
-def check(mine, truth, dtype):
+def check(mine, fn, q, k, v, d_out, **kw):
+    """scratch's (out, d_q, d_k, d_v) against torch's ``fn`` with autograd.
+
+    float64: torch in float64 is the reference; relative error 1e-10 at each array's scale
+    (helpers.TOL), plus 64 ulps of the problem's scale (the largest of the four results) for
+    entries that are 0 in exact arithmetic: their rounding error is that of the terms that
+    cancelled, whatever the array's own (tiny) scale.
+    float32: the truth is torch in float64 on the same float32 inputs, and scratch must be
+    within 8x of torch's own float32 error (helpers.assert_as_accurate_as): near saturated
+    softmax rows, underflowing phi and the ends of the float32 range the problem's
+    conditioning, not the code, limits what float32 can get right, and torch's float32 result
+    measures that limit.
+    """
+    dtype = q.dtype
     assert all(x.dtype == dtype for x in mine)
+    truth = torch_grads(fn, q, k, v, d_out, np.float64, **kw)
+    peer = None if dtype == np.float64 else torch_grads(fn, q, k, v, d_out, dtype, **kw)
     floor = 64 * np.finfo(dtype).eps * max(float(np.max(np.abs(t))) for t in truth)
-    for name, a, b in zip(("out", "d_q", "d_k", "d_v"), mine, truth, strict=True):
-        assert_close(a, b, TOL[dtype], name, floor)
+    for i, name in enumerate(NAMES):
+        if peer is None:
+            assert_close(mine[i], truth[i], tol(dtype), name, atol=floor)
+        else:
+            assert_as_accurate_as(mine[i], peer[i], truth[i], name, floor=floor)
 
 
 @given(problems(), st.booleans(), st.data())
@@ -75,8 +60,7 @@ def test_softmax_attention_matches_torch(p, causal, data):
     mask = None if key_mask is None else key_mask[..., None, :]
     mine = (A.softmax_attention(q, k, v, mask=mask, causal=causal),
             *A.softmax_attention_backward(q, k, v, d_out, mask=mask, causal=causal))
-    check(mine, torch_truth(R.softmax_attention, q, k, v, d_out, mask=mask, causal=causal),
-          q.dtype.type)
+    check(mine, R.softmax_attention, q, k, v, d_out, mask=mask, causal=causal)
 
 
 @given(problems(dtype=np.float64), st.booleans(), st.data())
@@ -88,8 +72,7 @@ def test_softmax_attention_full_mask_matches_torch_sdpa(p, causal, data):
     mask[..., 0] = True
     mine = (A.softmax_attention(q, k, v, mask=mask, causal=causal),
             *A.softmax_attention_backward(q, k, v, d_out, mask=mask, causal=causal))
-    check(mine, torch_truth(R.softmax_attention_sdpa, q, k, v, d_out, mask=mask, causal=causal),
-          np.float64)
+    check(mine, R.softmax_attention_sdpa, q, k, v, d_out, mask=mask, causal=causal)
 
 
 @given(problems(), st.sampled_from(["softmax", "scaling"]))
@@ -98,7 +81,7 @@ def test_efficient_attention_matches_torch(p, normalization):
     kw = dict(key_mask=key_mask, normalization=normalization)
     mine = (A.efficient_attention(q, k, v, **kw),
             *A.efficient_attention_backward(q, k, v, d_out, **kw))
-    check(mine, torch_truth(R.efficient_attention, q, k, v, d_out, **kw), q.dtype.type)
+    check(mine, R.efficient_attention, q, k, v, d_out, **kw)
 
 
 @given(problems(), st.booleans(), st.data(), st.sampled_from([0.0, 1e-6, 1e-2]),
@@ -108,7 +91,7 @@ def test_linear_attention_matches_torch(p, causal, data, eps, alpha, chunk_size)
     kw = dict(causal=causal, eps=eps, alpha=alpha, key_mask=key_mask)
     mine = (A.linear_attention(q, k, v, chunk_size=chunk_size, **kw),
             *A.linear_attention_backward(q, k, v, d_out, chunk_size=chunk_size, **kw))
-    check(mine, torch_truth(R.linear_attention, q, k, v, d_out, **kw), q.dtype.type)
+    check(mine, R.linear_attention, q, k, v, d_out, **kw)
 
 
 def test_torch_references_agree_with_each_other():
@@ -124,7 +107,7 @@ def test_torch_references_agree_with_each_other():
 
 
 def test_compare_rows_are_accurate():
-    rows = R.compare_rows(repeat=1)
+    rows = compare.attention_rows(repeat=1)
     assert len(rows) == 6
     for r in rows:
         assert r.max_abs_err < 1e-10, r

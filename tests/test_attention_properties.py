@@ -1,7 +1,8 @@
 """Attention properties, each against an independent formula written here (never scratch's own
-values): causal linear attention in three forms, causality, permutation equi/invariance,
-convex combinations, padded keys without influence, Shen's scaling = (Q K^T) V / n,
-associativity, and clear errors for bad input."""
+values): causal linear attention in three forms (with eps and key masks), causality,
+permutation equi/invariance, convex combinations, padded keys without influence, Shen's
+scaling = (Q K^T) V / n, associativity, the three backwards against central differences
+(no torch), zero denominators, and clear errors for bad input."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,10 +10,8 @@ from hypothesis import strategies as st
 
 from scratch import attention as A
 
-try:                     # tests/ as a package (tests/__init__.py) or as plain rootdir modules
-    from .test_attention import problems
-except ImportError:
-    from test_attention import problems
+from .helpers import assert_close, central_differences, dtypes, tol
+from .helpers import attention_problems as problems
 
 
 def phi(x, alpha=1.0):
@@ -20,30 +19,38 @@ def phi(x, alpha=1.0):
     return np.where(x > 0, x + 1.0, alpha * (np.exp(np.minimum(x, 0)) - 1.0) + 1.0)
 
 
-def explicit_causal_linear(q, k, v, alpha):
-    """out_i = sum_{j<=i} phi(q_i).phi(k_j) v_j / sum_{j<=i} phi(q_i).phi(k_j), a loop over i."""
+def explicit_causal_linear(q, k, v, alpha, eps=0.0, key_mask=None):
+    """out_i = sum_{j<=i, kept} a_ij v_j / (sum_{j<=i, kept} a_ij + eps),
+    a_ij = phi(q_i).phi(k_j): a loop over i."""
     fq, fk = phi(q, alpha), phi(k, alpha)
+    if key_mask is not None:
+        fk = fk * key_mask[..., None]
     out = np.empty(q.shape[:-1] + v.shape[-1:])
     for i in range(q.shape[-2]):
         a = np.einsum("...d,...jd->...j", fq[..., i, :], fk[..., : i + 1, :])
-        out[..., i, :] = np.einsum("...j,...jv->...v", a, v[..., : i + 1, :]) / a.sum(-1)[..., None]
+        out[..., i, :] = (np.einsum("...j,...jv->...v", a, v[..., : i + 1, :])
+                          / (a.sum(-1)[..., None] + eps))
     return out
 
 
-@given(problems(causal=True, dtype=np.float64, mask_kinds=("none",)),
-       st.sampled_from([1, 2, 7, 64]), st.sampled_from([1.0, 0.3]))
-def test_causal_linear_prefix_sums_equal_recurrent_steps_equal_explicit_formula(p, chunk, alpha):
-    q, k, v, _, _ = p
-    parallel = A.linear_attention(q, k, v, causal=True, eps=0.0, alpha=alpha, chunk_size=chunk)
+@given(problems(causal=True, dtype=np.float64), st.sampled_from([1, 2, 7, 64]),
+       st.sampled_from([1.0, 0.3]), st.sampled_from([0.0, 1e-6, 1e-2, 1.0]))
+def test_recurrent_state_equals_prefix_sums_equals_explicit_formula(p, chunk, alpha, eps):
+    """LinearAttentionState stepped token by token (padded keys masked per step) == the chunked
+    prefix sums == the naive O(n^2) path == the explicit formula above, for eps >= 0.
+    Tolerance 1e-11: four summation orders of at most 64 positive weights, ~64 eps apart."""
+    q, k, v, _, key_mask = p
+    kw = dict(causal=True, eps=eps, alpha=alpha, key_mask=key_mask)
+    parallel = A.linear_attention(q, k, v, chunk_size=chunk, **kw)
     state = A.LinearAttentionState(q.shape[-1], v.shape[-1], batch_shape=q.shape[:-2],
-                                   dtype="float64", eps=0.0, alpha=alpha)
-    recurrent = np.stack([state.step(q[..., t, :], k[..., t, :], v[..., t, :])
+                                   dtype="float64", eps=eps, alpha=alpha)
+    recurrent = np.stack([state.step(q[..., t, :], k[..., t, :], v[..., t, :],
+                                     None if key_mask is None else key_mask[..., t])
                           for t in range(q.shape[-2])], axis=-2)
-    explicit = explicit_causal_linear(q, k, v, alpha)
-    np.testing.assert_allclose(parallel, explicit, rtol=1e-11, atol=1e-12)
-    np.testing.assert_allclose(recurrent, explicit, rtol=1e-11, atol=1e-12)
-    np.testing.assert_allclose(A.linear_attention_naive(q, k, v, causal=True, eps=0.0, alpha=alpha),
-                               explicit, rtol=1e-11, atol=1e-12)
+    explicit = explicit_causal_linear(q, k, v, alpha, eps, key_mask)
+    for name, got in (("parallel", parallel), ("recurrent", recurrent),
+                      ("naive", A.linear_attention_naive(q, k, v, **kw))):
+        assert_close(got, explicit, 1e-11, name)
     assert state.t == q.shape[-2] and state.S.shape == q.shape[:-2] + (q.shape[-1], v.shape[-1])
 
 
@@ -84,9 +91,10 @@ def test_query_permutation_equivariance_and_key_value_permutation_invariance(p, 
     out = f(q, k, v, key_mask)
     pq = np.asarray(data.draw(st.permutations(range(q.shape[-2]))))
     pk = np.asarray(data.draw(st.permutations(range(k.shape[-2]))))
-    np.testing.assert_allclose(f(q[..., pq, :], k, v, key_mask), out[..., pq, :], rtol=1e-12, atol=1e-13)
+    # only the order of the sums over <= 64 keys changes: ~64 eps = 1.4e-14 relative
+    assert_close(f(q[..., pq, :], k, v, key_mask), out[..., pq, :], 1e-12, "queries permuted")
     km = None if key_mask is None else key_mask[..., pk]
-    np.testing.assert_allclose(f(q, k[..., pk, :], v[..., pk, :], km), out, rtol=1e-12, atol=1e-13)
+    assert_close(f(q, k[..., pk, :], v[..., pk, :], km), out, 1e-12, "keys permuted")
 
 
 @given(problems(), st.sampled_from(["softmax", "efficient", "linear"]), st.booleans())
@@ -106,7 +114,7 @@ def test_each_output_row_is_a_convex_combination_of_kept_value_rows(p, name, cau
     vv = v[..., None, :, :]                                                      # (..., 1, m, d_v)
     lo = np.where(visible, vv, np.inf).min(-2)
     hi = np.where(visible, vv, -np.inf).max(-2)
-    slack = 16 * np.finfo(q.dtype).eps * np.abs(v).max()
+    slack = 16 * np.finfo(q.dtype).eps * np.abs(v).max()     # a weighted mean's rounding
     assert (out >= lo - slack).all() and (out <= hi + slack).all()
 
 
@@ -116,11 +124,11 @@ def test_padded_keys_have_no_influence(p, name):
     q, k, v, d_out, key_mask = p
     f = VARIANTS[name]
     out = f(q, k, v, key_mask)
-    tol = 1e-12 if q.dtype == np.float64 else 1e-5
+    rtol = 1e-12 if q.dtype == np.float64 else 1e-5     # only the order of the sums differs
     for idx in np.ndindex(q.shape[:-2]):
         keep = key_mask[idx]
         alone = f(q[idx], k[idx][keep], v[idx][keep], None)
-        np.testing.assert_allclose(out[idx], alone, rtol=tol, atol=tol)
+        assert_close(out[idx], alone, rtol, f"batch {idx}")
     backward = {
         "softmax": lambda: A.softmax_attention_backward(q, k, v, d_out, mask=key_mask[..., None, :]),
         "efficient": lambda: A.efficient_attention_backward(q, k, v, d_out, key_mask=key_mask),
@@ -141,7 +149,7 @@ def test_shen_scaling_variant_is_dot_product_attention_without_softmax(p):
         w = (q @ np.swapaxes(k, -1, -2)) * key_mask[..., None, :]
         expected = w @ v / key_mask.sum(-1)[..., None, None]
     got = A.efficient_attention(q, k, v, key_mask=key_mask, normalization="scaling")
-    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    assert_close(got, expected, tol(np.float64), "scaling")
 
 
 @given(problems(dtype=np.float64), st.sampled_from(["softmax", "scaling"]))
@@ -149,13 +157,13 @@ def test_efficient_attention_associativity(p, normalization):
     """rho_q (rho_k^T V) == (rho_q rho_k^T) V, and softmax's rho_q rho_k^T rows sum to 1."""
     q, k, v, _, key_mask = p
     kw = dict(key_mask=key_mask, normalization=normalization)
-    np.testing.assert_allclose(A.efficient_attention(q, k, v, **kw),
-                               A.efficient_attention_naive(q, k, v, **kw), rtol=1e-10, atol=1e-12)
+    assert_close(A.efficient_attention(q, k, v, **kw), A.efficient_attention_naive(q, k, v, **kw),
+                 tol(np.float64), normalization)
     if normalization == "softmax":   # V = identity columns: the n x m weights themselves
         m = k.shape[-2]
         w = A.efficient_attention_naive(q, k, np.broadcast_to(np.eye(m), k.shape[:-2] + (m, m)),
                                         key_mask=key_mask)
-        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)
+        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-12)   # sums of <= 64 weights
 
 
 @given(problems(dtype=np.float64), st.booleans())
@@ -166,12 +174,80 @@ def test_linear_attention_fast_path_equals_naive_path_with_eps(p, causal):
         q, k, v = q[..., :n, :], k[..., :n, :], v[..., :n, :]
         key_mask = None if key_mask is None else key_mask[..., :n]
     kw = dict(causal=causal, eps=1e-3, key_mask=key_mask)
-    np.testing.assert_allclose(A.linear_attention(q, k, v, chunk_size=5, **kw),
-                               A.linear_attention_naive(q, k, v, **kw), rtol=1e-11, atol=1e-12)
+    # two orders of the same sums over <= 64 keys (~64 eps apart), at the output's scale
+    assert_close(A.linear_attention(q, k, v, chunk_size=5, **kw),
+                 A.linear_attention_naive(q, k, v, **kw), 1e-11, "fast vs naive")
+
+
+# --------------------------------------------------------------------------------------------
+# the backwards against central differences (no torch)
+# --------------------------------------------------------------------------------------------
+
+BACKWARDS = {   # name -> (forward, backward, keyword arguments drawn for it)
+    "softmax": (A.softmax_attention, A.softmax_attention_backward,
+                st.fixed_dictionaries({"causal": st.booleans()})),
+    "efficient": (A.efficient_attention, A.efficient_attention_backward,
+                  st.fixed_dictionaries({"normalization": st.sampled_from(["softmax", "scaling"])})),
+    "linear": (A.linear_attention, A.linear_attention_backward,
+               st.fixed_dictionaries({"causal": st.booleans(),
+                                      "eps": st.sampled_from([0.0, 1e-6, 0.1]),
+                                      "alpha": st.sampled_from([1.0, 0.5]),
+                                      "chunk_size": st.sampled_from([1, 2, 64])})),
+}
+
+
+@settings(max_examples=40)
+@given(st.sampled_from(sorted(BACKWARDS)), st.data())
+def test_backward_matches_central_differences(name, data):
+    """d/dq, d/dk, d/dv of L = <attention(q, k, v), d_out> by central differences in float64, on
+    every entry, against the hand-written backward; with masks (a mask for softmax, key masks
+    for the other two).  Tolerance: the rounding error of a central difference is absolute,
+    about eps |L| / h ~ 2e-10 |L| at h = 1e-6, the same for every entry, so the bound is
+    1e-6 of the gradient's largest entry (helpers.assert_close) plus 1e-8 max(1, |L|) (for
+    gradients that are exactly 0): loose for the differences, tight for a wrong term."""
+    fwd, bwd, kw_strategy = BACKWARDS[name]
+    kw = data.draw(kw_strategy)
+    q, k, v, d_out, key_mask = data.draw(problems(
+        causal=kw.get("causal", False), dtype=np.float64, regimes=("normal",), max_n=5, max_d=3))
+    if name == "softmax":
+        kw["mask"] = None if key_mask is None else key_mask[..., None, :]
+    else:
+        kw["key_mask"] = key_mask
+
+    def loss():
+        return float(np.sum(fwd(q, k, v, **kw) * d_out))
+
+    grads, atol = bwd(q, k, v, d_out, **kw), 1e-8 * max(1.0, abs(loss()))
+    for arr, grad, what in zip((q, k, v), grads, ("d_q", "d_k", "d_v"), strict=True):
+        assert_close(grad, central_differences(loss, arr), 1e-6, what, atol=atol)
+
+
+def test_zero_denominator_is_a_clear_error_where_torch_gives_nan():
+    """Every phi(q_i) underflows to 0 (q below -17 in float32): with eps = 0 the denominator
+    is 0 (torch: 0/0 = NaN).  Scratch raises a ValueError saying so, in every form; with
+    eps > 0 the output is 0 there, as the formula says."""
+    rng = np.random.default_rng(0)
+    q = np.full((2, 4, 3), -30.0, np.float32)
+    k, v = rng.standard_normal((2, 4, 3)).astype(np.float32), np.ones((2, 4, 2), np.float32)
+    assert not phi(q).any() and (A.feature_map(q) == 0).all()
+    for causal in (False, True):
+        with pytest.raises(ValueError, match="denominator 0.*underflowed"):
+            A.linear_attention(q, k, v, causal=causal, eps=0.0)
+        with pytest.raises(ValueError, match="denominator 0"):
+            A.linear_attention_naive(q, k, v, causal=causal, eps=0.0)
+        with pytest.raises(ValueError, match="denominator 0"):
+            A.linear_attention_backward(q, k, v, v, causal=causal, eps=0.0)
+        assert (A.linear_attention(q, k, v, causal=causal, eps=1e-6) == 0).all()
+    state = A.LinearAttentionState(3, 2, batch_shape=(2,), eps=0.0)
+    with pytest.raises(ValueError, match="denominator 0"):
+        state.step(q[:, 0], k[:, 0], v[:, 0])
+    state = A.LinearAttentionState(3, 2, batch_shape=(2,), eps=0.0)   # the first key padded
+    with pytest.raises(ValueError, match="no unmasked key"):
+        state.step(k[:, 0], k[:, 0], v[:, 0], key_mask_t=np.array([True, False]))
 
 
 @settings(max_examples=10)
-@given(st.sampled_from([np.float32, np.float64]), st.lists(st.integers(1, 3), max_size=2))
+@given(dtypes, st.lists(st.integers(1, 3), max_size=2))
 def test_state_shapes_dtype_and_reset(dtype, batch):
     batch = tuple(batch)
     s = A.LinearAttentionState(3, 5, batch_shape=batch, dtype=dtype)
@@ -183,6 +259,8 @@ def test_state_shapes_dtype_and_reset(dtype, batch):
     np.testing.assert_allclose(out, v, rtol=1e-5)
     s.reset()
     assert s.t == 0 and not s.S.any() and not s.Z.any()
+    with pytest.raises(ValueError, match=r"key_mask_t .* must be boolean"):
+        s.step(q, k, v, key_mask_t=np.ones(batch))
     with pytest.raises(ValueError, match=r"k_t must have shape"):
         s.step(q, np.ones(batch + (4,)), v)
 

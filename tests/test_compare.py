@@ -1,7 +1,12 @@
 """``python -m reference.compare`` prints one row per component with real measurements."""
+import importlib
 import json
 import subprocess
 import sys
+
+import numpy as np
+import pytest
+import torch
 
 from reference import compare
 
@@ -36,5 +41,42 @@ def test_every_suite_contributes_rows_with_small_errors(capsys):
     for name in ("toy recurrence", "attention softmax", "attention efficient", "attention linear causal",
                  "attention linear recurrent", "GRU"):
         assert name in table, name
-    rows = compare.collect(("reference.gru",), repeat=1)
+    rows = compare.collect(("gru",), repeat=1)
     assert len(rows) >= 2 and all(r.max_abs_err < 1e-3 and r.torch_s > 0 for r in rows)
+
+
+def test_suites_by_name_in_order_and_the_old_module_spelling():
+    assert list(compare.SUITES) == ["recurrence", "attention", "gru"]
+    assert compare.suite_name("reference.gru") == "gru" == compare.suite_name("gru")
+    with pytest.raises(ValueError, match="unknown suite 'nope'"):
+        compare.suite_name("nope")
+    r = subprocess.run([sys.executable, "-m", "reference.compare", "--only", "nope"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown suite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_registered_suite_joins_the_table(monkeypatch):
+    monkeypatch.setattr(compare, "SUITES", dict(compare.SUITES))
+
+    @compare.suite("identity")
+    def identity_rows(repeat):
+        x = np.arange(3.0)
+        return [compare.compare_row("identity", lambda: x, lambda: torch.from_numpy(x), repeat)]
+
+    rows = compare.collect(["identity"], repeat=1)
+    assert [r.component for r in rows] == ["identity"] and rows[0].max_abs_err == 0.0
+    assert "identity" in compare.format_table(rows)
+
+
+MIRRORS = ("reference.recurrence", "reference.attention", "reference.gru")
+
+
+@pytest.mark.parametrize("mirror", MIRRORS)
+def test_torch_mirrors_hold_torch_maths_only(mirror):
+    """Dependencies point one way: a mirror imports neither scratch nor the comparison."""
+    code = (f"import sys, {mirror}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scratch' "
+            "or m in ('reference.compare', 'reference.timing')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout
+    assert not hasattr(importlib.import_module(mirror), "compare_rows")

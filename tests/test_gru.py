@@ -7,24 +7,25 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference.gru import run_packed, torch_forward_backward, torch_gru_like
+from reference.gru import TORCH_DTYPES, run_packed, torch_forward_backward, torch_gru_like
 from scratch.gru import GRU
 from scratch.gru_cell import gru_cell_backward, gru_cell_forward
 
-TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+from .helpers import assert_close as shared_assert_close
+from .helpers import central_differences, dtypes, seeds, tol
 
 
 @st.composite
 def gru_cases(draw, dtype=None, dropout=False):
     """A GRU configuration, its (scaled, non-zero-bias) weights and the data for one call."""
     c = dict(
-        dtype=np.dtype(dtype or draw(st.sampled_from([np.float32, np.float64]))),
+        dtype=np.dtype(dtype or draw(dtypes)),
         num_layers=draw(st.integers(2 if dropout else 1, 3)), bidirectional=draw(st.booleans()),
         batch_first=draw(st.booleans()), bias=draw(st.booleans()),
         batch=draw(st.integers(1, 8)), time=draw(st.integers(1, 40)),
         input_size=draw(st.integers(1, 32)), hidden_size=draw(st.integers(1, 32)),
         with_h0=draw(st.booleans()), with_d_hn=draw(st.booleans()),
-        scale=draw(st.sampled_from([0.3, 1.0, 3.0])), seed=draw(st.integers(0, 2 ** 32 - 1)),
+        scale=draw(st.sampled_from([0.3, 1.0, 3.0])), seed=draw(seeds),
         dropout=draw(st.sampled_from([0.2, 0.5])) if dropout else 0.0)
     c["with_lengths"] = draw(st.booleans())
     c["unbatched"] = not c["with_lengths"] and draw(st.integers(0, 5)) == 0
@@ -56,13 +57,9 @@ def build(c):
 
 
 def assert_close(name, got, want, dtype):
-    """|got - want| <= tol * max(1, max |want|), and same shape and dtype."""
-    want = np.asarray(want)
-    assert got.shape == want.shape, (name, got.shape, want.shape)
-    assert got.dtype == dtype, (name, got.dtype)
-    err = float(np.max(np.abs(got - want))) if want.size else 0.0
-    bound = TOL[np.dtype(dtype)] * max(1.0, float(np.max(np.abs(want))) if want.size else 1.0)
-    assert err <= bound, f"{name}: max abs error {err:.3g} > {bound:.3g}"
+    """The shared assert_close at the dtype's tolerance, with an absolute part of the same
+    size (GRU states and gradients are O(1) here), and got's dtype checked."""
+    shared_assert_close(got, want, tol(dtype), name, atol=tol(dtype), dtype=dtype)
 
 
 def check_against_torch(c, training=False):
@@ -144,18 +141,8 @@ def test_finite_difference_gradients(bidirectional, lengths):
     loss()
     d_x, d_h0 = gru.backward(d_out, d_hn)
     analytic = [(x, d_x), (h0, d_h0)] + [(gru.params[n], g) for n, g in gru.grads.items()]
-    eps = 1e-6
     for arr, grad in analytic:
-        numeric = np.empty_like(arr)
-        for i in np.ndindex(arr.shape):
-            v = arr[i]
-            arr[i] = v + eps
-            up = loss()
-            arr[i] = v - eps
-            down = loss()
-            arr[i] = v
-            numeric[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(grad, central_differences(loss, arr), rtol=1e-6, atol=1e-8)
 
 
 def test_fast_path_equals_the_readable_cell_loop():
@@ -184,7 +171,7 @@ def test_fast_path_equals_the_readable_cell_loop():
         np.testing.assert_allclose(gru.grads[name + "_l0"], g, atol=1e-12)
 
 
-@given(st.integers(1, 6), st.integers(1, 12), st.integers(1, 12), st.integers(0, 2 ** 32 - 1))
+@given(st.integers(1, 6), st.integers(1, 12), st.integers(1, 12), seeds)
 def test_cell_matches_torch_gru_cell_autograd(batch, input_size, hidden_size, seed):
     rng = np.random.default_rng(seed)
     cell = torch.nn.GRUCell(input_size, hidden_size, dtype=torch.float64)
@@ -340,14 +327,137 @@ def test_backward_checks():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(input_size=0, hidden_size=3), "input_size must be a positive integer"),
-    (dict(input_size=2, hidden_size=2.5), "hidden_size must be a positive integer"),
     (dict(input_size=2, hidden_size=3, num_layers=0), "num_layers must be a positive"),
-    (dict(input_size=2, hidden_size=3, dropout=1.0), r"dropout must be a number in \[0, 1\)"),
-    (dict(input_size=2, hidden_size=3, dtype="float16"), "float32 or float64"),
+    (dict(input_size=2, hidden_size=3, dropout=1.5), r"dropout must be a number in \[0, 1\]"),
+    (dict(input_size=2, hidden_size=3, dropout=-0.1), r"dropout must be a number in \[0, 1\]"),
+    (dict(input_size=2, hidden_size=3, dropout=True), r"dropout must be a number in \[0, 1\]"),
+    (dict(input_size=2, hidden_size=3, dropout="0.5"), r"dropout must be a number in \[0, 1\]"),
 ])
-def test_bad_constructor_arguments(kwargs, match):
+def test_bad_constructor_values_are_value_errors_as_in_torch(kwargs, match):
+    with pytest.raises(ValueError):
+        torch.nn.GRU(**kwargs)
     with pytest.raises(ValueError, match=match):
         GRU(**kwargs)
+
+
+def test_bad_dtype_and_nan_dropout():
+    with pytest.raises(ValueError, match="float32 or float64"):
+        GRU(2, 3, dtype="float16")
+    with pytest.raises(ValueError, match="dropout must be a number"):
+        GRU(2, 3, dropout=float("nan"))
+
+
+# torch.nn.GRU's own type checks: sizes must be ints, bias and batch_first bools.
+TORCH_TYPE_ERRORS = [
+    ("input_size", dict(input_size=3.0, hidden_size=5)),
+    ("input_size", dict(input_size="10", hidden_size=5)),
+    ("hidden_size", dict(input_size=3, hidden_size=5.0)),
+    ("hidden_size", dict(input_size=3, hidden_size="10")),
+    ("num_layers", dict(input_size=3, hidden_size=5, num_layers=2.0)),
+    ("bias", dict(input_size=3, hidden_size=5, bias="True")),
+    ("bias", dict(input_size=3, hidden_size=5, bias=1)),
+    ("batch_first", dict(input_size=3, hidden_size=5, batch_first="False")),
+    ("batch_first", dict(input_size=3, hidden_size=5, batch_first=0)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", TORCH_TYPE_ERRORS, ids=lambda v: repr(v))
+def test_wrong_argument_types_are_type_errors_as_in_torch(name, kwargs):
+    with pytest.raises(TypeError):
+        torch.nn.GRU(**kwargs)
+    with pytest.raises(TypeError, match=f"{name} must be an? (int|bool)"):
+        GRU(**kwargs)
+
+
+def test_batch_first_string_is_not_read_as_true():
+    """The bug this guards: GRU(3, 5, batch_first="False") was accepted as True, so a time-major
+    input was silently read as batch-first."""
+    with pytest.raises(TypeError, match=r"batch_first must be a bool .*'False'"):
+        GRU(3, 5, batch_first="False")
+
+
+def test_stricter_than_torch_where_torch_is_silently_wrong():
+    """torch takes bidirectional="False" as True (a bidirectional GRU nobody asked for);
+    scratch refuses it, and sizes given as bools (torch reads True as 1)."""
+    assert torch.nn.GRU(3, 5, bidirectional="False").bidirectional     # torch's lenient reading
+    with pytest.raises(TypeError, match="bidirectional must be a bool"):
+        GRU(3, 5, bidirectional="False")
+    with pytest.raises(TypeError, match="hidden_size must be an int"):
+        GRU(3, True)
+    gru = GRU(3, 5, num_layers=np.int64(2), bias=np.bool_(True))        # NumPy scalars are fine
+    assert gru.num_layers == 2 and gru.bias is True
+    with pytest.raises(TypeError, match="training must be a bool"):
+        gru(np.ones((4, 2, 3), np.float32), training="False")
+
+
+# --------------------------------------------------------------------------------------------
+# torch's edge cases: empty batch, dropout = 1
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_empty_batch_matches_torch(batch_first, bidirectional, dtype):
+    """Input (5, 0, 3): torch returns an empty output (5, 0, D H) and h_n (L D, 0, H), and its
+    backward gives an empty d_x and all-zero parameter gradients.  So does scratch."""
+    gru = GRU(3, 4, num_layers=2, batch_first=batch_first, bidirectional=bidirectional,
+              dtype=dtype, seed=0)
+    ref = torch_gru_like(gru)
+    D = gru.num_directions
+    x = np.zeros((0, 5, 3) if batch_first else (5, 0, 3), dtype)
+    xt = torch.zeros(x.shape, dtype=TORCH_DTYPES[np.dtype(dtype)], requires_grad=True)
+    h0t = torch.zeros((2 * D, 0, 4), dtype=xt.dtype, requires_grad=True)
+    t_out, t_h = ref(xt, h0t)
+    (t_out.sum() + t_h.sum()).backward()
+    out, h_n = gru(x, np.zeros((2 * D, 0, 4), dtype))
+    assert out.shape == tuple(t_out.shape) and h_n.shape == tuple(t_h.shape)
+    assert out.dtype == h_n.dtype == np.dtype(dtype)
+    d_x, d_h0 = gru.backward(np.ones_like(out), np.ones_like(h_n))
+    assert d_x.shape == tuple(xt.grad.shape) and d_h0.shape == tuple(h0t.grad.shape)
+    for name, p in ref.named_parameters():
+        np.testing.assert_array_equal(gru.grads[name], p.grad.numpy())
+    out_l, h_l = gru(x, lengths=np.zeros(0, np.int64))      # lengths for no sequence: fine too
+    assert out_l.shape == out.shape and h_l.shape == h_n.shape
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,with_lengths", [
+    (2, False, False, False), (3, True, True, False), (2, True, False, True),
+    (3, False, True, True)])
+def test_dropout_one_matches_torch_training_mode(num_layers, bidirectional, batch_first,
+                                                  with_lengths):
+    """dropout = 1: every unit between layers is dropped.  torch's own nn.GRU in training mode is
+    then deterministic (its masks are all zero), so scratch is checked against torch itself,
+    not only against torch fed scratch's masks; output, h_n and every gradient agree."""
+    rng = np.random.default_rng(num_layers)
+    gru = GRU(3, 4, num_layers, batch_first=batch_first, dropout=1.0,
+              bidirectional=bidirectional, dtype="float64", seed=1)
+    ref = torch_gru_like(gru).train()
+    D, B, T = gru.num_directions, 3, 5
+    x = rng.standard_normal((B, T, 3) if batch_first else (T, B, 3))
+    h0 = rng.standard_normal((num_layers * D, B, 4))
+    d_out = rng.standard_normal(x.shape[:2] + (D * 4,))
+    d_hn = rng.standard_normal(h0.shape)
+    lengths = np.array([5, 2, 4]) if with_lengths else None
+    out, h_n = gru(x, h0, lengths=lengths, training=True)
+    d_x, d_h0 = gru.backward(d_out, d_hn)
+    assert len(gru.dropout_masks) == num_layers - 1
+    assert all(not m.any() for m in gru.dropout_masks)
+
+    xt, h0t = torch.tensor(x, requires_grad=True), torch.tensor(h0, requires_grad=True)
+    t_out, t_h = run_packed(ref, xt, h0t, lengths)            # torch's own dropout, p = 1
+    ((t_out * torch.from_numpy(d_out)).sum() + (t_h * torch.from_numpy(d_hn)).sum()).backward()
+    for name, got, want in [("output", out, t_out.detach()), ("h_n", h_n, t_h.detach()),
+                            ("d_x", d_x, xt.grad), ("d_h0", d_h0, h0t.grad)]:
+        assert_close(name, got, want.numpy(), np.dtype("float64"))
+    for name, p in ref.named_parameters():
+        assert_close(name, gru.grads[name], p.grad.numpy(), np.dtype("float64"))
+
+    # and through torch fed scratch's (all-zero) masks, layer by layer
+    r = torch_forward_backward(ref, x, h0, d_out, d_hn, lengths=lengths, masks=gru.dropout_masks)
+    assert_close("output (masks)", out, r["output"], np.dtype("float64"))
+    assert_close("d_x (masks)", d_x, r["d_x"], np.dtype("float64"))
+    for name, g in r["grads"].items():
+        assert_close(name + " (masks)", gru.grads[name], g, np.dtype("float64"))
 
 
 def test_inference_mode_and_reused_buffers_never_leak_into_results():

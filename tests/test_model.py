@@ -180,6 +180,58 @@ def test_dropout_mask_is_shared_by_both_directions():
     assert (keep == 0).any()                         # the mask did drop something
 
 
+def _uni_layer(rnn, k):
+    """A 1-layer unidirectional nn.GRU holding layer ``k`` of ``rnn``'s weights (shared, so
+    gradients reach ``rnn``)."""
+    g = torch.nn.GRU(rnn.hidden_size if k else rnn.input_size, rnn.hidden_size, 1,
+                     batch_first=True, dtype=rnn.weight_hh_l0.dtype)
+    for n, _ in list(g.named_parameters()):
+        setattr(g, n, getattr(rnn, n.replace("_l0", f"_l{k}")))
+    return g
+
+
+@pytest.mark.parametrize("n_layers", [2, 3])
+def test_unidirectional_multilayer_head_reads_the_last_layer(n_layers):
+    """bidirectional=False with n_layers >= 2: the readout is hidden[-1], the last layer's final
+    state (with one layer hidden[0] and hidden[-1] coincide, so only this case tells them
+    apart).  Eval: logits and every gradient equal torch's packed path.  Train: dropout
+    between layers and on the readout, against torch's packed path run layer by layer with the
+    masks drawn in the same order from the same generator state."""
+    torch.manual_seed(n_layers)
+    head = GRUHead(5, 4, 1, n_layers, False, 0.3).double().eval()
+    x = torch.randn(4, 7, 5, dtype=torch.float64)
+    L = torch.tensor([7, 2, 5, 1])
+    params = [x.requires_grad_(), *head.parameters()]
+    hid = packed_h_n(head.rnn, x, L)
+    assert hid.shape == (n_layers, 4, 4)
+    ref = head.out(hid[-1])
+    assert not torch.allclose(ref, head.out(hid[0]))            # the two readings differ here
+    logits = head(x, L)
+    torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(logits.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+    head.train()
+    torch.manual_seed(11)
+    logits = head(x, L)
+    layers = [_uni_layer(head.rnn, k) for k in range(n_layers)]  # (their init draws numbers)
+    torch.manual_seed(11)
+    u, p = x, head.rnn.dropout
+    for k, layer in enumerate(layers):
+        out_k, h_k = layer(pack_padded_sequence(u, L, batch_first=True, enforce_sorted=False))
+        if k < n_layers - 1:
+            out_k = pad_packed_sequence(out_k, batch_first=True, total_length=7)[0]
+            # drawn in (T, B, H) memory order, as the fast path's: it draws with empty_like of
+            # a batch_first nn.GRU output, which is a transposed (T, B, H) array
+            keep = torch.empty(7, 4, 4, dtype=out_k.dtype).bernoulli_(1 - p).transpose(0, 1)
+            u = out_k * keep / (1 - p)
+    ref = head.out(head.dropout(h_k[-1]))
+    assert not torch.allclose(ref, head.eval().out(h_k[-1]))    # dropout did something
+    torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(logits.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
 def test_head_errors_name_the_problem():
     head = GRUHead(6, 5, 1, 1, True, 0.0)
     with pytest.raises(ValueError, match=r"features must be \(batch, time, 6\)"):

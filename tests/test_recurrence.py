@@ -12,14 +12,16 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from reference.recurrence import AlternatingRNN as TorchRNN
-from scratch.recurrence import AlternatingRNN, closed_form, even_beats_odd
+from scratch.recurrence import AlternatingRNN, closed_form, even_beats_odd, readout
+
+from .helpers import dtypes
 
 magnitudes = st.sampled_from([1e-30, 1e-6, 1.0, 1e3, 1e12, 1e30])
 
 
 @st.composite
 def sequences(draw, dtype=None):
-    dtype = dtype or draw(st.sampled_from([np.float32, np.float64]))
+    dtype = dtype or draw(dtypes)
     batch, n = draw(st.integers(1, 6)), draw(st.integers(1, 200))
     scale = draw(magnitudes)
     x = draw(arrays(dtype, (batch, n), elements=st.floats(-1, 1, width=32)))
@@ -97,6 +99,27 @@ def test_saturated_once_h_beyond_a_hundredth(mag, positive):
     # the bound is tight-ish: at |h| = 0.005, sigmoid(5) is far from saturated
     y, _ = AlternatingRNN()(np.array([[0.0, 0.005]]))
     assert abs(y[0, -1] - 1.0) > 1e-3
+
+
+@given(dtypes, st.sampled_from(["sigmoid", "tanh"]),
+       st.sampled_from([1000.0, 10.0, 1e6]), st.floats(-0.01, 1.0), st.booleans())
+def test_readout_at_the_overflow_edge_saturates_without_overflow(dtype, act, gain, u, positive):
+    """|h| from just below finfo(dtype).max / gain (the edge where gain * h overflows) up to
+    finfo.max itself: the readout is saturated, equals torch's (whose gain * h overflows to inf
+    and saturates), and NumPy's overflow, raised as an error here, never happens.  Without the
+    readout's clip this test fails for both dtypes and both activations."""
+    big, edge = float(np.finfo(dtype).max), float(np.finfo(dtype).max) / gain
+    v = dtype(edge * (big / edge) ** u)             # u < 0: just below the edge; u = 1: max
+    v = v if positive else -v
+    x = np.array([[0.0, v]], dtype)                   # h_2 = v
+    with np.errstate(over="raise", invalid="raise"):
+        y, h = AlternatingRNN(gain=gain, activation=act)(x)
+        y_closed = readout(closed_form(x), gain, act)
+    assert h[0, -1] == v and np.array_equal(y, y_closed)
+    ty, _ = TorchRNN(gain=gain, activation=act, dtype=torch.float64)(torch.from_numpy(x))
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    low = 0.0 if act == "sigmoid" else -1.0
+    assert y[0, -1] == (1.0 if positive else low)
 
 
 def test_float32_cancellation_gets_verdict_wrong_and_float64_is_right():

@@ -16,7 +16,9 @@ def test_there_is_a_tutorial_per_part():
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
 def test_tutorial_runs_and_plots(path, tmp_path):
-    env = dict(os.environ, MPLBACKEND="Agg", TUTORIAL_OUT=str(tmp_path), HF_HUB_OFFLINE="1")
+    root = str(path.parents[1])           # this checkout's scratch/ and reference/, not an install's
+    env = dict(os.environ, MPLBACKEND="Agg", TUTORIAL_OUT=str(tmp_path), HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     r = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
                        timeout=300, cwd=path.parents[1])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -20,7 +20,6 @@
 
 # %%
 import os
-import time
 from pathlib import Path
 
 import matplotlib
@@ -29,10 +28,12 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from reference.timing import best_time, pin_threads
+
 OUT = Path(os.environ.get("TUTORIAL_OUT", "tutorials/_build"))
 OUT.mkdir(parents=True, exist_ok=True)
 torch.manual_seed(0)
-torch.set_num_threads(1)          # one core each, so the comparison is about steps, not threads
+pin_threads(1)                    # one core each, so the comparison is about steps, not threads
 T, C, L, K = 64, 16, 4, 3
 
 cnn = nn.Sequential(*[m for _ in range(L) for m in (nn.Conv1d(C, C, K, padding=K - 1), nn.Tanh())])
@@ -78,12 +79,7 @@ with torch.no_grad():
     for n in lengths:
         x = torch.randn(8, n, C)
         for f, acc in ((cnn_last, t_cnn), (rnn_last, t_rnn)):
-            best = float("inf")
-            for _ in range(5):                  # best of 5: the least disturbed run
-                t0 = time.perf_counter()
-                f(x)
-                best = min(best, time.perf_counter() - t0)
-            acc.append(best)
+            acc.append(best_time(lambda: f(x), repeat=5)[1])    # best of 5: the least disturbed run
 for n, a, b in zip(lengths, t_cnn, t_rnn):
     print(f"T={n:5d}  CNN {a * 1e3:7.2f} ms   GRU {b * 1e3:7.2f} ms   GRU/CNN {b / a:5.1f}x")
 

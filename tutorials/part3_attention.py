@@ -16,7 +16,6 @@
 
 # %%
 import os
-import time
 from pathlib import Path
 
 import matplotlib
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from reference import attention as R
+from reference.timing import best_time
 from scratch import attention as A
 
 OUT = Path(os.environ.get("TUTORIAL_OUT", "tutorials/_build"))
@@ -156,12 +156,7 @@ times = {name: [] for name in fns}
 for n in sizes:
     q, k, v = (rng.standard_normal((n, 64), dtype=np.float32) for _ in range(3))
     for name, f in fns.items():
-        best = np.inf
-        for _ in range(5):
-            t0 = time.perf_counter()
-            f(q, k, v)
-            best = min(best, time.perf_counter() - t0)
-        times[name].append(best)
+        times[name].append(best_time(lambda: f(q, k, v), repeat=5)[1])
 fig, ax = plt.subplots(figsize=(6.5, 4.5))
 for name, ts in times.items():
     ax.loglog(sizes, ts, "-o", label=name, ms=4)
