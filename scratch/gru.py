@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module, as_float_array, float_dtype, get_xp, to_numpy
+from .backend import array_module, as_float_array, float_dtype, get_xp, state_arrays, to_numpy
 from .gru_cell import split3
 
 
@@ -273,18 +273,8 @@ class GRU:
     def load_state_dict(self, state_dict) -> None:
         """Load torch tensors or arrays (cast to this GRU's dtype).  A missing, unexpected or
         mis-shaped entry is a ValueError naming it; nothing is changed then."""
-        shapes = self.param_shapes()
-        missing = [k for k in shapes if k not in state_dict]
-        extra = [k for k in state_dict if k not in shapes]
-        if missing or extra:
-            raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {extra}")
-        new = {}
-        for name, shape in shapes.items():
-            arr = as_float_array(to_numpy(state_dict[name]), name, dtype=self.dtype, xp=self.xp)
-            if tuple(arr.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape}")
-            new[name] = arr.copy()
-        self.params = new
+        new = state_arrays(state_dict, self.param_shapes(), self.dtype, self.xp)
+        self.params = {name: arr.copy() for name, arr in new.items()}
 
     def _layer(self, layer):
         """Per direction of ``layer``: (W_ih, W_hh, b_ih or None, b_hh or None)."""
