@@ -450,9 +450,11 @@ class GRU:
 
     # ---- backward --------------------------------------------------------------------------
 
-    def backward(self, d_output, d_h_n=None):
+    def backward(self, d_output, d_h_n=None, need_dx: bool = True):
         r"""(d_x, d_h0) after :meth:`forward`; fills ``self.grads`` ({name: array}, replaced,
-        not accumulated).  d_output: the output's shape; d_h_n: h_n's shape or None (zero).
+        not accumulated).  d_output: the output's shape, or None (zero: only h_n is used, as
+        in a classifier head); d_h_n: h_n's shape or None (zero).  ``need_dx=False`` skips the
+        first layer's input gradient (a frozen encoder's features) and returns d_x = None.
 
         Layer k, last to first (dL/d output of layer k comes from layer k+1's dx)::
 
@@ -466,11 +468,13 @@ class GRU:
         T, B, order, n_active, unbatched = c["T"], c["B"], c["order"], c["n_active"], c["unbatched"]
         out_shape = (T, D * H) if unbatched else (
             (B, T, D * H) if self.batch_first else (T, B, D * H))
-        d_output = as_float_array(d_output, "d_output", dtype=self.dtype, xp=xp)
-        if tuple(d_output.shape) != out_shape:
-            raise ValueError(f"d_output must have the output's shape {out_shape}, got "
-                             f"{tuple(d_output.shape)}")
-        d_y = self._from_user(d_output, order, unbatched)
+        d_y = None                                      # dL/d (this layer's output)
+        if d_output is not None:
+            d_output = as_float_array(d_output, "d_output", dtype=self.dtype, xp=xp)
+            if tuple(d_output.shape) != out_shape:
+                raise ValueError(f"d_output must have the output's shape {out_shape}, got "
+                                 f"{tuple(d_output.shape)}")
+            d_y = self._from_user(d_output, order, unbatched)
         h0 = c["h0"]
         if d_h_n is None:
             d_hn = xp.zeros_like(h0)
@@ -498,7 +502,8 @@ class GRU:
                 y = out[..., d * H:(d + 1) * H]
                 h_prev = self._h_prev(y, h0[idx], n_active, reverse=d == 1)
                 dgh = self.workspace.get(f"dgh{d}", (T, B, 3 * H), self.dtype, xp)
-                d_h0[idx] = scan_backward(d_y[..., d * H:(d + 1) * H], d_hn[idx], gates, g_hn,
+                d_y_d = None if d_y is None else d_y[..., d * H:(d + 1) * H]
+                d_h0[idx] = scan_backward(d_y_d, d_hn[idx], gates, g_hn,
                                           h_prev, w_hh, d_gi[:, d * 3 * H:(d + 1) * 3 * H],
                                           dgh, n_active, reverse=d == 1)
                 # dW_hh = sum_t dgh_t^T h_{t-1}: the state entering step t is y[t-1] (forward)
@@ -514,14 +519,15 @@ class GRU:
                     grads[f"bias_hh_l{layer}{sfx}"] = dgh.sum(axis=(0, 1))
             dw_ih = d_gi.T @ u
             db_ih = d_gi.sum(axis=0) if self.bias else None
-            w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
-            d_y = self._unpack(d_gi @ w_cat, c["valid"], T, B)
+            if layer > 0 or need_dx:
+                w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
+                d_y = self._unpack(d_gi @ w_cat, c["valid"], T, B)
             for d, sfx in enumerate(self._suffixes()):
                 grads[f"weight_ih_l{layer}{sfx}"] = dw_ih[d * 3 * H:(d + 1) * 3 * H]
                 if self.bias:
                     grads[f"bias_ih_l{layer}{sfx}"] = db_ih[d * 3 * H:(d + 1) * 3 * H]
         self.grads = {name: grads[name] for name in self.param_shapes()}
-        return (self._to_user(d_y, order, unbatched, time_major=False),
+        return (self._to_user(d_y, order, unbatched, time_major=False) if need_dx else None,
                 self._h_to_user(d_h0, order, unbatched))
 
     @staticmethod

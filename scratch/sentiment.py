@@ -14,6 +14,7 @@ and its backward, given dL/d logits (B, O)::
     d_hidden = (d_logits W) * mask                          (B, D H)
     d_h_n[-2], d_h_n[-1] = d_hidden[:, :H], d_hidden[:, H:] (zero for the lower layers)
     GRU.backward(0, d_h_n)                                  BPTT through the GRU, with lengths
+                                                            (no d features: the encoder is frozen)
 
 The training loss is the assignment's: ``BCEWithLogits`` summed over the batch and divided by
 its size, ``L = (1/B) sum_b bce(z_b, y_b)``, so ``dL/dz_b = (sigmoid(z_b) - y_b) / B``.
@@ -160,9 +161,8 @@ class SentimentHead:
             d_h_n[-2], d_h_n[-1] = d_hidden[:, :H], d_hidden[:, H:]
         else:
             d_h_n[-1] = d_hidden
-        B, T = hidden.shape[0], self.rnn._cache["T"]
-        d_out = xp.zeros((B, T, self.rnn.num_directions * H), dtype=self.dtype)    # out unused
-        self.rnn.backward(d_out, d_h_n)
+        # the GRU's per-step outputs are unused (d_output 0); features are frozen (no d_x)
+        self.rnn.backward(None, d_h_n, need_dx=False)
         return {**{f"rnn.{n}": g for n, g in self.rnn.grads.items()}, **grads_out}
 
     def loss_and_grads(self, features, lengths, labels, training: bool = True):
