@@ -95,7 +95,8 @@ class PackedGRU:
         (batch first, forward time: the layout of scratch.gru's ``dropout_masks``), values 0 or
         1 / (1 - p); an empty list means no dropout."""
         if masks is not None:
-            masks = check_masks(masks, len(self.dirs) - 1, (*x.shape[:2], len(self.dirs[0]) * rnn.hidden_size))
+            D_H = len(self.dirs[0]) * rnn.hidden_size
+            masks = check_masks(masks, len(self.dirs) - 1, (*x.shape[:2], D_H), x)
         last = (lengths.to(x.device) - 1).long()
         bi, h_n = len(self.dirs[0]) == 2, []
         fwd_in, rev_in = x, (reverse_within_length(x, lengths) if bi else None)
@@ -125,9 +126,10 @@ class PackedGRU:
         return torch.stack(h_n)
 
 
-def check_masks(masks, n: int, shape: tuple) -> list[torch.Tensor]:
-    """``masks`` as a list of ``n`` tensors of ``shape`` (or empty: no dropout)."""
-    masks = [torch.as_tensor(m) for m in masks]
+def check_masks(masks, n: int, shape: tuple, like: torch.Tensor) -> list[torch.Tensor]:
+    """``masks`` (tensors or arrays) as a list of ``n`` tensors of ``shape`` on ``like``'s device
+    and dtype (or empty: no dropout)."""
+    masks = [torch.as_tensor(m, dtype=like.dtype, device=like.device) for m in masks]
     if masks and (len(masks) != n or any(tuple(m.shape) != tuple(shape) for m in masks)):
         raise ValueError(f"dropout masks: expected {n} of shape {tuple(shape)} (or none), got "
                          f"{[tuple(m.shape) for m in masks]}")
@@ -185,11 +187,14 @@ class GRUHead(nn.Module):
         else:
             lengths = check_lengths(lengths, B, T)
             hidden = self._packed(self.rnn, features, lengths)
-        hidden = torch.cat((hidden[-2], hidden[-1]), dim=1) if self.rnn.bidirectional else hidden[-1]
+        if self.rnn.bidirectional:
+            hidden = torch.cat((hidden[-2], hidden[-1]), dim=1)
+        else:
+            hidden = hidden[-1]
         if masks is None:
             hidden = self.dropout(hidden)
         elif masks.get("hidden") is not None:
-            keep = torch.as_tensor(masks["hidden"])
+            keep = torch.as_tensor(masks["hidden"], dtype=hidden.dtype, device=hidden.device)
             if tuple(keep.shape) != tuple(hidden.shape):
                 raise ValueError(f"dropout mask 'hidden' must have shape {tuple(hidden.shape)}, "
                                  f"got {tuple(keep.shape)}")

@@ -35,7 +35,8 @@ from .atomic import atomic_write, write_json
 from .backend import to_numpy
 from .sentiment import HEAD_ARGS, SentimentHead
 
-CONFIG, WEIGHTS, STATE, METRICS = "config.json", "model.safetensors", "last.safetensors", "metrics.json"
+CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
+STATE = "last.safetensors"
 CHECKSUM = "weights_sha256"
 SAVE_DTYPE = np.float32                  # the reference format (its GRUHead is float32)
 

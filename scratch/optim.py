@@ -44,7 +44,8 @@ class Adam:
             raise ValueError("params must be a non-empty dict {name: array}")
         for name, p in params.items():
             if getattr(p, "dtype", None) is None or p.dtype.kind != "f":
-                raise ValueError(f"parameter {name!r} must be a float array, got {type(p).__name__}")
+                raise ValueError(f"parameter {name!r} must be a float array, got "
+                                 f"{type(p).__name__}")
         self.params = params
         self.lr, self.betas, self.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
         self.weight_decay, self.amsgrad = float(weight_decay), bool(amsgrad)
@@ -127,7 +128,8 @@ class Adam:
             p, xp = self.params[name], array_module(self.params[name])
             step = int(s["step"])
             if step < 0 or step != s["step"]:
-                raise ValueError(f"Adam step of {name!r} must be an integer >= 0, got {s['step']!r}")
+                raise ValueError(f"Adam step of {name!r} must be an integer >= 0, got "
+                                 f"{s['step']!r}")
             new = {"step": step}
             for k in keys - {"step"}:
                 a = np.asarray(to_numpy(s[k]))

@@ -68,8 +68,9 @@ class SentimentHead:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-        self.emb_dim, self.hidden_dim, self.output_dim = int(emb_dim), int(hidden_dim), int(output_dim)
-        self.n_layers, self.bidirectional, self.dropout = int(n_layers), bool(bidirectional), float(dropout)
+        self.emb_dim, self.hidden_dim = int(emb_dim), int(hidden_dim)
+        self.output_dim, self.n_layers = int(output_dim), int(n_layers)
+        self.bidirectional, self.dropout = bool(bidirectional), float(dropout)
         self.dtype = float_dtype(dtype)
         self.xp = xp if xp is not None else get_xp()
         rnn_seed, head_seed = np.random.SeedSequence(seed).spawn(2)
@@ -79,11 +80,11 @@ class SentimentHead:
                        bidirectional=bidirectional, dtype=self.dtype, seed=rnn_seed, xp=self.xp)
         self.generator = np.random.default_rng(head_seed)
         D_H = self.rnn.num_directions * hidden_dim
-        k = 1.0 / math.sqrt(D_H)                       # torch's nn.Linear init
-        draw = lambda *shape: self.xp.asarray(self.generator.uniform(-k, k, shape).astype(self.dtype))  # noqa: E731
+        k = 1.0 / math.sqrt(D_H)                       # torch's nn.Linear init: U(-k, k)
         self.params = {f"rnn.{n}": p for n, p in self.rnn.params.items()}
-        self.params["out.weight"] = draw(output_dim, D_H)
-        self.params["out.bias"] = draw(output_dim)
+        for name, shape in (("out.weight", (output_dim, D_H)), ("out.bias", (output_dim,))):
+            self.params[name] = self.xp.asarray(
+                self.generator.uniform(-k, k, shape).astype(self.dtype))
         self.hidden_mask = None
         self._cache = None
 
