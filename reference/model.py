@@ -84,10 +84,19 @@ class PackedGRU:
         self.dirs = [[_Direction(rnn, k, r) for r in ((False, True) if rnn.bidirectional else (False,))]
                      for k in range(rnn.num_layers)]
 
-    def __call__(self, rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor,
+                 masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, T, E), lengths: (B,) in 1..T -> h_n: (num_layers * num_directions, B, H), the
         same as ``rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[1]``.
-        Between layers, dropout ``rnn.dropout`` is applied when ``rnn.training`` (as nn.GRU)."""
+        Between layers, dropout ``rnn.dropout`` is applied when ``rnn.training`` (as nn.GRU).
+
+        ``masks``: given dropout masks instead of drawn ones (then ``rnn.training`` is not
+        looked at): one per layer but the last, each (B, T, D H) in layer k's output layout
+        (batch first, forward time: the layout of scratch.gru's ``dropout_masks``), values 0 or
+        1 / (1 - p); an empty list means no dropout."""
+        if masks is not None:
+            D_H = len(self.dirs[0]) * rnn.hidden_size
+            masks = check_masks(masks, len(self.dirs) - 1, (*x.shape[:2], D_H), x)
         last = (lengths.to(x.device) - 1).long()
         bi, h_n = len(self.dirs[0]) == 2, []
         fwd_in, rev_in = x, (reverse_within_length(x, lengths) if bi else None)
@@ -104,12 +113,27 @@ class PackedGRU:
                 rev_in = torch.cat((reverse_within_length(f, lengths), r), dim=2)
             else:
                 fwd_in = f
-            if rnn.training and rnn.dropout > 0:          # one mask, seen by both directions
+            if masks is not None:                         # given: (B, T, D H), forward time
+                keep = masks[k] if masks else None
+            elif rnn.training and rnn.dropout > 0:        # one mask, seen by both directions
                 keep = torch.empty_like(fwd_in).bernoulli_(1 - rnn.dropout) / (1 - rnn.dropout)
+            else:
+                keep = None
+            if keep is not None:
                 fwd_in = fwd_in * keep
                 if bi:
                     rev_in = rev_in * reverse_within_length(keep, lengths)
         return torch.stack(h_n)
+
+
+def check_masks(masks, n: int, shape: tuple, like: torch.Tensor) -> list[torch.Tensor]:
+    """``masks`` (tensors or arrays) as a list of ``n`` tensors of ``shape`` on ``like``'s device
+    and dtype (or empty: no dropout)."""
+    masks = [torch.as_tensor(m, dtype=like.dtype, device=like.device) for m in masks]
+    if masks and (len(masks) != n or any(tuple(m.shape) != tuple(shape) for m in masks)):
+        raise ValueError(f"dropout masks: expected {n} of shape {tuple(shape)} (or none), got "
+                         f"{[tuple(m.shape) for m in masks]}")
+    return masks
 
 
 def check_lengths(lengths: torch.Tensor, batch: int, steps: int) -> torch.Tensor:
@@ -140,23 +164,46 @@ class GRUHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self._packed = PackedGRU(self.rnn)
 
-    def head(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, features: torch.Tensor, lengths: torch.Tensor | None = None,
+             masks: dict | None = None) -> torch.Tensor:
+        """features (B, T, E), lengths (B,) or None -> logits (B, output_dim).
+
+        ``masks``: dropout masks to apply instead of drawing them (for comparing with
+        scratch.sentiment, which records its own): ``{"rnn": [one (B, T, D H) per layer but
+        the last], "hidden": (B, D H) or None}``, values 0 or 1 / (1 - p); empty or None
+        entries mean no dropout there, whatever the training mode.  The GRU then always runs
+        through :class:`PackedGRU` (lengths None or ``faithful``: every review T long)."""
         if features.dim() != 3 or features.shape[2] != self.rnn.input_size:
             raise ValueError(f"features must be (batch, time, {self.rnn.input_size}), "
                              f"got {tuple(features.shape)}")
-        if self.faithful or lengths is None:
+        B, T = features.shape[:2]
+        if masks is not None:
+            if self.faithful or lengths is None:
+                lengths = torch.full((B,), T, dtype=torch.int64)
+            lengths = check_lengths(lengths, B, T)
+            hidden = self._packed(self.rnn, features, lengths, masks.get("rnn") or [])
+        elif self.faithful or lengths is None:
             _, hidden = self.rnn(features)
         else:
-            lengths = check_lengths(lengths, features.shape[0], features.shape[1])
+            lengths = check_lengths(lengths, B, T)
             hidden = self._packed(self.rnn, features, lengths)
         if self.rnn.bidirectional:
-            hidden = self.dropout(torch.cat((hidden[-2], hidden[-1]), dim=1))
+            hidden = torch.cat((hidden[-2], hidden[-1]), dim=1)
         else:
-            hidden = self.dropout(hidden[-1])
+            hidden = hidden[-1]
+        if masks is None:
+            hidden = self.dropout(hidden)
+        elif masks.get("hidden") is not None:
+            keep = torch.as_tensor(masks["hidden"], dtype=hidden.dtype, device=hidden.device)
+            if tuple(keep.shape) != tuple(hidden.shape):
+                raise ValueError(f"dropout mask 'hidden' must have shape {tuple(hidden.shape)}, "
+                                 f"got {tuple(keep.shape)}")
+            hidden = hidden * keep
         return self.out(hidden)
 
-    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(features, lengths)
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None,
+                masks: dict | None = None) -> torch.Tensor:
+        return self.head(features, lengths, masks)
 
 
 class BERTGRUSentiment(GRUHead):

@@ -108,3 +108,20 @@ def as_float_array(x, name: str = "x", dtype=None, xp=None, finite: bool = True)
     if finite and not bool(xp.isfinite(arr).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return arr
+
+
+def state_arrays(state_dict, shapes: dict, dtype, xp) -> dict:
+    """{name: array} from ``state_dict`` (torch tensors or arrays), cast to ``dtype`` on ``xp``:
+    exactly the names of ``shapes`` ({name: shape}), each of its shape and finite; otherwise a
+    :class:`ValueError` naming the entry."""
+    missing = [k for k in shapes if k not in state_dict]
+    extra = [k for k in state_dict if k not in shapes]
+    if missing or extra:
+        raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {extra}")
+    new = {}
+    for name, shape in shapes.items():
+        arr = as_float_array(to_numpy(state_dict[name]), name, dtype=dtype, xp=xp)
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        new[name] = arr
+    return new

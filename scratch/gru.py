@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module, as_float_array, float_dtype, get_xp, to_numpy
+from .backend import array_module, as_float_array, float_dtype, get_xp, state_arrays, to_numpy
 from .gru_cell import split3
 
 
@@ -158,18 +158,8 @@ class GRU:
     def load_state_dict(self, state_dict) -> None:
         """Load torch tensors or arrays (cast to this GRU's dtype).  A missing, unexpected or
         mis-shaped entry is a ValueError naming it; nothing is changed then."""
-        shapes = self.param_shapes()
-        missing = [k for k in shapes if k not in state_dict]
-        extra = [k for k in state_dict if k not in shapes]
-        if missing or extra:
-            raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {extra}")
-        new = {}
-        for name, shape in shapes.items():
-            arr = as_float_array(to_numpy(state_dict[name]), name, dtype=self.dtype, xp=self.xp)
-            if tuple(arr.shape) != shape:
-                raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {shape}")
-            new[name] = arr.copy()
-        self.params = new
+        new = state_arrays(state_dict, self.param_shapes(), self.dtype, self.xp)
+        self.params = {name: arr.copy() for name, arr in new.items()}
 
     def _layer(self, layer):
         """Per direction of ``layer``: (W_ih, W_hh, b_ih or None, b_hh or None)."""
@@ -326,9 +316,11 @@ class GRU:
 
     # ---- backward --------------------------------------------------------------------------
 
-    def backward(self, d_output, d_h_n=None):
+    def backward(self, d_output, d_h_n=None, need_dx: bool = True):
         r"""(d_x, d_h0) after :meth:`forward`; fills ``self.grads`` ({name: array}, replaced,
-        not accumulated).  d_output: the output's shape; d_h_n: h_n's shape or None (zero).
+        not accumulated).  d_output: the output's shape, or None (zero: only h_n is used, as
+        in a classifier head); d_h_n: h_n's shape or None (zero).  ``need_dx=False`` skips the
+        first layer's input gradient (a frozen encoder's features) and returns d_x = None.
 
         Layer k, last to first (dL/d output of layer k comes from layer k+1's d_x)::
 
@@ -354,7 +346,7 @@ class GRU:
                 y = lc.out[..., d * H:(d + 1) * H]
                 d_gh = self.workspace.get(f"d_gh{d}", (T, B, 3 * H), dt, xp)
                 d_h0[idx] = scan_backward(
-                    d_out[..., d * H:(d + 1) * H], d_h_n[idx], lc.gates[d], lc.g_hn[d],
+                    None if d_out is None else d_out[..., d * H:(d + 1) * H], d_h_n[idx], lc.gates[d], lc.g_hn[d],
                     states_entering(y, h0[idx], n_active, reverse=d == 1), w_hh,
                     d_gi[:, d * 3 * H:(d + 1) * 3 * H], d_gh, n_active, reverse=d == 1)
                 # d_W_hh = sum_t d_gh_t^T h_{t-1}: the state entering step t is y[t-1]
@@ -371,34 +363,38 @@ class GRU:
                     grads[f"bias_hh_l{layer}{sfx}"] = d_gh.sum(axis=(0, 1))
             d_w_ih = d_gi.T @ lc.u
             d_b_ih = d_gi.sum(axis=0) if self.bias else None
-            w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
-            d_out = unpack(d_gi @ w_cat, c.valid, T, B)     # dL/d(this layer's input)
+            if layer > 0 or need_dx:
+                w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
+                d_out = unpack(d_gi @ w_cat, c.valid, T, B)     # dL/d(this layer's input)
             for d, sfx in enumerate(self._suffixes()):
                 grads[f"weight_ih_l{layer}{sfx}"] = d_w_ih[d * 3 * H:(d + 1) * 3 * H]
                 if self.bias:
                     grads[f"bias_ih_l{layer}{sfx}"] = d_b_ih[d * 3 * H:(d + 1) * 3 * H]
         self.grads = {name: grads[name] for name in self.param_shapes()}
-        return c.layout.to_user(d_out), c.layout.to_user(d_h0, state=True)
+        return (c.layout.to_user(d_out) if need_dx else None,
+                c.layout.to_user(d_h0, state=True))
 
     def _check_backward_input(self, d_output, d_h_n):
         """Validate backward's arguments against the cached forward and bring them to the
-        internal layout: (d_out (T, B, D H), d_h_n (L D, B, H), zeros if None)."""
+        internal layout: (d_out (T, B, D H) or None, d_h_n (L D, B, H), zeros if None)."""
         c = self._cache
         if c is None:
             raise RuntimeError("call forward (with cache=True) before backward")
         xp, LD, H = self.xp, self.num_layers * self.num_directions, self.hidden_size
-        d_output = as_float_array(d_output, "d_output", dtype=self.dtype, xp=xp)
-        want = c.layout.user_shape((c.T, c.B, self.num_directions * H))
-        if tuple(d_output.shape) != want:
-            raise ValueError(f"d_output must have the output's shape {want}, got "
-                             f"{tuple(d_output.shape)}")
+        if d_output is not None:
+            d_output = as_float_array(d_output, "d_output", dtype=self.dtype, xp=xp)
+            want = c.layout.user_shape((c.T, c.B, self.num_directions * H))
+            if tuple(d_output.shape) != want:
+                raise ValueError(f"d_output must have the output's shape {want}, got "
+                                 f"{tuple(d_output.shape)}")
+            d_output = c.layout.to_internal(d_output)
         if d_h_n is None:
-            return c.layout.to_internal(d_output), xp.zeros_like(c.h0)
+            return d_output, xp.zeros_like(c.h0)
         d_h_n = as_float_array(d_h_n, "d_h_n", dtype=self.dtype, xp=xp)
         want = (LD, H) if c.layout.unbatched else (LD, c.B, H)
         if tuple(d_h_n.shape) != want:
             raise ValueError(f"d_h_n must have h_n's shape {want}, got {tuple(d_h_n.shape)}")
-        return c.layout.to_internal(d_output), c.layout.to_internal(d_h_n, state=True)
+        return d_output, c.layout.to_internal(d_h_n, state=True)
 
     def __repr__(self):
         return (f"GRU({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "

@@ -485,3 +485,23 @@ def test_inference_mode_and_reused_buffers_never_leak_into_results():
     np.testing.assert_array_equal(d_x, d_x1)
     for k in g1:
         np.testing.assert_array_equal(gru.grads[k], g1[k])
+
+
+@pytest.mark.parametrize("lengths,dropout", [(None, 0.0), ([5, 2, 7, 1], 0.4)])
+def test_backward_without_output_gradient_or_dx(lengths, dropout):
+    """backward(None, d_h_n, need_dx=False) (a classifier head on h_n over frozen features) ==
+    backward(zeros, d_h_n): the same gradients, bit for bit, and d_x None."""
+    rng = np.random.default_rng(4)
+    a = GRU(3, 4, num_layers=3, batch_first=True, dropout=dropout, bidirectional=True,
+            dtype="float64", seed=1)
+    b = GRU(3, 4, num_layers=3, batch_first=True, dropout=dropout, bidirectional=True,
+            dtype="float64", seed=1)
+    x, d_hn = rng.standard_normal((4, 7, 3)), rng.standard_normal((6, 4, 4))
+    out, _ = a(x, lengths=lengths, training=True)
+    b(x, lengths=lengths, training=True)
+    d_x, d_h0 = a.backward(np.zeros_like(out), d_hn)
+    none_x, none_h0 = b.backward(None, d_hn, need_dx=False)
+    assert none_x is None and np.abs(d_x).max() > 0
+    np.testing.assert_array_equal(none_h0, d_h0)
+    for name, g in a.grads.items():
+        np.testing.assert_array_equal(b.grads[name], g)
