@@ -153,18 +153,27 @@ def _t(x):
 # 1. softmax attention
 # ---------------------------------------------------------------------------------------------
 
+def _minus_inf_where_masked(keep, dtype, xp):
+    """The additive form of a boolean mask: 0 where kept, -inf where masked (keep's shape).
+    ``s + 0 = s`` exactly and ``s + (-inf) = -inf``: the same as ``where(keep, s, -inf)``."""
+    return xp.where(keep, 0.0, -xp.inf).astype(dtype, copy=False)
+
+
 def _softmax_weights(q, k, mask, causal):
-    """P = softmax(Q K^T / sqrt(d_k)) with masked entries -inf -> weight 0; (..., n, m)."""
+    """P = softmax(Q K^T / sqrt(d_k)) with masked entries -inf -> weight 0; (..., n, m).
+
+    Everything happens in place in the one (..., n, m) array the product makes (it is the big
+    one): the scale, the mask as an additive 0 / -inf term of the mask's own (broadcast) shape,
+    then the softmax."""
     xp = array_module(q)
-    scores = (q @ _t(k)) * (1.0 / math.sqrt(q.shape[-1]))
-    keep = _bool_mask(mask, scores.shape, "mask (..., n, m)", xp)
+    scores = q @ _t(k)                                           # (..., n, m)
+    scores *= 1.0 / math.sqrt(q.shape[-1])
+    if _bool_mask(mask, scores.shape, "mask (..., n, m)", xp) is not None:
+        scores += _minus_inf_where_masked(xp.asarray(mask), scores.dtype, xp)
     if causal:
-        tri = _causal_mask(q.shape[-2], xp)
-        keep = tri if keep is None else keep & tri
-    if keep is not None:
-        scores = xp.where(keep, scores, -xp.inf)
+        scores += _minus_inf_where_masked(_causal_mask(q.shape[-2], xp), scores.dtype, xp)
     try:
-        return softmax(scores, axis=-1)
+        return softmax(scores, axis=-1, out=scores)
     except ValueError:
         raise ValueError("softmax attention: a query row has no unmasked key "
                          "(fully masked row); its output is undefined") from None

@@ -34,19 +34,23 @@ def tanh_grad(t):
     return 1.0 - t * t
 
 
-def softmax(x, axis: int = -1):
+def softmax(x, axis: int = -1, out=None):
     """softmax(x)_i = e^{x_i - max x} / sum_j e^{x_j - max x} along ``axis``.
 
     Subtracting the max makes every exponent <= 0. ``-inf`` entries (masked) get weight 0; a
     slice that is entirely ``-inf`` has no defined softmax and raises ``ValueError``.
+    ``out``: write the result there (``out=x`` computes in place); default a new array.  The
+    steps after the subtraction work in that one array (no temporaries of x's size).
     """
     xp = array_module(x)
     m = xp.max(x, axis=axis, keepdims=True)
     if not bool(xp.isfinite(m).all()):
         raise ValueError("softmax over a slice with no finite entry (fully masked row?)")
     with np.errstate(over="ignore"):  # x - m <= 0; an overflow is -inf, whose exp is exactly 0
-        e = xp.exp(x - m)
-    return e / xp.sum(e, axis=axis, keepdims=True)
+        e = xp.subtract(x, m, out=out)
+        xp.exp(e, out=e)
+    e /= xp.sum(e, axis=axis, keepdims=True)
+    return e
 
 
 def softmax_backward(y, dy, axis: int = -1):
