@@ -42,15 +42,21 @@ Each swapped layer computes, per sequence and head, with padded keys removed (``
 ints = those layer indices (0 = the layer next to the embeddings).
 :mod:`reference.bert_attention` is the torch mirror of exactly this.
 
-Speed: every product is one BLAS call over all ``B T`` rows (Q, K and V from one product with
-the stacked ``[W_q; W_k; W_v]``, stored transposed and contiguous at load time); heads are
-views (reshape + transpose, no copy) until they are joined again; biases, residuals and GELU
-work in place.
+Speed: Q, K and V come from one BLAS product over all ``B T`` rows with the stacked
+``[W_q; W_k; W_v]`` (stored transposed and contiguous at load time); heads are views (reshape +
+transpose, no copy), and attention writes straight into the (B, T, H) layout the output
+projection reads; biases, residuals, LayerNorm and GELU work in place.  NumPy streams a whole
+array through memory for every elementwise pass, so the two big intermediates are computed in
+cache-sized blocks of at most ``CACHE_BLOCK`` elements (1 MiB of float32): the (heads, T, T)
+attention scores (blocks of batch items and heads) and the (rows, I) feed-forward activations
+(blocks of rows; each block is still one BLAS product per weight).  On CuPy a block is
+everything.  float32 GELU on NumPy avoids SciPy's slow float32 erf (:func:`gelu_float32`).
 """
 from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
@@ -62,6 +68,7 @@ from .backend import array_module, float_dtype, get_xp, to_numpy
 from .functional import sigmoid
 
 ATTENTIONS = ("softmax", "efficient", "linear")
+CACHE_BLOCK = 1 << 18       # elements of a big intermediate computed at once on NumPy
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 
 
@@ -502,6 +509,8 @@ class BertEncoder:
         1 = token, 0 = padding (default: all tokens); ``token_type_ids`` default 0."""
         ids, keep, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
         B, T = ids.shape
+        if bool(keep.all()):
+            keep = None                                               # no padding: no mask
         cfg = self.config
         x = self.word[ids]                                            # (B, T, H)
         x += self.pos[:T]                                             # (T, H) broadcast
@@ -519,25 +528,54 @@ class BertEncoder:
         h, d, H = cfg.num_attention_heads, cfg.head_size, cfg.hidden_size
         qkv = _linear(x, p.w_qkv, p.b_qkv)                              # (B T, 3H)
         q, k, v = qkv.reshape(B, T, 3, h, d).transpose(2, 0, 3, 1, 4)  # 3 x (B, h, T, d) views
-        c = self._attend(q, k, v, keep, kind)                           # (B, h, T, d)
-        c = c.transpose(0, 2, 1, 3).reshape(B * T, H)                   # (B T, H) heads joined
-        a = _linear(c, p.w_o, p.b_o)                                    # (B T, H)
+        c = self.xp.empty((B, T, h, d), dtype=x.dtype)                  # heads joined: (B T, H)
+        self._attend(q, k, v, keep, kind, out=c.transpose(0, 2, 1, 3))  # written as (B, h, T, d)
+        a = _linear(c.reshape(B * T, H), p.w_o, p.b_o)                  # (B T, H)
         a += x
         a = layer_norm(a, p.ln1_g, p.ln1_b, cfg.layer_norm_eps)         # (B T, H)
-        f = self.act(_linear(a, p.w_1, p.b_1))                          # (B T, I)
-        y = _linear(f, p.w_2, p.b_2)                                    # (B T, H)
+        y = self._feed_forward(a, p)                                    # (B T, H)
         y += a
         return layer_norm(y, p.ln2_g, p.ln2_b, cfg.layer_norm_eps)      # (B T, H)
 
-    def _attend(self, q, k, v, keep, kind):
-        """Per-head attention ``(B, h, T, d)``; ``keep (B, T)`` is the key mask."""
+    def _block(self) -> int:
+        """Most elements of a big intermediate computed at once (see ``CACHE_BLOCK``)."""
+        return CACHE_BLOCK if self.xp is np else sys.maxsize
+
+    def _feed_forward(self, a, p: Layer):
+        """act(a W_1^T + b_1) W_2^T + b_2 on ``a (B T, H)``, in blocks of rows whose (rows, I)
+        activations stay within ``CACHE_BLOCK``."""
+        n, I = a.shape[0], p.w_1.shape[1]
+        rows = max(1, self._block() // I)
+        y = self.xp.empty_like(a)                                       # (B T, H)
+        for r in range(0, n, rows):
+            f = self.act(_linear(a[r:r + rows], p.w_1, p.b_1))          # (rows, I)
+            self.xp.matmul(f, p.w_2, out=y[r:r + rows])                 # (rows, H)
+        y += p.b_2
+        return y
+
+    def _attend(self, q, k, v, keep, kind, out):
+        """Per-head attention of ``q, k, v (B, h, T, d)`` into ``out (B, h, T, d)``; ``keep
+        (B, T)`` is the key mask (None: keep every key).  Softmax attention runs on blocks of
+        batch items and heads whose (heads, T, T) scores stay within ``CACHE_BLOCK``."""
         ch = self.choice
+        B, h, T, _ = q.shape
         if kind == "softmax":
-            return softmax_attention(q, k, v, mask=keep[:, None, None, :])   # (B, 1, 1, T)
+            mask = None if keep is None else keep[:, None, None, :]     # (B, 1, 1, T)
+            hb = min(h, max(1, self._block() // (T * T)))               # heads per block
+            bb = 1 if hb < h else min(B, max(1, self._block() // (h * T * T)))
+            for b in range(0, B, bb):
+                for g in range(0, h, hb):
+                    blk = (slice(b, b + bb), slice(g, g + hb))
+                    out[blk] = softmax_attention(q[blk], k[blk], v[blk],
+                                                 mask=None if mask is None else mask[b:b + bb])
+            return out
+        key_mask = None if keep is None else keep[:, None, :]           # (B, 1, T)
         if kind == "efficient":
-            return efficient_attention(q, k, v, key_mask=keep[:, None, :],   # (B, 1, T)
-                                       normalization=ch.normalization)
-        return linear_attention(q, k, v, key_mask=keep[:, None, :], alpha=ch.alpha, eps=ch.eps)
+            out[...] = efficient_attention(q, k, v, key_mask=key_mask,
+                                           normalization=ch.normalization)
+        else:
+            out[...] = linear_attention(q, k, v, key_mask=key_mask, alpha=ch.alpha, eps=ch.eps)
+        return out
 
     def __repr__(self):
         c, ch = self.config, self.choice

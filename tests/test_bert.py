@@ -114,6 +114,19 @@ def test_random_berts_equal_transformers_float64(tmp_path_factory, case):
     assert rel_err(out, ref) <= 1e-10
 
 
+@pytest.mark.parametrize("block", [1, 40, 300, 1 << 30])
+@pytest.mark.parametrize("attention", ["softmax", "efficient", "linear"])
+def test_cache_blocks_do_not_change_the_result(small_folder, monkeypatch, block, attention):
+    """Attention over blocks of heads / batch items and the feed-forward over blocks of rows
+    give the one-block result (block 1: one head or one row at a time)."""
+    enc = BertEncoder.from_pretrained(small_folder, dtype="float64", attention=attention)
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(0, 50, (3, 11)), (np.arange(11) < np.array([[11], [4], [7]]))
+    whole = enc(ids, mask)
+    monkeypatch.setattr("scratch.bert.CACHE_BLOCK", block)
+    np.testing.assert_allclose(enc(ids, mask), whole, rtol=1e-13, atol=1e-13)
+
+
 # ---------------------------------------------------------------------------------------------
 # activations
 # ---------------------------------------------------------------------------------------------
