@@ -17,7 +17,8 @@ Each layer ``l = 1 .. L`` (``W`` as stored by torch, ``(out, in)``; ``x W^T + b`
     x_l     = LayerNorm(a + act(a W_1^T + b_1) W_2^T + b_2)                     (B, T, H)
 
     LayerNorm(y) = (y - mean(y)) / sqrt(var(y) + eps) * gamma + beta  over the last axis,
-    var the biased variance; act = config.hidden_act ("gelu": y Phi(y), the exact erf form).
+    var the biased variance; act = config.hidden_act ("gelu": y Phi(y), the exact erf form;
+    NumPy float32 evaluates it through a fitted tanh form, |error| <= 2e-7 max(1, |y|)).
 
 ``key_mask[b, j] = attention_mask[b, j] == 1``: a padded key takes part in no query's
 attention.  Padded *query* rows are computed all the same (as in transformers); positions
@@ -35,7 +36,8 @@ Each swapped layer computes, per sequence and head, with padded keys removed (``
   ``normalization="scaling"``: ``(Q / sqrt(m)) ((K / sqrt(m))^T V) = Q K^T V / m``.
 * ``"linear"`` (Katharopoulos et al.), :func:`scratch.attention.linear_attention`, non-causal:
   ``out_i = phi(Q_i)^T S / (phi(Q_i)^T Z + eps)``, ``S = sum_j phi(K_j) V_j^T``,
-  ``Z = sum_j phi(K_j)`` over real keys j, ``phi(x) = elu(x, alpha) + 1``.
+  ``Z = sum_j phi(K_j)`` over real keys j, ``phi(x) = elu(x, alpha) + 1`` (options ``alpha``,
+  default 1, and ``eps``, default 1e-6).
 
 ``swap_layers`` chooses where the switch applies (the other layers keep softmax attention):
 ``None`` = every layer, an int ``k`` = the top ``k`` layers (indices ``L-k .. L-1``), a set of

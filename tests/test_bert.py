@@ -322,6 +322,22 @@ def test_a_real_mpnet_style_folder_is_refused(tmp_path):
         BertEncoder.from_pretrained(tmp_path)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["softmax", "efficient", "linear"])
+def test_cupy_encoder_equals_numpy_encoder(minilm, attention):
+    from scratch.backend import cupy_usable, to_numpy
+
+    if not cupy_usable():
+        pytest.skip("no CuPy with a working GPU here")
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(1000, 30000, (3, 70)), np.arange(70) < np.array([[70], [9], [33]])
+    on_gpu = BertEncoder.from_pretrained(minilm, "float64", attention, backend="cupy")
+    on_cpu = BertEncoder.from_pretrained(minilm, "float64", attention, backend="numpy")
+    out = on_gpu(ids, mask)
+    assert type(out).__module__.startswith("cupy")
+    assert rel_err(to_numpy(out), on_cpu(ids, mask)) <= 1e-10
+
+
 # ---------------------------------------------------------------------------------------------
 # torch-free
 # ---------------------------------------------------------------------------------------------
