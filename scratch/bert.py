@@ -52,130 +52,25 @@ array through memory for every elementwise pass, so the two big intermediates ar
 cache-sized blocks of at most ``CACHE_BLOCK`` elements (1 MiB of float32): the (heads, T, T)
 attention scores (blocks of batch items and heads) and the (rows, I) feed-forward activations
 (blocks of rows; each block is still one BLAS product per weight).  On CuPy a block is
-everything.  float32 GELU on NumPy avoids SciPy's slow float32 erf (:func:`gelu_float32`).
+everything.  float32 GELU on NumPy avoids SciPy's slow float32 erf
+(:func:`scratch.activations.gelu_float32`).
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import special
 
+from .activations import ACTIVATIONS
 from .attention import NORMALIZATIONS, efficient_attention, linear_attention, softmax_attention
 from .backend import array_module, float_dtype, get_xp, to_numpy
-from .functional import sigmoid
+from .bert_folder import CONFIG, WEIGHTS, BertConfig, BertError, read_weights
 
 ATTENTIONS = ("softmax", "efficient", "linear")
 CACHE_BLOCK = 1 << 18       # elements of a big intermediate computed at once on NumPy
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
-
-
-class BertError(ValueError):
-    """A BERT folder, its weights, an option or an input is not what the encoder can use
-    (the message names the file, tensor, option or input and the problem)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# activations (forward only: the encoder is frozen)
-# ---------------------------------------------------------------------------------------------
-
-def _erf(x, out=None):
-    """erf(x) from SciPy (NumPy arrays) or cupyx (CuPy arrays)."""
-    if array_module(x) is np:
-        return special.erf(x, out=out)
-    from cupyx.scipy.special import erf
-
-    return erf(x, out=out)
-
-
-def gelu_exact(x):
-    """GELU(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2 with the library's erf (SciPy, cupyx):
-    the exact form, transformers' "gelu".  Written in place into one new array."""
-    g = x * (1.0 / math.sqrt(2.0))          # x / sqrt 2
-    _erf(g, out=g)                          # erf(x / sqrt 2)
-    g += 1.0
-    g *= 0.5                                # Phi(x)
-    g *= x
-    return g
-
-
-# Phi(x) = (1 + tanh(x P(x^2))) / 2 on |x| <= 4 sqrt 2 (beyond, Phi is 0 or 1 to float32
-# precision: Phi(-4 sqrt 2) = 7.6e-9), P of degree 6 with the coefficients below (constant term
-# first), fitted here to artanh(2 Phi(x) - 1) / x by least squares reweighted towards the
-# smallest largest |Phi error| (Lawson's iteration) in float64.  In float32 arithmetic the
-# GELU error is at most 1.3e-7 max(1, |x|) on a dense grid (tests/test_bert.py checks 2e-7).
-_PHI_TANH = (0.797884942208162, 0.036333082845684365, -3.2593713047865556e-05,
-             -5.5306604302457245e-05, 3.9648145110741505e-06, -1.3226953204494304e-07,
-             1.756380213586867e-09)
-_PHI_CLIP = 4.0 * math.sqrt(2.0)
-
-
-def gelu_float32(x):
-    """GELU in float32 without erf: x Phi(x) with Phi from the tanh fit above, every step an
-    in-place vectorised pass (SciPy's float32 erf is a scalar loop, ~30x torch's GELU).
-    |error| <= 2e-7 max(1, |x|) against the exact GELU (tested); exactly 0 below -4 sqrt 2."""
-    xp = array_module(x)
-    dt = x.dtype.type
-    z = xp.clip(x, dt(-_PHI_CLIP), dt(_PHI_CLIP))           # (..., I)
-    u = z * z                                               # x^2
-    p = u * dt(_PHI_TANH[-1])
-    p += dt(_PHI_TANH[-2])
-    for c in _PHI_TANH[-3::-1]:                             # Horner: p = P(x^2)
-        p *= u
-        p += dt(c)
-    p *= z
-    xp.tanh(p, out=p)                                       # 2 Phi(x) - 1
-    p += dt(1.0)
-    p *= dt(0.5)                                            # Phi(x)
-    p[x < dt(-_PHI_CLIP)] = 0                               # Phi < 7.6e-9 there: 0
-    p *= x
-    return p
-
-
-def gelu(x):
-    """GELU(x) = x Phi(x), the exact form: the library's erf, except NumPy float32 (SciPy's
-    float32 erf is slow), which takes :func:`gelu_float32`.  CuPy always uses cupyx's erf."""
-    if array_module(x) is np and x.dtype == np.float32:
-        return gelu_float32(x)
-    return gelu_exact(x)
-
-
-def gelu_tanh(x):
-    """The tanh approximation ("gelu_new", "gelu_pytorch_tanh"):
-    x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2."""
-    xp = array_module(x)
-    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-def gelu_fast(x):
-    """transformers' "gelu_fast": x (1 + tanh(0.7978845608 x (1 + 0.044715 x^2))) / 2."""
-    xp = array_module(x)
-    return 0.5 * x * (1.0 + xp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
-
-
-def _relu(x):
-    return array_module(x).maximum(x, 0)
-
-
-ACTIVATIONS = {
-    "gelu": gelu,
-    "gelu_python": gelu,
-    "gelu_new": gelu_tanh,
-    "gelu_pytorch_tanh": gelu_tanh,
-    "gelu_python_tanh": gelu_tanh,
-    "gelu_fast": gelu_fast,
-    "quick_gelu": lambda x: x * sigmoid(1.702 * x),
-    "relu": _relu,
-    "silu": lambda x: x * sigmoid(x),
-    "swish": lambda x: x * sigmoid(x),
-    "sigmoid": sigmoid,
-    "tanh": lambda x: array_module(x).tanh(x),
-    "linear": lambda x: x,
-}
 
 
 def layer_norm(y, gamma, beta, eps):
@@ -194,134 +89,6 @@ def _linear(x, w_t, b):
     y = x @ w_t                                             # (rows, out)
     y += b
     return y
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration and weights
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BertConfig:
-    """The fields of ``config.json`` the forward pass needs (checked on load)."""
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    hidden_act: str = "gelu"
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-
-    @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> "BertConfig":
-        path = Path(folder) / CONFIG
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise BertError(f"{path}: missing (a BERT folder needs {CONFIG} and "
-                            f"{WEIGHTS})") from None
-        except (OSError, ValueError) as e:
-            raise BertError(f"{path}: not readable JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise BertError(f"{path}: not a JSON object")
-        if raw.get("model_type") != "bert":
-            raise BertError(f"{path}: model_type {raw.get('model_type')!r} is not BERT; "
-                            "scratch.bert reads BERT folders only (model_type 'bert')")
-        for key, bad in (("position_embedding_type", lambda v: v not in (None, "absolute")),
-                         ("is_decoder", bool), ("add_cross_attention", bool)):
-            if bad(raw.get(key)):
-                raise BertError(f"{path}: {key}={raw[key]!r} is not supported (a plain BERT "
-                                "encoder: absolute positions, no decoder, no cross-attention)")
-        kw = {}
-        for f in fields(cls):
-            if f.name in raw:
-                kw[f.name] = raw[f.name]
-            elif f.default is MISSING:                  # no default: required
-                raise BertError(f"{path}: no {f.name!r}")
-        cfg = cls(**kw)
-        cfg._check(path)
-        return cfg
-
-    def _check(self, path):
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise BertError(f"{path}: {name} must be a positive integer, got {v!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise BertError(f"{path}: hidden_size {self.hidden_size} is not a multiple of "
-                            f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise BertError(f"{path}: unknown hidden_act {self.hidden_act!r} "
-                            f"(known: {', '.join(ACTIVATIONS)})")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
-            raise BertError(f"{path}: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-
-
-def expected_shapes(cfg: BertConfig) -> dict[str, tuple]:
-    """Every tensor the encoder reads, by its name in a ``BertModel`` checkpoint, and shape."""
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"embeddings.word_embeddings.weight": (cfg.vocab_size, H),
-              "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, H),
-              "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, H),
-              "embeddings.LayerNorm.weight": (H,), "embeddings.LayerNorm.bias": (H,)}
-    for l in range(cfg.num_hidden_layers):
-        p = f"encoder.layer.{l}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense"):
-            shapes |= {p + name + ".weight": (H, H), p + name + ".bias": (H,)}
-        shapes |= {p + "intermediate.dense.weight": (I, H), p + "intermediate.dense.bias": (I,),
-                   p + "output.dense.weight": (H, I), p + "output.dense.bias": (H,)}
-        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
-            shapes |= {p + ln + ".weight": (H,), p + ln + ".bias": (H,)}
-    return shapes
-
-
-def _canonical(name: str) -> str:
-    """Checkpoint name -> ``BertModel`` name: drop a ``bert.`` prefix (BertForMaskedLM and the
-    original bert-base-uncased), LayerNorm ``gamma``/``beta`` -> ``weight``/``bias``."""
-    name = name.removeprefix("bert.")
-    if ".LayerNorm." in name:
-        name = name.replace(".gamma", ".weight").replace(".beta", ".bias")
-    return name
-
-
-def read_weights(folder: Path, cfg: BertConfig) -> dict[str, np.ndarray]:
-    """The tensors of :func:`expected_shapes` from ``model.safetensors`` (only those are read),
-    each checked for presence, shape, a float dtype and finite values."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(folder) / WEIGHTS
-    if not path.is_file():
-        raise BertError(f"{path}: missing (scratch.bert reads safetensors only; a "
-                        "pytorch_model.bin would need torch to open)")
-    want = expected_shapes(cfg)
-    out = {}
-    try:
-        with safe_open(str(path), framework="np") as f:
-            stored = {_canonical(k): k for k in f.keys()}
-            for name, shape in want.items():
-                if name not in stored:
-                    raise BertError(f"{path}: tensor {name!r} is missing")
-                sl = f.get_slice(stored[name])
-                if tuple(sl.get_shape()) != shape:
-                    raise BertError(f"{path}: tensor {name!r} has shape "
-                                    f"{tuple(sl.get_shape())}, expected {shape} from {CONFIG}")
-                if sl.get_dtype() not in ("F16", "F32", "F64"):
-                    raise BertError(f"{path}: tensor {name!r} has dtype {sl.get_dtype()} "
-                                    "(NumPy reads F16, F32, F64)")
-                out[name] = f.get_tensor(stored[name])
-    except (SafetensorError, OSError) as e:
-        raise BertError(f"{path}: not a readable safetensors file ({e})") from None
-    for name, a in out.items():
-        if not np.isfinite(a).all():
-            raise BertError(f"{path}: tensor {name!r} contains NaN or inf")
-    return out
 
 
 @dataclass(frozen=True)
@@ -587,6 +354,5 @@ class BertEncoder:
                 f"attention={ch.attention!r}{swap}, xp={self.xp.__name__})")
 
 
-__all__ = ["BertEncoder", "BertConfig", "BertError", "AttentionChoice", "ACTIVATIONS",
-           "ATTENTIONS", "gelu", "layer_norm", "expected_shapes", "read_weights",
-           "swapped_layers"]
+__all__ = ["BertEncoder", "BertConfig", "BertError", "AttentionChoice", "ATTENTIONS",
+           "layer_norm", "swapped_layers"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bert import BertError
+from .bert_folder import BertError
 
 TOKENIZER = "tokenizer.json"
 VOCAB_SIZE = 30_522
