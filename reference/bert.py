@@ -18,9 +18,14 @@ def review_batch(tokenizer, n: int = 8, max_length: int = 128, path=None):
     """The first ``n`` test reviews, tokenized (truncated to ``max_length``) and right-padded:
     ``(input_ids, attention_mask)``, both (n, T) int64."""
     texts = load_imdb(find_imdb(path), splits=("test",))["test"].texts[:n]
-    seqs = tokenize(tokenizer, texts, max_length=max_length)
+    return pad(tokenize(tokenizer, texts, max_length=max_length))
+
+
+def pad(seqs, pad_id: int = 0):
+    """Right-pad id sequences: ``(input_ids, attention_mask)``, both (B, T_max) int64."""
     T = max(len(s) for s in seqs)
-    ids, mask = np.zeros((n, T), np.int64), np.zeros((n, T), np.int64)
+    ids = np.full((len(seqs), T), pad_id, np.int64)
+    mask = np.zeros((len(seqs), T), np.int64)
     for b, s in enumerate(seqs):
         ids[b, :len(s)], mask[b, :len(s)] = s, 1
     return ids, mask
@@ -42,19 +47,19 @@ def compare_rows(repeat: int = 3, n: int = 8, max_length: int = 128):
     model = ref.model
     ids, mask = review_batch(ref.tokenizer, n, max_length)
     rows = []
-    shape = f"{n} reviews x {ids.shape[1]} tok"
+    shape = f"{n} reviews x {ids.shape[1]} tok"                  # names fit compare's column
     for dtype in (torch.float32, torch.float64):
         name = str(dtype).removeprefix("torch.")
         enc = BertEncoder.from_pretrained(ref.source, dtype=name, backend="numpy")
         model.to(dtype)
-        rows.append(compare_row(f"BERT MiniLM forward {name}: {shape}",
+        rows.append(compare_row(f"BERT MiniLM {name}: {shape}",
                                 lambda enc=enc: enc(ids, mask),
                                 lambda: last_hidden(model, ids, mask), repeat))
-    for variant, label in ((dict(attention="efficient"), "efficient (all layers)"),
-                           (dict(attention="linear", swap_layers=2), "linear (top 2 layers)")):
+    for variant, label in ((dict(attention="efficient"), "efficient, all layers"),
+                           (dict(attention="linear", swap_layers=2), "linear, top 2 layers")):
         swap_attention(model, **variant)                  # the float64 model from the loop
         swapped = enc.with_attention(**variant)
-        rows.append(compare_row(f"BERT MiniLM {label} float64: {shape}",
+        rows.append(compare_row(f"BERT {label}, float64: {n} x {ids.shape[1]} tok",
                                 lambda swapped=swapped: swapped(ids, mask),
                                 lambda: last_hidden(model, ids, mask), repeat))
     swap_attention(model, "softmax")

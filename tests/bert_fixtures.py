@@ -7,6 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
+from reference.bert import pad
 from reference.data import load_imdb, tokenize
 from reference.encoders import minilm_path
 
@@ -57,13 +58,5 @@ def review_batches(imdb_path, tokenizer):
     order = np.argsort(lengths)
     short = [ids[i] for i in order[:4]]                                  # the 4 shortest
     mixed = [ids[order[-1]], ids[order[len(order) // 2]], ids[order[5]]]  # 512, median, short
-    return [("short", *_pad(short)), ("mixed", *_pad(mixed))]
+    return [("short", *pad(short)), ("mixed", *pad(mixed))]
 
-
-def _pad(seqs):
-    T = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), T), dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=np.int64)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)], mask[b, :len(s)] = s, 1
-    return ids, mask

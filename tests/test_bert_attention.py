@@ -123,7 +123,8 @@ def test_compare_rows_on_real_reviews(imdb_path, monkeypatch):
     monkeypatch.setenv("IMDB_PATH", str(imdb_path))
     rows = compare_rows(repeat=1, n=2, max_length=16)
     assert [r.component.split(":")[0] for r in rows] == [
-        "BERT MiniLM forward float32", "BERT MiniLM forward float64",
-        "BERT MiniLM efficient (all layers) float64", "BERT MiniLM linear (top 2 layers) float64"]
+        "BERT MiniLM float32", "BERT MiniLM float64", "BERT efficient, all layers, float64",
+        "BERT linear, top 2 layers, float64"]
+    assert max(len(r.component) for r in rows) <= 54          # compare's column width
     assert rows[0].max_abs_err < 1e-4 and max(r.max_abs_err for r in rows[1:]) < 1e-10
     assert all(r.scratch_s > 0 and r.torch_s > 0 for r in rows)
