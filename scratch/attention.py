@@ -63,7 +63,7 @@ import math
 import numpy as np
 
 from .backend import array_module, as_float_array, float_dtype
-from .functional import elu, elu_grad, softmax, softmax_backward
+from .functional import elu, elu_grad, softmax, softmax_backward, softmax_parts
 
 __all__ = [
     "softmax_attention", "softmax_attention_backward",
@@ -153,28 +153,50 @@ def _t(x):
 # 1. softmax attention
 # ---------------------------------------------------------------------------------------------
 
-def _softmax_weights(q, k, mask, causal):
-    """P = softmax(Q K^T / sqrt(d_k)) with masked entries -inf -> weight 0; (..., n, m)."""
+def _minus_inf_where_masked(keep, dtype, xp):
+    """The additive form of a boolean mask: 0 where kept, -inf where masked (keep's shape).
+    ``s + 0 = s`` exactly and ``s + (-inf) = -inf``: the same as ``where(keep, s, -inf)``."""
+    return xp.where(keep, 0.0, -xp.inf).astype(dtype, copy=False)
+
+
+def _softmax_parts(q, k, mask, causal):
+    """(E, z): E = exp(S - rowmax S), z = rowsum E, S = Q K^T / sqrt(d_k) with masked entries
+    -inf (weight 0); E (..., n, m), z (..., n, 1).  P = E / z.
+
+    Everything happens in place in the one (..., n, m) array the product makes (the big one):
+    the scale is applied to Q before the product, the mask enters as an additive 0 / -inf term
+    of the mask's own (broadcast) shape, then exp."""
     xp = array_module(q)
-    scores = (q @ _t(k)) * (1.0 / math.sqrt(q.shape[-1]))
-    keep = _bool_mask(mask, scores.shape, "mask (..., n, m)", xp)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ _t(k)        # (..., n, m)
+    if _bool_mask(mask, scores.shape, "mask (..., n, m)", xp) is not None:
+        scores += _minus_inf_where_masked(xp.asarray(mask), scores.dtype, xp)
     if causal:
-        tri = _causal_mask(q.shape[-2], xp)
-        keep = tri if keep is None else keep & tri
-    if keep is not None:
-        scores = xp.where(keep, scores, -xp.inf)
+        scores += _minus_inf_where_masked(_causal_mask(q.shape[-2], xp), scores.dtype, xp)
     try:
-        return softmax(scores, axis=-1)
+        return softmax_parts(scores, axis=-1, out=scores)
     except ValueError:
         raise ValueError("softmax attention: a query row has no unmasked key "
                          "(fully masked row); its output is undefined") from None
 
 
+def _softmax_weights(q, k, mask, causal):
+    """P = softmax(Q K^T / sqrt(d_k)) with masked entries -inf -> weight 0; (..., n, m)."""
+    e, z = _softmax_parts(q, k, mask, causal)
+    e /= z
+    return e
+
+
 def softmax_attention(q, k, v, mask=None, causal=False):
     """out = softmax(Q K^T / sqrt(d_k)) V.  ``mask``: bool, broadcastable to (..., n, m),
-    True = attend.  ``causal``: query i attends to keys j <= i (needs n == m)."""
+    True = attend.  ``causal``: query i attends to keys j <= i (needs n == m).
+
+    Computed as ``(E V) / z`` (:func:`_softmax_parts`): the division by the row sums falls on
+    the (..., n, d_v) output instead of the (..., n, m) weights."""
     q, k, v = _qkv(q, k, v, causal=causal)
-    return _softmax_weights(q, k, mask, causal) @ v
+    e, z = _softmax_parts(q, k, mask, causal)
+    out = e @ v                                                  # (..., n, d_v)
+    out /= z
+    return out
 
 
 def softmax_attention_backward(q, k, v, d_out, mask=None, causal=False):

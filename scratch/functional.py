@@ -34,19 +34,30 @@ def tanh_grad(t):
     return 1.0 - t * t
 
 
-def softmax(x, axis: int = -1):
-    """softmax(x)_i = e^{x_i - max x} / sum_j e^{x_j - max x} along ``axis``.
+def softmax_parts(x, axis: int = -1, out=None):
+    """``(e, z)`` with ``e = e^{x - max x}`` and ``z = sum e`` along ``axis``: softmax = e / z.
 
     Subtracting the max makes every exponent <= 0. ``-inf`` entries (masked) get weight 0; a
     slice that is entirely ``-inf`` has no defined softmax and raises ``ValueError``.
+    ``out``: where e is written (``out=x`` works in place); default a new array.  Kept apart
+    so that a caller can divide something smaller than e (attention divides ``e V``).
     """
     xp = array_module(x)
     m = xp.max(x, axis=axis, keepdims=True)
     if not bool(xp.isfinite(m).all()):
         raise ValueError("softmax over a slice with no finite entry (fully masked row?)")
     with np.errstate(over="ignore"):  # x - m <= 0; an overflow is -inf, whose exp is exactly 0
-        e = xp.exp(x - m)
-    return e / xp.sum(e, axis=axis, keepdims=True)
+        e = xp.subtract(x, m, out=out)
+        xp.exp(e, out=e)
+    return e, xp.sum(e, axis=axis, keepdims=True)
+
+
+def softmax(x, axis: int = -1, out=None):
+    """softmax(x)_i = e^{x_i - max x} / sum_j e^{x_j - max x} along ``axis`` (see
+    :func:`softmax_parts`; ``out=x`` computes in place)."""
+    e, z = softmax_parts(x, axis, out)
+    e /= z
+    return e
 
 
 def softmax_backward(y, dy, axis: int = -1):

@@ -1,0 +1,62 @@
+"""Helpers for the BERT tests: random BERT folders made by torch, torch's last hidden states,
+real reviews as padded id batches, the relative error used throughout."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
+
+from reference.bert import pad
+from reference.data import load_imdb, tokenize
+from reference.encoders import minilm_path
+
+hf_logging.set_verbosity_error()    # MiniLM's unused pooler weights: no load report
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| over whole arrays (padded positions included)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def random_bert(seed: int, scale: float = 0.5, **config) -> BertModel:
+    """A BertModel with every parameter drawn N(0, scale^2) (LayerNorm weights 1 + noise), so
+    that no part of the forward pass is near-trivial (default init has LayerNorm = identity)."""
+    cfg = BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config)
+    model = BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
+        p.copy_(1.0 + noise if name.endswith("LayerNorm.weight") else noise)
+    return model
+
+
+def torch_hidden(model, ids, mask=None, types=None) -> np.ndarray:
+    """``model(...).last_hidden_state`` as a NumPy array."""
+    kw = {}
+    if mask is not None:
+        kw["attention_mask"] = torch.as_tensor(np.asarray(mask))
+    if types is not None:
+        kw["token_type_ids"] = torch.as_tensor(np.asarray(types))
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids)), **kw).last_hidden_state.numpy()
+
+
+def minilm_torch(dtype=torch.float64) -> BertModel:
+    return BertModel.from_pretrained(minilm_path(), add_pooling_layer=False).eval().to(dtype)
+
+
+def review_batches(imdb_path, tokenizer):
+    """Real test-split reviews as right-padded batches of different lengths:
+    (name, input_ids (B, T), attention_mask (B, T)).  Chosen deterministically: short reviews
+    whole, and long reviews truncated to 512 (MiniLM's limit) beside shorter ones."""
+    texts = load_imdb(imdb_path, splits=("test",))["test"].texts
+    ids = tokenize(tokenizer, texts[:400], max_length=512)
+    lengths = np.array([len(i) for i in ids])
+    order = np.argsort(lengths)
+    short = [ids[i] for i in order[:4]]                                  # the 4 shortest
+    mixed = [ids[order[-1]], ids[order[len(order) // 2]], ids[order[5]]]  # 512, median, short
+    return [("short", *pad(short)), ("mixed", *pad(mixed))]
+
