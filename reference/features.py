@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
+
+from scratch import features as scratch_features
 
 from .atomic import atomic_write
 from .data import tokenize
@@ -60,46 +61,12 @@ def cache_key(encoder: Encoder, ids: list[np.ndarray], max_length: int, autocast
     return h.hexdigest()[:24]
 
 
-class FeatureStore:
-    """Read-only view of a complete cache: review ``i`` -> float16 (L_i, H), memory-mapped."""
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        index_file = self.folder / "index.json"
-        if not index_file.exists():
-            raise FileNotFoundError(f"{self.folder}: no index.json, the cache is not complete")
-        self.meta = json.loads(index_file.read_text())
-        self.hidden_size = int(self.meta["hidden_size"])
-        n = int(self.meta["n"])
-        self.lengths = np.zeros(n, dtype=np.int64)
-        self._where = np.full((n, 2), -1, dtype=np.int64)       # (shard, row offset)
-        self._shards = []
-        for s, fname in enumerate(self.meta["shards"]):
-            f = safe_open(str(self.folder / fname), framework="numpy")
-            lengths, index = f.get_tensor("lengths"), f.get_tensor("index")
-            self.lengths[index] = lengths
-            self._where[index, 0] = s
-            self._where[index, 1] = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            self._shards.append(f.get_slice("features"))
-        self.wait_seconds = 0.0          # set by extract_features: time spent behind another writer
-        if (self._where[:, 0] < 0).any():
-            raise ValueError(f"{self.folder}: corrupt cache, some reviews have no features")
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def get(self, i: int) -> np.ndarray:
-        """Token features of review ``i``: float16 (L_i, H), [CLS] first, [SEP] last."""
-        s, off = self._where[i]
-        return self._shards[s][int(off):int(off + self.lengths[i])]
+class FeatureStore(scratch_features.FeatureStore):
+    """:class:`scratch.features.FeatureStore` whose batches are torch tensors."""
 
     def batch(self, indices, dtype=torch.float32):
         """Zero-padded ``x`` (B, L_max, H) and ``lengths`` (B,) int64 for reviews ``indices``."""
-        indices = np.asarray(indices, dtype=np.int64)
-        lengths = self.lengths[indices]
-        x = np.zeros((len(indices), int(lengths.max()), self.hidden_size), dtype=np.float32)
-        for b, i in enumerate(indices):
-            x[b, :lengths[b]] = self.get(i)
+        x, lengths = super().batch(indices)
         return torch.from_numpy(x).to(dtype), torch.from_numpy(lengths)
 
 
