@@ -17,6 +17,7 @@ interruption is one line and exit status 130, and the ``reference`` loggers prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -97,14 +98,33 @@ def check_encoder(p: argparse.ArgumentParser, name: str, max_length: int | None 
     ``max_length``: it must be in 2..the encoder's learned positions."""
     from .encoders import EncoderError, inspect_encoder
 
-    try:
-        info = inspect_encoder(name)
-    except EncoderError as e:
-        p.error(one_line(e))
-    if max_length is not None and not 2 <= max_length <= info.max_length:
-        p.error(f"--max-length must be in 2..{info.max_length} ({info.name}'s positions), "
-                f"got {max_length}")
+    with held_logs("reference.encoders") as notes:       # e.g. "auto: using minilm", shown
+        try:                                             # only when the checks pass
+            info = inspect_encoder(name)
+        except EncoderError as e:
+            p.error(one_line(e))
+        if max_length is not None and not 2 <= max_length <= info.max_length:
+            p.error(f"--max-length must be in 2..{info.max_length} ({info.name}'s positions), "
+                    f"got {max_length}")
+    for record in notes:
+        logging.getLogger(record.name).handle(record)
     return info
+
+
+@contextlib.contextmanager
+def held_logs(name: str):
+    """Collect the records of logger ``name`` instead of showing them (a failing check then
+    prints its one line alone); yields the list they go to."""
+    log, records = logging.getLogger(name), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    propagate, log.propagate = log.propagate, False
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
 
 
 def check_folder(p: argparse.ArgumentParser, option: str, path) -> Path:

@@ -239,3 +239,19 @@ def test_run_ends_on_sigterm_like_ctrl_c_with_one_line(capsys, caplog):
     assert capsys.readouterr().err == "resuming: 1 of 2 shards done\nprog: interrupted\n"
     assert signal.getsignal(signal.SIGTERM) is before
     assert logging.getLogger("reference").propagate
+
+
+def test_encoder_auto_explains_its_choice_only_when_the_checks_pass(tmp_path, monkeypatch, capsys,
+                                                                   caplog):
+    """--encoder auto without bert-base-uncased logs that it uses MiniLM; a failing check
+    prints its one line alone, a passing one lets the note through."""
+    monkeypatch.setattr(encoders, "local_bert_base", lambda: None)
+    p = cli.Parser(prog="prog")
+    with pytest.raises(SystemExit):
+        cli.check_encoder(p, "auto", 600)
+    assert capsys.readouterr().err == ("prog: error: --max-length must be in 2..512 "
+                                       "(minilm's positions), got 600\n")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="reference.encoders"):
+        assert cli.check_encoder(p, "auto", 128).name == "minilm"
+    assert any("using the packaged all-MiniLM-L6-v2" in m for m in caplog.messages)
