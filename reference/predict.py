@@ -28,8 +28,8 @@ from . import cli
 COLD_START = """\
 Cold start: it reads and verifies the checkpoint first (config.json, the sha256 of
 model.safetensors, finite weights: a bad one fails in a second), then loads the encoder named
-in its config.json once (minilm, 90 MB: a few seconds on a CPU; bert-base-uncased or mpnet,
-420 MB: longer), then scores the reviews in batches of --batch-size.  Reviews come from the
+in its config.json once (minilm, 91 MB: a few seconds on a CPU; bert-base-uncased or mpnet,
+438 MB: longer), then scores the reviews in batches of --batch-size.  Reviews come from the
 arguments and from --file (one per line, UTF-8; - reads standard input, for reviews longer
 than the shell's argument limit); an empty review is an error.  Each review is cut to the
 checkpoint's max_length tokens, as in training."""
