@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m reference.compare
+	$(PY) -m reference.compare --threads 1
 	$(PY) -m reference.demo
 
 test: $(STAMP)

@@ -21,9 +21,9 @@ def tokenize(tokenizer, texts, max_length: int = 512) -> list[np.ndarray]:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from . import cli
 
-    p = argparse.ArgumentParser(prog="python -m reference.data",
+    p = cli.Parser(prog="python -m reference.data",
                                 description="Find, download or summarise the IMDB data.")
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH or the cache)")
     p.add_argument("--download", action="store_true", help=f"download {IMDB_URL} if missing")
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         path = find_imdb(args.data, download=args.download, cache_dir=args.cache_dir)
         data = load_imdb(path)
     except ImdbError as e:
-        p.exit(2, f"error: {e}\n")
+        p.error(cli.one_line(e))
     for split, r in data.items():
         print(f"{split}: {len(r)} reviews, {int(r.labels.sum())} positive  ({path})")
     return 0

@@ -4,17 +4,20 @@ With the archive (``--data`` or ``IMDB_PATH``): a short real training of the ass
 BiGRU head on the packaged MiniLM encoder's features, on a stratified subset (2,000 train
 reviews split 1,400/600, 1,000 test reviews, the first 128 tokens of each, 2 epochs, batch 32;
 about 2-3 minutes on 2 CPU cores the first time, seconds of feature work afterwards thanks to
-the cache), then its test accuracy and ``predict_sentiment`` on two sentences.  Without the
-archive: how to get it, and exit status 0 (the demo's comparison table does not need it).
+the cache), then its test accuracy and ``predict_sentiment`` on two sentences.  Given nothing
+at all (no ``--data``, no ``IMDB_PATH``, no downloaded copy): how to get the data, and exit
+status 0 (the demo's comparison table does not need it).  A ``--data`` or ``IMDB_PATH`` that
+does not exist, or data that cannot be read, is an error (exit status 2).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from . import cli
 
 SUBSET = ["--encoder", "minilm", "--limit-train", "2000", "--limit-test", "1000",
           "--max-length", "128", "--batch-size", "32", "--epochs", "2", "--seed", "3407"]
@@ -23,7 +26,7 @@ SENTENCES = ("This film is terrible", "This film is great")
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="python -m reference.demo", description=__doc__.split("\n\n")[1])
+    p = cli.Parser(prog="python -m reference.demo", description=__doc__.split("\n\n")[1])
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
     p.add_argument("--out", default="runs/demo", help="checkpoint directory (default %(default)s)")
     p.add_argument("--cache", default=".cache/features", help="feature cache root")
@@ -32,10 +35,13 @@ def main(argv=None) -> int:
 
     from .data import HOW_TO_GET, ImdbError, find_imdb
 
+    given = a.data or os.environ.get("IMDB_PATH")
     try:
         path = find_imdb(a.data)
     except ImdbError as e:
-        print(f"IMDB demo skipped: {e}" if a.data else f"IMDB demo skipped. {HOW_TO_GET}")
+        if given:
+            p.error(cli.one_line(e))
+        print(f"IMDB demo skipped. {HOW_TO_GET}")
         return 0
     from . import train
     from .predict import load_model, predict_sentiment
@@ -57,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, "python -m reference.demo"))

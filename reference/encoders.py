@@ -18,6 +18,7 @@ Traps guarded here:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -83,10 +85,42 @@ class Encoder:
 
     @property
     def max_length(self) -> int:
-        """Longest input in tokens, specials included: the learned positions (MPNet's start
-        after its pad id, so 514 positions hold 512 tokens)."""
-        c = self.model.config
-        return c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "mpnet" else 0)
+        """Longest input in tokens, specials included (:func:`positions_limit`)."""
+        return positions_limit(self.model.config)
+
+
+def positions_limit(config) -> int:
+    """Longest input in tokens, specials included: the learned positions (MPNet's start after
+    its pad id, so 514 positions hold 512 tokens)."""
+    c = config
+    return c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "mpnet" else 0)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a command needs to know about an encoder before loading its weights."""
+    name: str              # canonical name (minilm, mpnet, bert-base-uncased, a folder's name)
+    source: str            # folder (or hub name) it loads from
+    family: Family
+    max_length: int        # positions_limit of its config
+
+
+def inspect_encoder(name: str = "auto") -> EncoderInfo:
+    """Resolve ``name`` and read its config only (no weights, no tokenizer): an unknown name,
+    a folder that is not a model or an unsupported model type is an :class:`EncoderError`."""
+    from transformers import AutoConfig
+
+    canonical, source = resolve(name)
+    mtype = model_type(source)
+    if (family := FAMILIES.get(mtype)) is None:
+        raise EncoderError(f"{source}: model_type {mtype!r} is not supported "
+                           f"(supported: {', '.join(FAMILIES)})")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise EncoderError(f"cannot read the config of encoder {name!r} from {source}: "
+                           f"{str(e).splitlines()[0]}") from e
+    return EncoderInfo(canonical, source, family, positions_limit(config))
 
 
 def check_tokenizer(tok, family: Family = BERT) -> None:
@@ -163,27 +197,36 @@ def model_type(source: str) -> str:
         raise EncoderError(f"{source}: no readable config.json with a model_type ({e})") from e
 
 
-def load_encoder(name: str = "auto", device: str = "cpu") -> Encoder:
-    """Load by the folder's own model type, check, freeze (requires_grad=False), eval mode."""
-    canonical, source = resolve(name)
-    mtype = model_type(source)
-    if (family := FAMILIES.get(mtype)) is None:
-        raise EncoderError(f"{source}: model_type {mtype!r} is not supported "
-                           f"(supported: {', '.join(FAMILIES)})")
-    level = hf_logging.get_verbosity()
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers at error level and without progress bars (its "Loading weights" bar,
+    since transformers 5) inside the block; both settings are restored afterwards."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()   # the unused pooler weights are expected: no load report
+    hf_logging.disable_progress_bar()
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model, info = AutoModel.from_pretrained(source, add_pooling_layer=False,
-                                                output_loading_info=True)
-    except (OSError, ValueError) as e:
-        raise EncoderError(f"cannot load encoder {name!r} from {source}: {e}") from e
+        yield
     finally:
         hf_logging.set_verbosity(level)
-    check_model(model, info, family, source)
-    check_tokenizer(tok, family)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_encoder(name: str | EncoderInfo = "auto", device: str = "cpu") -> Encoder:
+    """Load by the folder's own model type, check, freeze (requires_grad=False), eval mode."""
+    info = name if isinstance(name, EncoderInfo) else inspect_encoder(name)
+    with quiet_transformers():
+        try:
+            tok = AutoTokenizer.from_pretrained(info.source)
+            model, loading = AutoModel.from_pretrained(info.source, add_pooling_layer=False,
+                                                       output_loading_info=True)
+        except (OSError, ValueError, SafetensorError) as e:
+            raise EncoderError(f"cannot load encoder {info.name!r} from {info.source}: "
+                               f"{str(e).splitlines()[0]}") from e
+    check_model(model, loading, info.family, info.source)
+    check_tokenizer(tok, info.family)
     model.eval().requires_grad_(False).to(device)
-    return Encoder(model, tok, canonical, source)
+    return Encoder(model, tok, info.name, info.source)
 
 
 def check_model(model, info: dict, family: Family, source: str) -> None:

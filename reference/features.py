@@ -12,9 +12,17 @@ turns it off), and stored as float16:
 ``key`` hashes the encoder (name, config, every weight), ``max_length``, the autocast choice
 and the token ids of every text, so a stale cache is never used.  Each shard is written to a
 temporary file and renamed, so a shard on disk is whole; an interrupted run resumes at the
-first missing shard; without ``index.json`` a cache is never read as complete.  One writer per
-entry at a time (an ``flock`` on ``<key>/.lock``): a second process asking for the same
-features waits for the first and then reads its cache.
+first missing shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` a cache is
+never read as complete.  One writer per entry at a time (an ``flock`` on ``<key>/.lock``): a
+second process asking for the same features waits for the first and then reads its cache.
+
+What a failed run leaves behind.  An entry folder survives a failure only when it holds at
+least one finished shard: then ``plan.json`` and the shards make the next run resume.  A run
+that fails before its first shard (an encoder crash, Ctrl-C, SIGTERM through
+:func:`reference.cli.run`) removes the folder it made, ``plan.json`` and ``.lock`` included,
+before it lets go of the lock; a waiting writer then sees that its lock file is gone and
+starts over.  Temporary files of a failed run are removed either way.  Only SIGKILL (or a
+power cut) can leave a shard-less entry, which the next run of the same texts simply fills.
 """
 from __future__ import annotations
 
@@ -103,18 +111,29 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
                      autocast: bool | None = None, device: str = "cpu", progress: bool = True,
                      desc: str = "features") -> FeatureStore:
     """Token features of ``texts`` from the frozen encoder: from the cache if there, else
-    computed (resuming a partial cache) and stored.  ``autocast=None``: bf16 if supported."""
+    computed (resuming a partial cache) and stored.  ``autocast=None``: bf16 if supported.
+    A batch holds at most ``batch_tokens`` padded tokens, a shard ``shard_size`` reviews."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     autocast = bf16_supported(device) if autocast is None else autocast
     ids = tokenize(encoder.tokenizer, texts, max_length)
+    if not ids:
+        raise ValueError("no texts to extract features of")
+    if batch_tokens < (longest := max(len(a) for a in ids)):
+        raise ValueError(f"batch_tokens {batch_tokens} is smaller than the longest review "
+                         f"({longest} tokens)")
     key = cache_key(encoder, ids, max_length, autocast)
     folder = Path(cache_root) / key
     if (folder / "index.json").exists():
         return FeatureStore(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     with writer_lock(folder, desc) as waited:       # one writer per entry; others wait here
         if not (folder / "index.json").exists():     # (and find it complete afterwards)
-            _extract(encoder, ids, folder, key, max_length, batch_tokens, shard_size, autocast,
-                     device, progress, desc)
+            try:
+                _extract(encoder, ids, folder, key, max_length, batch_tokens, shard_size,
+                         autocast, device, progress, desc)
+            except BaseException:
+                discard_unfinished(folder)
+                raise
     store = FeatureStore(folder)
     store.wait_seconds = waited
     return store
@@ -122,22 +141,54 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
 
 @contextlib.contextmanager
 def writer_lock(folder: Path, desc: str = "features"):
-    """Exclusive ``flock`` on ``folder/.lock`` while an entry is written; yields the seconds
-    spent waiting for another process (or thread) that held it.  The kernel drops the lock
-    when its holder exits, so a killed run never leaves a stale lock behind."""
+    """Exclusive ``flock`` on ``folder/.lock`` (the folder is made if needed) while an entry is
+    written; yields the seconds spent waiting for another process (or thread) that held it,
+    exactly 0.0 when nobody did.  The kernel drops the lock when its holder exits, so a killed
+    run never leaves a stale lock behind.  A holder may remove the entry (a run that failed
+    before its first shard): the lock is then taken again on the new ``.lock``."""
     import fcntl
 
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    t0 = time.perf_counter()
-    try:
+    folder, waited = Path(folder), 0.0
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:              # removed between mkdir and open: again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("%s: another process is extracting %s; waiting for it", desc, folder)
+            t0 = time.perf_counter()
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield time.perf_counter() - t0
+            waited += time.perf_counter() - t0
+        if _same_file(fd, folder / ".lock"):
+            break
+        os.close(fd)                           # we hold the lock of a removed entry
+    try:
+        yield waited
     finally:
         os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def discard_unfinished(folder: Path) -> None:
+    """After a failed extraction (the caller holds the lock): remove temporary files; remove
+    the whole entry when it holds no finished shard, since there is nothing to resume."""
+    for tmp in folder.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+    if any(folder.glob("shard_*.safetensors")):
+        return
+    for name in ("plan.json", ".lock"):
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):         # something else in there: leave it
+        folder.rmdir()
 
 
 def _extract(encoder, ids, folder: Path, key: str, max_length: int, batch_tokens: int,
@@ -148,13 +199,19 @@ def _extract(encoder, ids, folder: Path, key: str, max_length: int, batch_tokens
     shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
     plan = {"key": key, "shard_size": shard_size, "n": len(ids)}
     plan_file = folder / "plan.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != plan:
-        for old in folder.glob("shard_*.safetensors"):   # a different plan: its shards don't fit
+    if plan_file.exists() and (old_plan := _read_plan(plan_file)) != plan:
+        stale = list(folder.glob("shard_*.safetensors"))   # a different plan: they don't fit
+        if stale:
+            log.info("%s: %d finished shards were cut for another plan (%s); starting over",
+                     desc, len(stale), old_plan)
+        for old in stale:
             old.unlink()
     atomic_write(plan_file, json.dumps(plan).encode())
 
     names = [f"shard_{s:05d}.safetensors" for s in range(len(shards))]
     todo = [s for s in range(len(shards)) if not (folder / names[s]).exists()]
+    if len(todo) < len(shards):
+        log.info("%s: resuming: %d of %d shards done", desc, len(shards) - len(todo), len(shards))
     t0 = time.perf_counter()
     bar = tqdm(total=int(sum(lengths[shards[s]].sum() for s in todo)), unit="tok", unit_scale=True,
                desc=f"{desc} ({encoder.name}, {len(todo)}/{len(shards)} shards to go)",
@@ -177,47 +234,54 @@ def _extract(encoder, ids, folder: Path, key: str, max_length: int, batch_tokens
     atomic_write(folder / "index.json", json.dumps(meta, indent=1).encode())
 
 
+def _read_plan(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return "unreadable plan.json"
+
+
 def imdb_features(encoder: Encoder, data: dict, cache_root=DEFAULT_ROOT, **kw) -> dict:
     """``{split: FeatureStore}`` for each split of :func:`reference.data.load_imdb`'s result."""
     return {split: extract_features(encoder, reviews.texts, cache_root, desc=split, **kw)
             for split, reviews in data.items()}
 
 
-def main(argv=None) -> int:
-    import argparse
-    import logging
+def build_parser():
+    from . import cli
 
-    from .data import ImdbError, find_imdb, load_imdb, stratified_subset
-    from .encoders import load_encoder
-
-    p = argparse.ArgumentParser(
-        prog="python -m reference.features",
-        description="Compute (or find in the cache) the frozen encoder's token features of "
-                    "every IMDB review.")
-    p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
-    p.add_argument("--encoder", default="auto", help="auto | bert-base-uncased | minilm | FOLDER")
-    p.add_argument("--cache", default=str(DEFAULT_ROOT), help="cache root (default %(default)s)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-tokens", type=int, default=16_384, help="tokens per encoder batch")
-    p.add_argument("--limit-train", type=int, help="stratified subset of the train split")
-    p.add_argument("--limit-test", type=int, help="stratified subset of the test split")
-    p.add_argument("--seed", type=int, default=3407, help="seed of the subsets")
+    p = cli.Parser(prog="python -m reference.features",
+                   description="Compute (or find in the cache) the frozen encoder's token "
+                               "features of every IMDB review (or of stratified subsets).")
+    cli.add_feature_args(p, str(DEFAULT_ROOT))
+    p.add_argument("--batch-tokens", type=cli.positive(int), default=16_384,
+                   help="padded tokens per encoder batch, >= --max-length (default %(default)s)")
+    p.add_argument("--shard-size", type=cli.positive(int), default=2_048,
+                   help="reviews per shard, the unit an interrupted run resumes from "
+                        "(default %(default)s)")
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast (float32)")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        data = load_imdb(find_imdb(args.data))
-    except ImdbError as e:
-        p.exit(2, f"error: {e}\n")
-    for split, limit in (("train", args.limit_train), ("test", args.limit_test)):
-        if limit:
-            data[split] = data[split].subset(stratified_subset(data[split].labels, limit, args.seed))
-    encoder = load_encoder(args.encoder, args.device)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None) -> int:
+    from . import cli
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = build_parser()
+    a = p.parse_args(argv)
+    device = cli.check_device(p, a.device)                     # options alone, then the
+    info = cli.check_encoder(p, a.encoder, a.max_length)       # encoder's config: no weights
+    cli.check_batch_tokens(p, a.batch_tokens, a.max_length)
+    cli.check_folder(p, "--cache", a.cache)
+    _, data = cli.load_data(p, a.data)
+    for split, limit in (("train", a.limit_train), ("test", a.limit_test)):
+        data[split] = cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
+    encoder = cli.load_encoder(p, info, device)
     t0 = time.perf_counter()
-    stores = imdb_features(encoder, data, args.cache, max_length=args.max_length,
-                           batch_tokens=args.batch_tokens, device=args.device,
-                           autocast=False if args.no_autocast else None)
+    stores = imdb_features(encoder, data, a.cache, max_length=a.max_length,
+                           batch_tokens=a.batch_tokens, shard_size=a.shard_size, device=device,
+                           autocast=False if a.no_autocast else None, progress=not a.no_progress)
     for split, st in stores.items():
         size = sum(f.stat().st_size for f in st.folder.glob("shard_*.safetensors"))
         print(f"{split}: {len(st)} reviews, {int(st.lengths.sum())} tokens, "
@@ -227,4 +291,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli import run
+
+    raise SystemExit(run(main, "python -m reference.features"))

@@ -1,5 +1,6 @@
-"""``python -m reference.predict --checkpoint DIR "review text" ...``: the probability that each
-review is positive, from a head trained by :mod:`reference.train` on the encoder it names.
+"""``python -m reference.predict --checkpoint DIR [--file PATH] ["review text" ...]``: the
+probability that each review is positive, from a head trained by :mod:`reference.train` on the
+encoder it names.
 
 :func:`predict_sentiment` is the assignment's function::
 
@@ -7,61 +8,169 @@ review is positive, from a head trained by :mod:`reference.train` on the encoder
     tokens = tokenizer.tokenize(sentence)[:max_input_length - 2]
     ids = [cls] + tokenizer.convert_tokens_to_ids(tokens) + [sep]
     return torch.sigmoid(model(torch.LongTensor(ids).unsqueeze(0))).item()
+
+:func:`predict_batch` gives the same numbers for many reviews at once: the same ids, padded
+to the batch's longest review with the attention mask, which changes no score (the model's
+encoder is masked and its GRU reads each review only up to its length).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from . import cli
+
+COLD_START = """\
+Cold start: it reads and verifies the checkpoint first (config.json, the sha256 of
+model.safetensors, finite weights: a bad one fails in a second), then loads the encoder named
+in its config.json once (minilm, 91 MB: a few seconds on a CPU; bert-base-uncased or mpnet,
+438 MB: longer), then scores the reviews in batches of --batch-size.  Reviews come from the
+arguments and from --file (one per line, UTF-8; - reads standard input, for reviews longer
+than the shell's argument limit); an empty review is an error.  Each review is cut to the
+checkpoint's max_length tokens, as in training."""
+
+
+def token_ids(tokenizer, sentence: str, max_input_length: int = 512) -> list[int]:
+    """``[CLS] tokenize(sentence)[:max_input_length - 2] [SEP]``, as the assignment (without
+    transformers' warning about reviews longer than the model: they are cut here)."""
+    from .encoders import quiet_transformers
+
+    with quiet_transformers():
+        tokens = tokenizer.tokenize(sentence)[:max_input_length - 2]
+    return [tokenizer.cls_token_id] + tokenizer.convert_tokens_to_ids(tokens) + [tokenizer.sep_token_id]
 
 
 def predict_sentiment(model, tokenizer, sentence: str, max_input_length: int = 512) -> float:
     """P(positive) of ``sentence`` under a BERTGRUSentiment ``model`` (a float in [0, 1])."""
     model.eval()
-    tokens = tokenizer.tokenize(sentence)[:max_input_length - 2]
-    ids = [tokenizer.cls_token_id] + tokenizer.convert_tokens_to_ids(tokens) + [tokenizer.sep_token_id]
+    ids = token_ids(tokenizer, sentence, max_input_length)
     device = next(model.parameters()).device
     tensor = torch.LongTensor(ids).to(device).unsqueeze(0)
     with torch.no_grad():
         return torch.sigmoid(model(tensor)).item()
 
 
+def predict_batch(model, tokenizer, sentences, max_input_length: int = 512,
+                  batch_size: int = 32) -> list[float]:
+    """:func:`predict_sentiment` of each sentence, ``batch_size`` reviews of similar length at
+    a time (right-padded with the tokenizer's pad id, with the attention mask)."""
+    model.eval()
+    ids = [token_ids(tokenizer, s, max_input_length) for s in sentences]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    device = next(model.parameters()).device
+    probs = [0.0] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        text = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(text)                         # (B, T): 1 on real tokens
+        for b, i in enumerate(chunk):
+            text[b, :len(ids[i])] = torch.tensor(ids[i])
+            mask[b, :len(ids[i])] = 1
+        with torch.no_grad():
+            p = torch.sigmoid(model(text.to(device), mask.to(device))).squeeze(1).tolist()
+        for i, pi in zip(chunk, p):
+            probs[i] = pi
+    return probs
+
+
 def load_model(folder, device: str = "cpu"):
-    """(BERTGRUSentiment, tokenizer, config) from a reference.train checkpoint directory; the
-    encoder is loaded by the name (or folder) saved in its config.json."""
+    """(BERTGRUSentiment, tokenizer, config) from a reference.train checkpoint directory: the
+    head is read and verified first, then the encoder named (or the folder saved) in its
+    config.json is loaded."""
     from .encoders import load_encoder
 
-    config = ckpt.read_config(folder)
+    head, config = ckpt.load_head(folder)
+    name = config.get("encoder")
+    max_length = config.get("max_length", 512)
+    if not isinstance(name, str) or not isinstance(max_length, int) or max_length < 2:
+        raise ckpt.CheckpointError(f"{Path(folder) / ckpt.CONFIG}: needs an encoder name and "
+                                   f"a max_length >= 2, has {name!r} and {max_length!r}")
     source = config.get("encoder_source")
-    name = source if source and os.path.isdir(source) else config["encoder"]
-    encoder = load_encoder(name, device)
-    return ckpt.load_full_model(folder, encoder.model, device), encoder.tokenizer, config
+    encoder = load_encoder(source if isinstance(source, str) and os.path.isdir(source) else name,
+                           device)
+    if max_length > encoder.max_length:
+        raise ckpt.CheckpointError(f"{Path(folder) / ckpt.CONFIG}: max_length {max_length} is "
+                                   f"beyond {encoder.name}'s {encoder.max_length} positions")
+    return ckpt.full_model(encoder.model, head, config, folder, device), encoder.tokenizer, config
+
+
+# --- reviews from the command line --------------------------------------------------------------
+
+def _utf8_problem(e: UnicodeError) -> str:
+    bad = e.object[e.start:e.start + 1]
+    byte = bad if isinstance(bad, bytes) else bytes([ord(bad) & 0xFF])   # surrogateescape'd
+    return f"is not valid UTF-8 (byte 0x{byte.hex()} at position {e.start + 1})"
+
+
+def read_reviews(p: argparse.ArgumentParser, texts: list[str], file: str | None) -> list[str]:
+    """The reviews of the arguments, then of ``file`` (one per line; ``-``: standard input);
+    invalid UTF-8, an empty or whitespace-only review, or no review at all end the command."""
+    reviews = []
+    for n, text in enumerate(texts, 1):
+        try:
+            text.encode("utf-8")                 # argv's undecodable bytes are surrogates
+        except UnicodeEncodeError as e:
+            p.error(f"review argument {n} {_utf8_problem(e)}")
+        reviews.append((f"review argument {n}", text))
+    if file is not None:
+        try:
+            data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+        except OSError as e:
+            p.error(f"--file {file}: {e.strerror or e}")
+        name = "standard input" if file == "-" else file
+        lines = data.split(b"\n")
+        if lines[-1] == b"":                     # the newline that ends the last line
+            lines.pop()
+        for n, raw in enumerate(lines, 1):
+            try:
+                reviews.append((f"--file {name}: line {n}", raw.rstrip(b"\r").decode("utf-8")))
+            except UnicodeDecodeError as e:
+                p.error(f"--file {name}: line {n} {_utf8_problem(e)}")
+    for where, text in reviews:
+        if not text.strip():
+            p.error(f"{where} is {'empty' if not text else 'whitespace only'}: nothing to score")
+    if not reviews:
+        p.error("no review to score: give TEXT arguments or --file PATH (- for standard input)")
+    return [text for _, text in reviews]
+
+
+def shown(text: str, width: int = 72) -> str:
+    """A review on one line, cut to ``width`` characters for the echo."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 3] + "..."
 
 
 def main(argv=None) -> int:
     from .encoders import EncoderError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="python -m reference.predict",
-                                description="P(positive) of each review under a trained checkpoint.")
+    p = cli.Parser(prog="python -m reference.predict", epilog=COLD_START,
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   description="P(positive) of each review under a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, help="directory written by reference.train --out")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("sentences", nargs="+", metavar="TEXT", help="review text(s) to score")
+    p.add_argument("--file", metavar="PATH", help="more reviews, one per line (- : standard input)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=cli.positive(int), default=32,
+                   help="reviews per forward pass (default %(default)s)")
+    p.add_argument("sentences", nargs="*", metavar="TEXT", help="review text(s) to score")
     a = p.parse_args(argv)
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    device = cli.check_device(p, a.device)
+    reviews = read_reviews(p, a.sentences, a.file)           # before anything is loaded
     try:
-        model, tokenizer, config = load_model(a.checkpoint, a.device)
+        model, tokenizer, config = load_model(a.checkpoint, device)
     except (ckpt.CheckpointError, EncoderError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    for s in a.sentences:
-        prob = predict_sentiment(model, tokenizer, s, config.get("max_length", 512))
-        print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  {s}")
+        p.error(cli.one_line(e))
+    probs = predict_batch(model, tokenizer, reviews, config.get("max_length", 512), a.batch_size)
+    for prob, text in zip(probs, reviews):
+        print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  {shown(text)}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main, "python -m reference.predict"))

@@ -35,7 +35,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data import bucket_batches, stratified_subset, train_valid_split
+from . import cli
+from .data import bucket_batches, train_valid_split
 from .model import GRUHead
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
@@ -96,9 +97,9 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
         seed: int = 3407, lr: float = 1e-3, device="cpu", state: dict | None = None,
         config: dict | None = None, progress: bool = False, log=print) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`checkpoint.load_state`
-    dict).  After every epoch: the head's weights go to ``out/model.safetensors`` when the
-    validation loss is the best so far, and the resume state to ``out/last.pt``.  Returns the
-    history, one dict per epoch."""
+    dict).  After every epoch: the head's weights go to ``out/model.safetensors`` with ``config``
+    and their checksum to ``out/config.json`` when the validation loss is the best so far, and
+    the resume state to ``out/last.pt``.  Returns the history, one dict per epoch."""
     optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:
@@ -114,12 +115,15 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
         vl, va = run_epoch(head, valid, batch_size, None, 0, device, progress,
                            f"epoch {epoch}/{epochs} valid")
         t2 = time.perf_counter()
+        if not (math.isfinite(tl) and math.isfinite(vl)):
+            raise FloatingPointError(f"epoch {epoch}: train loss {tl}, valid loss {vl}: training "
+                                     "diverged (a smaller --lr?); nothing saved for this epoch")
         rec = {"epoch": epoch, "train_loss": tl, "train_acc": ta, "valid_loss": vl,
                "valid_acc": va, "train_seconds": round(t1 - t0, 2),
                "valid_seconds": round(t2 - t1, 2), "best": vl < best}
         if vl < best:
             best = vl
-            ckpt.save_weights(out, head)
+            ckpt.save_weights(out, head, config)
         history.append(rec)
         ckpt.save_state(out, {"model": ckpt.head_state(head), "optimizer": optimizer.state_dict(),
                               "epoch": epoch, "history": history, "best_valid_loss": best,
@@ -134,8 +138,8 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
 def features(encoder, texts, cache, max_length: int, device="cpu", desc="features",
              progress=True):
     """(FeatureStore of ``texts``, seconds spent waiting for another process writing the same
-    cache entry): :func:`reference.features.extract_features`, which never runs two
-    extractions of one entry side by side."""
+    cache entry, 0.0 when nobody was): :func:`reference.features.extract_features`, which
+    never runs two extractions of one entry side by side."""
     from .features import extract_features
 
     store = extract_features(encoder, texts, cache, max_length=max_length, device=device,
@@ -143,161 +147,169 @@ def features(encoder, texts, cache, max_length: int, device="cpu", desc="feature
     return store, store.wait_seconds
 
 
+def timed_features(run: "Run", split: str):
+    """:func:`features` of ``run``'s ``split`` reviews; records the seconds spent computing
+    (waits excluded) and waiting in ``run.metrics``."""
+    a, t0 = run.args, time.perf_counter()
+    store, waited = features(run.encoder, run.reviews[split].texts, a.cache, a.max_length,
+                             run.device, split, run.progress)
+    run.metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - waited, 1)
+    run.metrics["feature_wait_seconds"][split] = round(waited, 1)
+    return store
+
+
 # --- command line ------------------------------------------------------------------------------
 
-def _positive(kind):
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    return parse
-
-
 def build_parser(prog="python -m reference.train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
-    p.add_argument("--encoder", default="auto", help="auto | bert-base-uncased | minilm | FOLDER")
-    p.add_argument("--epochs", type=_positive(int), default=2)
-    p.add_argument("--batch-size", type=_positive(int), default=128)
-    p.add_argument("--max-length", type=_positive(int), default=512,
-                   help="tokens per review, [CLS] and [SEP] included (2..512)")
+    p = cli.Parser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    cli.add_feature_args(p)
+    p.add_argument("--epochs", type=cli.positive(int), default=2)
+    p.add_argument("--batch-size", type=cli.positive(int), default=128)
     p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--limit-train", type=_positive(int), metavar="N",
-                   help="stratified subset of N train reviews (split 70/30 into train/valid)")
-    p.add_argument("--limit-test", type=_positive(int), metavar="N",
-                   help="stratified subset of N test reviews")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=3407)
-    p.add_argument("--cache", default=".cache/features", help="feature cache root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    p.add_argument("--hidden-dim", type=_positive(int), default=256)
-    p.add_argument("--n-layers", type=_positive(int), default=2)
+    p.add_argument("--hidden-dim", type=cli.positive(int), default=256)
+    p.add_argument("--n-layers", type=cli.positive(int), default=2)
     p.add_argument("--dropout", type=float, default=0.25)
-    p.add_argument("--lr", type=_positive(float), default=1e-3)
+    p.add_argument("--lr", type=cli.positive(float), default=1e-3)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
-def check_args(p: argparse.ArgumentParser, a) -> None:
-    if not 2 <= a.max_length <= 512:
-        p.error(f"--max-length must be in 2..512 (BERT's positions), got {a.max_length}")
+def check_args(p: argparse.ArgumentParser, a):
+    """Every option, before anything is loaded (the encoder's config.json only): returns
+    (device, encoder info)."""
     if not 0 <= a.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.limit_train is not None and a.limit_train < 10:
         p.error(f"--limit-train must be >= 10 (train and valid both need reviews), got {a.limit_train}")
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out}: exists and is not a directory")
+    device = cli.check_device(p, a.device)
+    out = cli.check_folder(p, "--out", a.out)
+    cli.check_folder(p, "--cache", a.cache)
     if a.resume and not (out / ckpt.STATE).exists():
         p.error(f"--resume: {out / ckpt.STATE} does not exist (nothing to resume)")
-
-
-def select(reviews, limit, seed):
-    if limit is None:
-        return reviews
-    if limit > len(reviews):
-        raise ValueError(f"limit {limit} is larger than the split ({len(reviews)} reviews)")
-    return reviews.subset(stratified_subset(reviews.labels, limit, seed))
+    return device, cli.check_encoder(p, a.encoder, a.max_length)
 
 
 RUN_KEYS = ("encoder", "max_length", "limit_train", "limit_test", "seed", "batch_size", "lr",
             "model")
 
 
-def main(argv=None) -> int:
-    from .data import ImdbError, find_imdb, load_imdb
-    from .encoders import EncoderError, load_encoder
+@dataclass
+class Run:
+    """What one ``reference.train`` command works with, once its inputs are checked."""
+    args: argparse.Namespace
+    device: str
+    encoder: object
+    reviews: dict                    # {"train": Reviews, "test": Reviews}
+    config: dict                     # config.json: RUN_KEYS, encoder_source (+ the checksum)
+    metrics: dict
+    state: dict | None = None        # the resume state of --resume
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = build_parser()
-    a = p.parse_args(argv)
-    check_args(p, a)
-    device = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
-    progress = not a.no_progress
-    out = Path(a.out)
-    t_start = time.perf_counter()
-    try:
-        path = find_imdb(a.data)
-        data = load_imdb(path)
-        train_reviews = select(data["train"], a.limit_train, a.seed)
-        test_reviews = select(data["test"], a.limit_test, a.seed)
-        encoder = load_encoder(a.encoder, device)
-    except (ImdbError, EncoderError, ValueError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")
-    print(f"data {path}: {len(train_reviews)} train / {len(test_reviews)} test reviews; "
-          f"encoder {encoder.name} (hidden {encoder.hidden_size}); device {device}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    @property
+    def progress(self) -> bool:
+        return not self.args.no_progress
 
-    model_args = {"emb_dim": encoder.hidden_size, "hidden_dim": a.hidden_dim, "output_dim": 1,
-                  "n_layers": a.n_layers, "bidirectional": True, "dropout": a.dropout}
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+
+def prepare(p: argparse.ArgumentParser, a, device: str, info) -> Run:
+    """Data, subsets, encoder weights, the run's config and (--resume) its saved state."""
+    path, data = cli.load_data(p, a.data)
+    reviews = {split: cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
+               for split, limit in (("train", a.limit_train), ("test", a.limit_test))}
+    encoder = cli.load_encoder(p, info, device)
+    model = {"emb_dim": encoder.hidden_size, "hidden_dim": a.hidden_dim, "output_dim": 1,
+             "n_layers": a.n_layers, "bidirectional": True, "dropout": a.dropout}
     config = {"encoder": encoder.name, "encoder_source": encoder.source, "max_length": a.max_length,
               "limit_train": a.limit_train, "limit_test": a.limit_test, "seed": a.seed,
-              "batch_size": a.batch_size, "lr": a.lr, "model": model_args}
-    state = None
+              "batch_size": a.batch_size, "lr": a.lr, "model": model}
+    metrics = {"config": config, "device": device, "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "feature_seconds": {}, "feature_wait_seconds": {}}
+    run = Run(a, device, encoder, reviews, config, metrics)
+    print(f"data {path}: {len(reviews['train'])} train / {len(reviews['test'])} test reviews; "
+          f"encoder {encoder.name} (hidden {encoder.hidden_size}); device {device}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     if a.resume:
-        state = ckpt.load_state(out)
-        old = state.get("config", {})
-        diff = [k for k in RUN_KEYS if old.get(k) != config[k]]
-        if diff:
-            p.exit(2, f"{p.prog}: error: --resume: {out} was trained with different "
-                      f"{', '.join(diff)} ({', '.join(f'{k}={old.get(k)!r}' for k in diff)})\n")
-        print(f"resuming after epoch {state['epoch']} from {out / ckpt.STATE}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(out / ckpt.CONFIG, config)
+        run.state = resume_state(p, run)
+    return run
 
-    t0 = time.perf_counter()
-    train_store, waited = features(encoder, train_reviews.texts, a.cache, a.max_length, device,
-                                   "train", progress)
-    feature_seconds = {"train": round(time.perf_counter() - t0 - waited, 1)}
-    wait_seconds = {"train": round(waited, 1)}
-    n = len(train_reviews)
+
+def resume_state(p: argparse.ArgumentParser, run: Run) -> dict:
+    """The state saved in --out, refused when it was trained with other settings."""
+    try:
+        state = ckpt.load_state(run.out)
+    except ckpt.CheckpointError as e:
+        p.error(f"--resume: {cli.one_line(e)}")
+    old = state.get("config", {})
+    if diff := [k for k in RUN_KEYS if old.get(k) != run.config[k]]:
+        p.error(f"--resume: {run.out} was trained with different {', '.join(diff)} "
+                f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
+    if missing := {"model", "optimizer", "epoch", "history", "best_valid_loss", "rng"} - set(state):
+        p.error(f"--resume: {run.out / ckpt.STATE} lacks {sorted(missing)}")
+    try:
+        ckpt.check_head_state(GRUHead(**run.config["model"]), state["model"],
+                              str(run.out / ckpt.STATE))
+    except ckpt.CheckpointError as e:
+        p.error(f"--resume: {cli.one_line(e)}")
+    print(f"resuming after epoch {state['epoch']} from {run.out / ckpt.STATE}", flush=True)
+    return state
+
+
+def train_head(p: argparse.ArgumentParser, run: Run) -> list[dict]:
+    """Train features, the 70/30 split, the head's epochs (best weights saved): history."""
+    a = run.args
+    store = timed_features(run, "train")
+    labels, n = run.reviews["train"].labels, len(run.reviews["train"])
     tr_idx, va_idx = train_valid_split(n, round(n * VALID_FRACTION), a.seed)
-    train = Split(train_store, tr_idx, train_reviews.labels[tr_idx])
-    valid = Split(train_store, va_idx, train_reviews.labels[va_idx])
+    train, valid = Split(store, tr_idx, labels[tr_idx]), Split(store, va_idx, labels[va_idx])
+    waited = run.metrics["feature_wait_seconds"]["train"]
     print(f"train {len(train)}, valid {len(valid)} reviews; train features "
-          f"{feature_seconds['train']:.0f} s ({train_store.folder})"
-          + (f", after waiting {waited:.0f} s for another process" if waited else ""), flush=True)
-
+          f"{run.metrics['feature_seconds']['train']:.0f} s ({store.folder})"
+          + (f", after waiting {waited:.1f} s for another process" if waited else ""), flush=True)
     torch.manual_seed(a.seed)
-    head = GRUHead(**model_args).to(device)
-    metrics = {"config": config, "n_train": len(train), "n_valid": len(valid),
-               "n_test": len(test_reviews), "device": device, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "feature_seconds": feature_seconds,
-               "feature_wait_seconds": wait_seconds}
+    head = GRUHead(**run.config["model"]).to(run.device)
+    try:
+        history = fit(head, train, valid, run.out, epochs=a.epochs, batch_size=a.batch_size,
+                      seed=a.seed, lr=a.lr, device=run.device, state=run.state,
+                      config=run.config, progress=run.progress,
+                      log=lambda msg: print(msg, flush=True))
+    except FloatingPointError as e:
+        p.error(str(e))
+    run.metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(run.reviews["test"]),
+                       epochs=history)
+    ckpt.write_json(run.out / ckpt.METRICS, run.metrics)
+    return history
 
-    def log(msg):
-        print(msg, flush=True)
 
-    history = fit(head, train, valid, out, epochs=a.epochs, batch_size=a.batch_size, seed=a.seed,
-                  lr=a.lr, device=device, state=state, config=config, progress=progress, log=log)
-    metrics["epochs"] = history
-    ckpt.write_json(out / ckpt.METRICS, metrics)
-
-    t0 = time.perf_counter()
-    test_store, waited = features(encoder, test_reviews.texts, a.cache, a.max_length, device,
-                                  "test", progress)
-    feature_seconds["test"] = round(time.perf_counter() - t0 - waited, 1)
-    wait_seconds["test"] = round(waited, 1)
-    best, _ = ckpt.load_head(out, device)
+def evaluate_test(run: Run, history: list[dict]) -> None:
+    """Test features, then the best checkpoint (loaded and verified) on them: metrics.json."""
+    store = timed_features(run, "test")
+    best, _ = ckpt.load_head(run.out, run.device)
     best_epoch = min(history, key=lambda r: r["valid_loss"])["epoch"]
     t0 = time.perf_counter()
-    test_loss, test_acc = run_epoch(best, Split(test_store, np.arange(len(test_store)),
-                                                test_reviews.labels),
-                                    a.batch_size, None, 0, device, progress, "test")
-    metrics.update(best_epoch=best_epoch, test_loss=test_loss, test_acc=test_acc,
-                   test_seconds=round(time.perf_counter() - t0, 1),
-                   total_seconds=round(time.perf_counter() - t_start, 1))
-    ckpt.write_json(out / ckpt.METRICS, metrics)
-    print(f"test (best epoch {best_epoch}): loss {test_loss:.4f} acc {test_acc:.2%} "
-          f"on {len(test_reviews)} reviews; metrics in {out / ckpt.METRICS}", flush=True)
+    test = Split(store, np.arange(len(store)), run.reviews["test"].labels)
+    loss, acc = run_epoch(best, test, run.args.batch_size, None, 0, run.device, run.progress, "test")
+    run.metrics.update(best_epoch=best_epoch, test_loss=loss, test_acc=acc,
+                       test_seconds=round(time.perf_counter() - t0, 1))
+    print(f"test (best epoch {best_epoch}): loss {loss:.4f} acc {acc:.2%} "
+          f"on {len(test)} reviews; metrics in {run.out / ckpt.METRICS}", flush=True)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.perf_counter()
+    p = build_parser()
+    a = p.parse_args(argv)
+    device, info = check_args(p, a)
+    run = prepare(p, a, device, info)
+    history = train_head(p, run)
+    evaluate_test(run, history)
+    run.metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    ckpt.write_json(run.out / ckpt.METRICS, run.metrics)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli.run(main, "python -m reference.train"))

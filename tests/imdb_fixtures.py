@@ -61,3 +61,27 @@ def tiny_encoder(seed: int = 0, hidden: int = 32) -> Encoder:
                      intermediate_size=64, max_position_embeddings=512)
     model = BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
     return Encoder(model, tokenizer(), f"tiny-{seed}", "random")
+
+
+def save_tiny_encoder(folder: Path, seed: int = 0, hidden: int = 16) -> Path:
+    """A tiny random BERT (1 layer) with the real uncased tokenizer, saved as a model folder."""
+    torch.manual_seed(seed)
+    BertModel(BertConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32), add_pooling_layer=False).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder
+
+
+def save_tiny_checkpoint(folder: Path, encoder_folder: Path, hidden: int = 16, seed: int = 0,
+                         max_length: int = 32) -> Path:
+    """A reference.train-style checkpoint of a random head for ``encoder_folder``'s features."""
+    from reference import checkpoint as ckpt
+    from reference.model import GRUHead
+
+    model = dict(emb_dim=hidden, hidden_dim=5, output_dim=1, n_layers=2, bidirectional=True,
+                 dropout=0.25)
+    torch.manual_seed(seed)
+    ckpt.save_weights(folder, GRUHead(**model), {
+        "encoder": encoder_folder.name, "encoder_source": str(encoder_folder),
+        "max_length": max_length, "model": model})
+    return folder

@@ -1,5 +1,6 @@
 """The frozen-feature cache: values equal an unpadded encoder run, hits, invalidation, resume."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -142,3 +143,121 @@ def test_a_second_writer_waits_then_reads_the_first_ones_cache(tmp_path, monkeyp
     assert callers == ["first"] * 3                 # the second writer computed nothing
     assert second.wait_seconds >= 0.3 and len(second) == len(TEXTS)
     assert Fe.extract_features(enc, TEXTS, tmp_path, **kw).wait_seconds == 0.0   # plain hit
+
+
+# --- failures, resume and the lock (issue 10) ---------------------------------------------------
+
+def entries(root):
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+@pytest.mark.parametrize("error", [RuntimeError("encoder crashed"), KeyboardInterrupt()])
+def test_a_run_that_fails_before_its_first_shard_leaves_no_entry(tmp_path, monkeypatch, error):
+    def crash(*a, **k):
+        raise error
+
+    monkeypatch.setattr(Fe, "_encode", crash)
+    with pytest.raises(type(error)):
+        Fe.extract_features(tiny_encoder(), TEXTS, tmp_path, shard_size=5, autocast=False,
+                            progress=False)
+    assert entries(tmp_path) == []                       # no plan.json-only folder, no .lock
+
+
+def test_a_failed_run_keeps_its_finished_shards_and_says_so_on_resume(tmp_path, monkeypatch,
+                                                                        caplog):
+    enc = tiny_encoder()
+    real, calls = Fe._encode, []
+
+    def crash_at_shard_4(*a, **k):
+        if len(calls) == 3:
+            raise RuntimeError("encoder crashed")
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(Fe, "_encode", crash_at_shard_4)
+    kw = dict(batch_tokens=10**6, shard_size=5, autocast=False, progress=False)
+    with pytest.raises(RuntimeError):
+        Fe.extract_features(enc, TEXTS, tmp_path, **kw)
+    (folder,) = tmp_path.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".lock", "plan.json", *(f"shard_{i:05d}.safetensors" for i in range(3))]
+    monkeypatch.setattr(Fe, "_encode", real)
+    with caplog.at_level("INFO", logger="reference.features"):
+        Fe.extract_features(enc, TEXTS, tmp_path, **kw)
+    assert "features: resuming: 3 of 5 shards done" in caplog.messages
+
+
+def test_a_batch_must_hold_the_longest_review(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_tokens 8 is smaller than the longest review \(\d+ tokens\)"):
+        Fe.extract_features(tiny_encoder(), TEXTS, tmp_path, batch_tokens=8, progress=False)
+    assert entries(tmp_path) == []
+
+
+def test_an_uncontended_lock_reports_no_wait(tmp_path):
+    with Fe.writer_lock(tmp_path / "entry") as waited:
+        assert waited == 0.0
+
+
+def test_a_waiting_writer_takes_over_when_the_first_one_fails_empty(tmp_path, monkeypatch):
+    """The first writer fails before its first shard and removes the entry, .lock included;
+    the second, which was waiting on the removed lock file, locks the new one and extracts."""
+    import threading
+    import time
+
+    enc = tiny_encoder()
+    real, started, errors = Fe._encode, threading.Event(), []
+
+    def first_fails(*a, **k):
+        if threading.current_thread().name == "first":
+            started.set()
+            time.sleep(0.5)                      # the second writer is waiting on the lock now
+            raise RuntimeError("encoder crashed")
+        return real(*a, **k)
+
+    def first():
+        try:
+            Fe.extract_features(enc, TEXTS, tmp_path, **kw)
+        except RuntimeError as e:
+            errors.append(e)
+
+    monkeypatch.setattr(Fe, "_encode", first_fails)
+    kw = dict(shard_size=8, autocast=False, progress=False)
+    t = threading.Thread(target=first, name="first")
+    t.start()
+    assert started.wait(30)
+    second = Fe.extract_features(enc, TEXTS, tmp_path, **kw)
+    t.join()
+    assert len(errors) == 1 and second.wait_seconds > 0.2 and len(second) == len(TEXTS)
+    assert (second.folder / ".lock").exists() and (second.folder / "index.json").exists()
+
+
+def test_features_cli_shard_size_lets_a_small_subset_resume(tmp_path, monkeypatch, caplog, capsys):
+    """--shard-size 2 on a 6-review subset: an interrupted run keeps whole shards, and the
+    next run resumes from them, saying so."""
+    from tests.imdb_fixtures import make_tree, save_tiny_encoder
+
+    make_tree(tmp_path / "data")
+    enc = save_tiny_encoder(tmp_path / "enc")
+    argv = ["--data", str(tmp_path / "data"), "--encoder", str(enc), "--cache", str(tmp_path / "c"),
+            "--limit-train", "6", "--limit-test", "4", "--shard-size", "2", "--max-length", "32",
+            "--batch-tokens", "64", "--device", "cpu", "--no-autocast", "--no-progress"]
+    real, calls = Fe._encode, []
+
+    def interrupted(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(Fe, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Fe.main(argv)
+    (entry,) = (tmp_path / "c").iterdir()
+    assert len(list(entry.glob("shard_*"))) >= 1 and not (entry / "index.json").exists()
+    assert json.loads((entry / "plan.json").read_text())["shard_size"] == 2
+    monkeypatch.setattr(Fe, "_encode", real)
+    with caplog.at_level("INFO", logger="reference.features"):
+        assert Fe.main(argv) == 0
+    assert any(re.fullmatch(r"train: resuming: \d of 3 shards done", m) for m in caplog.messages)
+    out = capsys.readouterr().out
+    assert "train: 6 reviews" in out and "test: 4 reviews" in out

@@ -82,14 +82,16 @@ def test_run_epoch_means_are_over_examples_not_batches():
 def test_fit_learns_saves_best_and_is_deterministic(tmp_path):
     store, labels = toy_data()
     tr, va = splits(store, labels)
-    h1 = fit(new_head(), tr, va, tmp_path / "a", epochs=6, batch_size=8, seed=1, lr=1e-2, log=str)
-    h2 = fit(new_head(), tr, va, tmp_path / "b", epochs=6, batch_size=8, seed=1, lr=1e-2, log=str)
+    config = {"model": dict(emb_dim=4, hidden_dim=3, output_dim=1, n_layers=2,
+                            bidirectional=True, dropout=0.25)}
+    h1 = fit(new_head(), tr, va, tmp_path / "a", epochs=6, batch_size=8, seed=1, lr=1e-2,
+             config=config, log=str)
+    h2 = fit(new_head(), tr, va, tmp_path / "b", epochs=6, batch_size=8, seed=1, lr=1e-2,
+             config=config, log=str)
     assert strip_times(h1) == strip_times(h2)
     assert (tmp_path / "a" / ckpt.WEIGHTS).read_bytes() == (tmp_path / "b" / ckpt.WEIGHTS).read_bytes()
     assert h1[-1]["valid_acc"] >= 0.9 and h1[-1]["train_loss"] < h1[0]["train_loss"]
     # the saved weights are the best validation epoch's: re-evaluating them gives its loss
-    ckpt.write_json(tmp_path / "a" / ckpt.CONFIG, {"model": dict(
-        emb_dim=4, hidden_dim=3, output_dim=1, n_layers=2, bidirectional=True, dropout=0.25)})
     best, _ = ckpt.load_head(tmp_path / "a")
     assert run_epoch(best, va, 8)[0] == pytest.approx(min(r["valid_loss"] for r in h1), rel=1e-6)
     assert [r["best"] for r in h1] == [r["valid_loss"] == min(x["valid_loss"] for x in h1[:i + 1])
@@ -166,8 +168,9 @@ class Evil:
 
 def test_resume_state_loads_with_weights_only(tmp_path):
     torch.save({"epoch": 1, "x": Evil()}, tmp_path / ckpt.STATE)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ckpt.CheckpointError, match="unreadable resume state") as e:
         ckpt.load_state(tmp_path)
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError)
 
 
 # --- command-line errors -------------------------------------------------------------------------
@@ -240,6 +243,7 @@ def test_train_and_predict_cli_end_to_end(tiny_world, tmp_path, capsys):
     common = ["--data", str(root), "--encoder", str(enc), "--batch-size", "4", "--max-length", "16",
               "--cache", str(tmp_path / "cache"), "--device", "cpu", "--no-progress", "--seed", "7"]
     assert train.main([*common, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert "waiting" not in capsys.readouterr().out          # nobody else was extracting
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert (m["n_train"], m["n_valid"], m["n_test"]) == (7, 3, 4)
     assert [r["epoch"] for r in m["epochs"]] == [1, 2]
