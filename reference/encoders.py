@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from scratch import encoder_names as names
+from scratch.bert_tokenizer import VOCABULARIES, Vocabulary
 from scratch.encoder_names import BERT_BASE, MINILM, MPNET, minilm_path  # noqa: F401
 
 from . import install as inst
@@ -42,25 +43,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Family:
-    """What a model type's tokenizer must be: vocabulary size, special ids, a probe encoding."""
+    """A model type and the vocabulary its tokenizer must be (:mod:`scratch.bert_tokenizer`'s
+    specs: size, special ids, a probe encoding; one definition for both pipelines)."""
     model_type: str
-    vocab_size: int
-    special_ids: dict = field(hash=False)
-    probe: tuple = field(hash=False)      # (text, ids without special tokens)
+    vocabulary: Vocabulary
 
-    @property
-    def pad_token(self) -> str:
-        return next(t for t in self.special_ids if "pad" in t.lower())
+    vocab_size = property(lambda self: self.vocabulary.size)
+    special_ids = property(lambda self: self.vocabulary.special_ids)
+    probe = property(lambda self: self.vocabulary.probe)      # (text, ids without specials)
+    pad_token = property(lambda self: self.vocabulary.pad)
 
 
-# the ids are read off each vocabulary file: BERT's uncased vocab.txt, and MPNet's, which is
-# BERT's with <s> <pad> </s> <unk> in front (every WordPiece id + 4) and <mask> at the end
-FAMILIES = {
-    "bert": Family("bert", 30_522, {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102},
-                   ("Hello WORLD how ARE yoU?", [7592, 2088, 2129, 2024, 2017, 1029])),
-    "mpnet": Family("mpnet", 30_527, {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3},
-                    ("Hello WORLD how ARE yoU?", [7596, 2092, 2133, 2028, 2021, 1033])),
-}
+FAMILIES = {name: Family(name, VOCABULARIES[name]) for name in ("bert", "mpnet")}
 BERT = FAMILIES["bert"]
 
 

@@ -30,7 +30,8 @@ def test_tiny_tokenizer_is_refused(tmp_path):
 
 
 def test_wrong_casing_is_refused():
-    wrong = dataclasses.replace(E.BERT, probe=("Hello WORLD how ARE yoU?", [1, 2, 3]))
+    wrong = dataclasses.replace(E.BERT, vocabulary=dataclasses.replace(
+        E.BERT.vocabulary, probe=("Hello WORLD how ARE yoU?", [1, 2, 3])))
     with pytest.raises(E.EncoderError, match="encodes 'Hello WORLD how ARE yoU\\?'"):
         E.check_tokenizer(tokenizer(), wrong)
 
