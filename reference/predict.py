@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
+
+from scratch.cli import read_reviews, shown
 
 from . import checkpoint as ckpt
 from . import cli
@@ -98,52 +99,6 @@ def load_model(folder, device: str = "cpu"):
         raise ckpt.CheckpointError(f"{Path(folder) / ckpt.CONFIG}: max_length {max_length} is "
                                    f"beyond {encoder.name}'s {encoder.max_length} positions")
     return ckpt.full_model(encoder.model, head, config, folder, device), encoder.tokenizer, config
-
-
-# --- reviews from the command line --------------------------------------------------------------
-
-def _utf8_problem(e: UnicodeError) -> str:
-    bad = e.object[e.start:e.start + 1]
-    byte = bad if isinstance(bad, bytes) else bytes([ord(bad) & 0xFF])   # surrogateescape'd
-    return f"is not valid UTF-8 (byte 0x{byte.hex()} at position {e.start + 1})"
-
-
-def read_reviews(p: argparse.ArgumentParser, texts: list[str], file: str | None) -> list[str]:
-    """The reviews of the arguments, then of ``file`` (one per line; ``-``: standard input);
-    invalid UTF-8, an empty or whitespace-only review, or no review at all end the command."""
-    reviews = []
-    for n, text in enumerate(texts, 1):
-        try:
-            text.encode("utf-8")                 # argv's undecodable bytes are surrogates
-        except UnicodeEncodeError as e:
-            p.error(f"review argument {n} {_utf8_problem(e)}")
-        reviews.append((f"review argument {n}", text))
-    if file is not None:
-        try:
-            data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-        except OSError as e:
-            p.error(f"--file {file}: {e.strerror or e}")
-        name = "standard input" if file == "-" else file
-        lines = data.split(b"\n")
-        if lines[-1] == b"":                     # the newline that ends the last line
-            lines.pop()
-        for n, raw in enumerate(lines, 1):
-            try:
-                reviews.append((f"--file {name}: line {n}", raw.rstrip(b"\r").decode("utf-8")))
-            except UnicodeDecodeError as e:
-                p.error(f"--file {name}: line {n} {_utf8_problem(e)}")
-    for where, text in reviews:
-        if not text.strip():
-            p.error(f"{where} is {'empty' if not text else 'whitespace only'}: nothing to score")
-    if not reviews:
-        p.error("no review to score: give TEXT arguments or --file PATH (- for standard input)")
-    return [text for _, text in reviews]
-
-
-def shown(text: str, width: int = 72) -> str:
-    """A review on one line, cut to ``width`` characters for the echo."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[:width - 3] + "..."
 
 
 def main(argv=None) -> int:

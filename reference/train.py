@@ -72,12 +72,13 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
     train = optimizer is not None
     head.train(train)
     criterion = nn.BCEWithLogitsLoss(reduction="sum")
+    dtype = next(head.parameters()).dtype               # labels in the head's precision
     batches = bucket_batches(split.store.lengths[split.idx], batch_size, shuffle=train, seed=seed)
     total, correct, seen = 0.0, 0, 0
     bar = _bar(batches, desc, progress)
     for b in bar:
         x, lengths = split.store.batch(split.idx[b])
-        y = torch.as_tensor(split.labels[b], dtype=torch.float32, device=device)
+        y = torch.as_tensor(split.labels[b], dtype=dtype, device=device)
         with torch.set_grad_enabled(train):
             logits = head(x.to(device), lengths).squeeze(1)
             loss = criterion(logits, y)

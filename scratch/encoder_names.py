@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -84,3 +85,43 @@ def model_type(folder: str) -> str:
         return json.loads((Path(folder) / "config.json").read_text())["model_type"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise EncoderNameError(f"{folder}: no readable config.json with a model_type ({e})") from e
+
+
+@dataclass
+class Encoder:
+    """What scratch knows of an encoder before (and without) loading its weights."""
+    name: str                 # canonical name (minilm, mpnet, a folder's name)
+    folder: str
+    model_type: str           # "bert" (scratch can run it) or "mpnet" (cached features only)
+    hidden_size: int
+    max_length: int           # learned positions, specials included
+    tokenizer: object = None
+
+    @classmethod
+    def inspect(cls, name: str) -> "Encoder":
+        canonical, folder = resolve(name)
+        mtype = model_type(folder)
+        if mtype not in ("bert", "mpnet"):
+            raise EncoderNameError(f"{folder}: model_type {mtype!r} is not supported "
+                                   "(supported: bert, mpnet)")
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        positions = int(cfg["max_position_embeddings"])
+        if mtype == "mpnet":                # MPNet's positions start after its pad id
+            positions -= int(cfg.get("pad_token_id", 1)) + 1
+        return cls(canonical, folder, mtype, int(cfg["hidden_size"]), positions)
+
+    def load_tokenizer(self):
+        """The folder's checked tokenizer (:class:`scratch.bert_tokenizer.BertTokenizer`)."""
+        from .bert_tokenizer import BertTokenizer
+
+        self.tokenizer = BertTokenizer.from_pretrained(self.folder, vocabulary=self.model_type)
+        return self.tokenizer
+
+    def load_bert(self, dtype="float32"):
+        """The encoder itself (:class:`scratch.bert.BertEncoder`): BERT folders only."""
+        from .bert import BertEncoder
+
+        if self.model_type != "bert":
+            raise EncoderNameError(f"{self.name}: scratch's encoder runs BERT models only, "
+                                   f"this folder is {self.model_type}")
+        return BertEncoder.from_pretrained(self.folder, dtype=dtype)

@@ -1,0 +1,98 @@
+"""``python -m scratch.predict --checkpoint DIR [--file PATH] ["review text" ...]``: the
+probability that each review is positive, torch-free, with the same output as
+:mod:`reference.predict` for the same checkpoint (either pipeline's).
+
+The whole model in NumPy: the checkpoint's head (:func:`scratch.checkpoint.load_head`, read and
+verified first), the encoder its ``config.json`` names (:class:`scratch.bert.BertEncoder`,
+BERT folders) and tokenizer (:class:`scratch.bert_tokenizer.BertTokenizer`)::
+
+    ids    = [CLS] tokens[:max_length - 2] [SEP]         per review, like reference.predict
+    h      = BertEncoder(ids, mask)                      (B, T, E), padding masked out
+    p      = sigmoid(head(h, lengths))                   (B, 1), the GRU reads each review to its end
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+from . import checkpoint as ckpt
+from . import cli
+from .backend import to_numpy
+from .bert_folder import BertError
+from .bert_tokenizer import pad_batch
+from .encoder_names import Encoder, EncoderNameError
+
+COLD_START = """\
+Cold start: it reads and verifies the checkpoint first (config.json, the sha256 of
+model.safetensors, finite weights), then loads the encoder named in its config.json with
+NumPy (minilm, 91 MB: a few seconds), then scores the reviews in batches of --batch-size,
+sorted by length.  Reviews come from the arguments and from --file (one per line, UTF-8; -
+reads standard input); an empty review is an error.  Each review is cut to the checkpoint's
+max_length tokens, as in training.  No torch is imported."""
+
+
+def load_model(folder, dtype="float32"):
+    """(encoder, tokenizer, head, config) from a checkpoint folder: the head verified first,
+    then the encoder (the saved folder if it exists, else the saved name)."""
+    head, config = ckpt.load_head(folder, dtype=dtype, require_checksum=True)
+    name, max_length = config.get("encoder"), config.get("max_length", 512)
+    if not isinstance(name, str) or not isinstance(max_length, int) or max_length < 2:
+        raise ckpt.CheckpointError(f"{Path(folder) / ckpt.CONFIG}: needs an encoder name and "
+                                   f"a max_length >= 2, has {name!r} and {max_length!r}")
+    source = config.get("encoder_source")
+    info = Encoder.inspect(source if isinstance(source, str) and Path(source).is_dir() else name)
+    if max_length > info.max_length:
+        raise ckpt.CheckpointError(f"{Path(folder) / ckpt.CONFIG}: max_length {max_length} is "
+                                   f"beyond {info.name}'s {info.max_length} positions")
+    if info.hidden_size != head.emb_dim:
+        raise ckpt.CheckpointError(f"{folder}: the head was trained on {head.emb_dim}-dim "
+                                   f"features, {info.name} gives {info.hidden_size}")
+    return info.load_bert(dtype), info.load_tokenizer(), head, config
+
+
+def predict_batch(encoder, tokenizer, head, sentences, max_length: int = 512,
+                  batch_size: int = 32) -> list[float]:
+    """P(positive) of each sentence: ``batch_size`` reviews of similar length at a time,
+    right-padded with the attention mask (padding changes no score)."""
+    ids = tokenizer.encode(list(sentences), max_length)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    probs = [0.0] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in chunk], tokenizer.pad_id)   # (B, T)
+        hidden = encoder(input_ids, mask)                                       # (B, T, E)
+        p = to_numpy(head.predict(hidden, mask.sum(axis=1)))[:, 0]              # (B,)
+        for i, pi in zip(chunk, p):
+            probs[i] = float(pi)
+    return probs
+
+
+def main(argv=None) -> int:
+    p = cli.Parser(prog="python -m scratch.predict", epilog=COLD_START,
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   description="P(positive) of each review under a trained checkpoint, "
+                               "computed by the from-scratch model (NumPy, no torch).")
+    p.add_argument("--checkpoint", required=True,
+                   help="directory written by scratch.train or reference.train --out")
+    p.add_argument("--file", metavar="PATH", help="more reviews, one per line (- : standard input)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--batch-size", type=cli.positive(int), default=32,
+                   help="reviews per forward pass (default %(default)s)")
+    p.add_argument("sentences", nargs="*", metavar="TEXT", help="review text(s) to score")
+    a = p.parse_args(argv)
+    reviews = cli.read_reviews(p, a.sentences, a.file)       # before anything is loaded
+    try:
+        encoder, tokenizer, head, config = load_model(a.checkpoint, a.dtype)
+    except (ckpt.CheckpointError, EncoderNameError, BertError) as e:
+        p.error(cli.one_line(e))
+    probs = predict_batch(encoder, tokenizer, head, reviews, config.get("max_length", 512),
+                          a.batch_size)
+    for prob, text in zip(probs, reviews):
+        print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  {cli.shown(text)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, "python -m scratch.predict"))
