@@ -32,33 +32,20 @@ The weights load from safetensors; the resume state with ``torch.load(weights_on
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from scratch import checkpoint as scratch_ckpt
+from scratch.checkpoint import (CHECKSUM, CONFIG, METRICS, WEIGHTS,  # noqa: F401
+                                CheckpointError, read_json, sha256)
 
 from .atomic import atomic_write, write_json  # noqa: F401  (re-exported)
 from .model import BERTGRUSentiment, GRUHead
 
-CONFIG, WEIGHTS, STATE, METRICS = "config.json", "model.safetensors", "last.pt", "metrics.json"
-CHECKSUM = "weights_sha256"
-HEAD_ARGS = {"emb_dim": int, "hidden_dim": int, "output_dim": int, "n_layers": int,
-             "bidirectional": bool, "dropout": float}
-
-
-class CheckpointError(FileNotFoundError):
-    """A checkpoint is missing, damaged, incomplete or does not fit the model (message names
-    the file)."""
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+STATE = "last.pt"          # the reference's resume state (scratch's is last.safetensors)
 
 
 def head_state(model: GRUHead) -> dict[str, torch.Tensor]:
@@ -95,65 +82,23 @@ def save_weights(folder, model: GRUHead, config: dict | None = None) -> None:
     sha256: see the module docstring for why in this order."""
     folder = Path(folder)
     if config is None:
-        config = _read_json(folder / CONFIG) if (folder / CONFIG).exists() else {}
+        config = read_json(folder / CONFIG) if (folder / CONFIG).exists() else {}
     data = st_save(head_state(model))
     atomic_write(folder / WEIGHTS, data)
     write_json(folder / CONFIG, {**config, CHECKSUM: sha256(data)})
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return obj
-
-
 def read_config(folder, checksum: bool = True) -> dict:
     """config.json of a finished checkpoint, its model arguments checked (and, with
-    ``checksum``, its ``weights_sha256`` present)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint directory")
-    for name in (CONFIG, WEIGHTS):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder}: no {name} (not a finished reference.train checkpoint)")
-    config = _read_json(folder / CONFIG)
-    model = config.get("model")
-    if not isinstance(model, dict) or (missing := [a for a in HEAD_ARGS if a not in model]):
-        raise CheckpointError(f"{folder / CONFIG}: model arguments "
-                              f"{missing if isinstance(model, dict) else list(HEAD_ARGS)} missing")
-    for arg, kind in HEAD_ARGS.items():
-        v = model[arg]
-        ok = (isinstance(v, bool) if kind is bool else
-              isinstance(v, (int, float)) and not isinstance(v, bool) and
-              (0 <= v < 1 if arg == "dropout" else isinstance(v, int) and v > 0))
-        if not ok:
-            raise CheckpointError(f"{folder / CONFIG}: model argument {arg}={v!r} is not valid")
-    if checksum and not re.fullmatch(r"[0-9a-f]{64}", str(config.get(CHECKSUM, ""))):
-        raise CheckpointError(
-            f"{folder / CONFIG}: no valid {CHECKSUM} (written before checksums?); if you trust "
-            f"{WEIGHTS}, run: python -m reference.checkpoint stamp {folder}")
-    return config
+    ``checksum``, its ``weights_sha256`` present): :func:`scratch.checkpoint.read_config`."""
+    return scratch_ckpt.read_config(folder, require_checksum=checksum)
 
 
 def read_weights(folder, config: dict) -> dict[str, torch.Tensor]:
-    """The tensors of model.safetensors, whose bytes must hash to ``config``'s checksum."""
-    path = Path(folder) / WEIGHTS
-    data = path.read_bytes()
-    if (got := sha256(data)) != config[CHECKSUM]:
-        raise CheckpointError(f"{path}: sha256 {got[:12]}... is not the {CHECKSUM} "
-                              f"{config[CHECKSUM][:12]}... in {CONFIG} (damaged or replaced file)")
-    return parse_weights(data, path)
-
-
-def parse_weights(data: bytes, path) -> dict[str, torch.Tensor]:
-    try:
-        return st_load(data)
-    except (SafetensorError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    """The tensors of model.safetensors as torch tensors, checked by
+    :func:`scratch.checkpoint.read_weights`: the bytes hash to ``config``'s checksum (if it
+    has one), the header parses, float tensors, finite values."""
+    return {k: torch.from_numpy(v) for k, v in scratch_ckpt.read_weights(folder, config).items()}
 
 
 def load_head(folder, device="cpu") -> tuple[GRUHead, dict]:
@@ -189,10 +134,11 @@ def stamp(folder) -> str:
     """Add ``weights_sha256`` to a checkpoint written before checksums, once its weights pass
     every other check; returns the checksum."""
     config, path = read_config(folder, checksum=False), Path(folder) / WEIGHTS
-    data = path.read_bytes()
-    check_head_state(GRUHead(**config["model"]), parse_weights(data, path), str(path))
-    write_json(Path(folder) / CONFIG, {**config, CHECKSUM: sha256(data)})
-    return sha256(data)
+    config.pop(CHECKSUM, None)                     # a damaged one is replaced, not checked
+    check_head_state(GRUHead(**config["model"]), read_weights(folder, config), str(path))
+    digest = sha256(path.read_bytes())
+    write_json(Path(folder) / CONFIG, {**config, CHECKSUM: digest})
+    return digest
 
 
 def save_state(folder, state: dict) -> None:

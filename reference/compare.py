@@ -181,6 +181,164 @@ def gru_rows(repeat: int = 3) -> list[Row]:
     ]
 
 
+
+# ---- the sentiment model: encoder, head, Adam, a training epoch ------------------------------
+
+DEMO_SUBSET = dict(limit_train=2000, max_length=128, seed=3407)     # make demo's reviews
+
+
+def _real_reviews(n: int, split: str = "test"):
+    """The first ``n`` reviews of ``split`` (the archive from $IMDB_PATH)."""
+    from .data import find_imdb, load_imdb
+
+    return load_imdb(find_imdb(None), splits=(split,))[split].texts[:n]
+
+
+@suite("encoder")
+def encoder_rows(repeat: int = 3, n: int = 8, max_length: int = 128) -> list[Row]:
+    """The frozen encoder's forward on ``n`` real reviews (MiniLM, <= ``max_length`` tokens,
+    right-padded, masked): :class:`scratch.bert.BertEncoder` against transformers' BertModel
+    (float32 and float64), and two swapped attentions against :mod:`reference.bert_attention`."""
+    from scratch.bert import BertEncoder
+    from scratch.bert_tokenizer import pad_batch
+
+    from .bert_attention import swap_attention
+    from .data import tokenize
+    from .encoders import load_encoder
+
+    ref = load_encoder("minilm")                                   # BertModel, frozen, eval
+    ids, mask = pad_batch(tokenize(ref.tokenizer, _real_reviews(n), max_length))   # (n, T)
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def reference():
+        with torch.no_grad():
+            return ref.model(ids_t, attention_mask=mask_t).last_hidden_state
+
+    rows, shape = [], f"{n} reviews x {ids.shape[1]} tok"
+    for dtype in (torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        enc = BertEncoder.from_pretrained(ref.source, dtype=name)
+        ref.model.to(dtype)
+        rows.append(compare_row(f"encoder MiniLM {name}: {shape}", lambda enc=enc: enc(ids, mask),
+                                reference, repeat))
+    for variant, label in ((dict(attention="efficient"), "efficient, all layers"),
+                           (dict(attention="linear", swap_layers=2), "linear, top 2 layers")):
+        swap_attention(ref.model, **variant)                      # the float64 model
+        swapped = enc.with_attention(**variant)
+        rows.append(compare_row(f"encoder {label}, f64: {shape}",
+                                lambda swapped=swapped: swapped(ids, mask), reference, repeat))
+    swap_attention(ref.model, "softmax")
+    return rows
+
+
+def _head_pair(emb_dim: int, dropout: float = 0.25, seed: int = 0):
+    """The assignment's head in torch and the same weights in scratch (float32)."""
+    from scratch.sentiment import SentimentHead
+
+    from .model import GRUHead
+
+    torch.manual_seed(seed)
+    ref = GRUHead(emb_dim, 256, 1, 2, True, dropout)
+    mine = SentimentHead(emb_dim, 256, 1, 2, True, dropout, dtype="float32")
+    mine.load_state_dict(ref.state_dict())
+    return mine, ref
+
+
+@suite("sentiment")
+def sentiment_rows(repeat: int = 3) -> list[Row]:
+    """The head (forward + backward through the BCE loss, B32, up to 128 steps, MiniLM's 384
+    wide), Adam on its 2.1M parameters, and one training epoch of the demo subset's cached
+    features (1,400 reviews, batch 32; dropout off so that both sides take the same steps)."""
+    from scratch.optim import Adam
+
+    rng = np.random.default_rng(0)
+    B, T, E = 32, 128, 384
+    x = rng.standard_normal((B, T, E)).astype(np.float32)
+    lengths = rng.integers(T // 4, T + 1, B)
+    lengths[0] = T
+    y = rng.integers(0, 2, B).astype(np.float32)
+    mine, ref = _head_pair(E, dropout=0.0)
+    xt, lt, yt = torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(y)
+
+    def scratch_step():
+        loss, grads, _ = mine.loss_and_grads(x, lengths, y, training=True)
+        return [np.float32(loss)] + [grads[k] for k in sorted(grads)]
+
+    def torch_step():
+        ref.zero_grad()
+        z = ref(xt, lt).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, yt)
+        loss.backward()
+        named = dict(ref.named_parameters())
+        return [loss.detach()] + [named[k].grad for k in sorted(named)]
+
+    rows = [compare_row(f"head fwd+bwd+BCE, all grads (B{B} T<={T} {E}->256)", scratch_step,
+                        torch_step, repeat)]
+
+    params = {k: v.copy() for k, v in mine.params.items()}
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+    tparams = {k: torch.from_numpy(v.copy()) for k, v in params.items()}
+    for k, t in tparams.items():
+        t.grad = torch.from_numpy(grads[k])
+
+    def scratch_adam():
+        opt = Adam(params)
+        for _ in range(10):
+            opt.step(grads)
+        return [params[k] for k in sorted(params)]
+
+    def torch_adam():
+        opt = torch.optim.Adam(list(tparams.values()))
+        for _ in range(10):
+            opt.step()
+        return [tparams[k] for k in sorted(tparams)]
+
+    # each side is timed from the same start only once (they update in place): repeat 1
+    n = sum(v.size for v in params.values())
+    rows.append(compare_row(f"Adam: 10 steps on {n / 1e6:.2f}M head parameters", scratch_adam,
+                            torch_adam, 1))
+    rows.append(_epoch_row())
+    return rows
+
+
+def _epoch_row() -> Row:
+    """One training epoch on the demo subset's cached MiniLM features, from the same weights,
+    dropout off: both sides' final weights compared (timed once each)."""
+    from scratch import train as strain
+    from scratch.features import FeatureStore
+    from scratch.optim import Adam
+
+    from . import train as rtrain
+    from .data import find_imdb, load_imdb, stratified_subset, train_valid_split
+    from .encoders import load_encoder
+    from .features import extract_features
+
+    d = DEMO_SUBSET
+    reviews = load_imdb(find_imdb(None), splits=("train",))["train"]
+    reviews = reviews.subset(stratified_subset(reviews.labels, d["limit_train"], d["seed"]))
+    store = extract_features(load_encoder("minilm"), reviews.texts, max_length=d["max_length"],
+                             progress=False)
+    n = len(reviews)
+    tr, _ = train_valid_split(n, round(n * rtrain.VALID_FRACTION), d["seed"])
+    mine, ref = _head_pair(store.hidden_size, dropout=0.0)
+    sstore = FeatureStore(store.folder)                 # the same entry, NumPy batches
+    labels = reviews.labels[tr]
+
+    def scratch_epoch():
+        strain.run_epoch(mine, strain.Split(sstore, tr, labels), 32, Adam(mine.params),
+                         seed=d["seed"] + 1)
+        return [mine.params[k] for k in sorted(mine.params)]
+
+    def torch_epoch():
+        opt = torch.optim.Adam(ref.parameters())
+        rtrain.run_epoch(ref, rtrain.Split(store, tr, labels), 32, opt, seed=d["seed"] + 1)
+        named = dict(ref.named_parameters())
+        return [named[k] for k in sorted(named)]
+
+    return compare_row(f"training epoch, demo subset ({len(tr)} reviews, B32, no dropout)",
+                       scratch_epoch, torch_epoch, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # The table.
 # --------------------------------------------------------------------------------------------

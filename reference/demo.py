@@ -4,7 +4,9 @@ With the archive (``--data`` or ``IMDB_PATH``): a short real training of the ass
 BiGRU head on the packaged MiniLM encoder's features, on a stratified subset (2,000 train
 reviews split 1,400/600, 1,000 test reviews, the first 128 tokens of each, 2 epochs, batch 32;
 about 2-3 minutes on 2 CPU cores the first time, seconds of feature work afterwards thanks to
-the cache), then its test accuracy and ``predict_sentiment`` on two sentences.  Given nothing
+the cache), then its test accuracy, and the same reviews scored by both pipelines side by
+side: ``predict_sentiment`` (transformers + torch) and :mod:`scratch.predict` (NumPy, the
+from-scratch encoder and head) on the very same checkpoint.  Given nothing
 at all (no ``--data``, no ``IMDB_PATH``, no downloaded copy): how to get the data, and exit
 status 0 (the demo's comparison table does not need it).  A ``--data`` or ``IMDB_PATH`` that
 does not exist, or data that cannot be read, is an error (exit status 2).
@@ -21,7 +23,9 @@ from . import cli
 
 SUBSET = ["--encoder", "minilm", "--limit-train", "2000", "--limit-test", "1000",
           "--max-length", "128", "--batch-size", "32", "--epochs", "2", "--seed", "3407"]
-SENTENCES = ("This film is terrible", "This film is great")
+SENTENCES = ("This film is terrible", "This film is great",
+             "The plot was thin, but the acting carried it and I left smiling.",
+             "Two hours of my life I will never get back.")
 
 
 def main(argv=None) -> int:
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
         print(f"IMDB demo skipped. {HOW_TO_GET}")
         return 0
     from . import train
-    from .predict import load_model, predict_sentiment
+    from .predict import load_model
 
     print(f"IMDB demo: minilm features + the assignment's BiGRU head on a subset of {path}",
           flush=True)
@@ -56,10 +60,23 @@ def main(argv=None) -> int:
     print(f"test accuracy {m['test_acc']:.2%} on {m['n_test']} reviews "
           f"(trained on {m['n_train']}, {config['max_length']} tokens each); "
           f"{time.perf_counter() - t0:.0f} s in all")
-    for s in SENTENCES:
-        print(f"predict_sentiment(model, tokenizer, {s!r}) = "
-              f"{predict_sentiment(model, tokenizer, s, config['max_length']):.4f}")
+    side_by_side(a.out, model, tokenizer, config, SENTENCES)
     return 0
+
+
+def side_by_side(folder, model, tokenizer, config, sentences) -> None:
+    """Each review's P(positive) from the reference model and from the scratch model (the same
+    checkpoint, loaded by :mod:`scratch.predict`), and their difference."""
+    from scratch import predict as scratch_predict
+
+    from .predict import predict_sentiment
+
+    encoder, stok, head, _ = scratch_predict.load_model(folder)
+    mine = scratch_predict.predict_batch(encoder, stok, head, sentences, config["max_length"])
+    print(f"{'reference':>9} {'scratch':>9} {'|diff|':>8}  review (same checkpoint, both pipelines)")
+    for s, p_scratch in zip(sentences, mine):
+        p_ref = predict_sentiment(model, tokenizer, s, config["max_length"])
+        print(f"{p_ref:>9.4f} {p_scratch:>9.4f} {abs(p_ref - p_scratch):>8.1e}  {s}")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def save_weights(folder, head: SentimentHead, config: dict | None = None) -> dic
     Returns the config written."""
     folder = Path(folder)
     if config is None:
-        config = _read_json(folder / CONFIG) if (folder / CONFIG).exists() else {}
+        config = read_json(folder / CONFIG) if (folder / CONFIG).exists() else {}
     data = st_save({n: np.asarray(to_numpy(p), dtype=SAVE_DTYPE, order="C")
                     for n, p in head.params.items()})
     atomic_write(folder / WEIGHTS, data)
@@ -74,7 +74,7 @@ def _one_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as e:
@@ -88,7 +88,7 @@ def _read_json(path: Path) -> dict:
 
 def read_config(folder, require_checksum: bool = False) -> dict:
     """config.json of a checkpoint folder, its model arguments and checksum (if any, or
-    required) checked."""
+    required) checked.  (``reference.checkpoint`` reads through this too.)"""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint directory")
@@ -96,7 +96,7 @@ def read_config(folder, require_checksum: bool = False) -> dict:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: no {name} (not a finished checkpoint)")
     path = folder / CONFIG
-    config = _read_json(path)
+    config = read_json(path)
     model = config.get("model")
     if not isinstance(model, dict):
         raise CheckpointError(f"{path}: no \"model\" object with the head's arguments")
@@ -112,7 +112,9 @@ def read_config(folder, require_checksum: bool = False) -> dict:
             raise CheckpointError(f"{path}: model argument {arg}={v!r} is not valid")
     if CHECKSUM in config or require_checksum:
         if not re.fullmatch(r"[0-9a-f]{64}", str(config.get(CHECKSUM, ""))):
-            raise CheckpointError(f"{path}: no valid {CHECKSUM} (a sha256 hex digest)")
+            raise CheckpointError(
+                f"{path}: no valid {CHECKSUM} (a sha256 hex digest; written before checksums?); "
+                f"if you trust {WEIGHTS}, run: python -m reference.checkpoint stamp {folder}")
     return config
 
 

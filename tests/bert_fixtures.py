@@ -7,7 +7,7 @@ import torch
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
-from reference.bert import pad
+from scratch.bert_tokenizer import pad_batch as pad
 from reference.data import load_imdb, tokenize
 from reference.encoders import minilm_path
 

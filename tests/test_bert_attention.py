@@ -114,17 +114,3 @@ def test_mirror_layer_selection_and_mask_checks():
     pad = torch.tensor([True, True, False]).expand(1, 1, 3, 3)
     assert key_mask(pad, 1, 3).tolist() == [[[True, True, False]]]
     assert key_mask(None, 1, 3) is None
-
-
-@pytest.mark.imdb
-def test_compare_rows_on_real_reviews(imdb_path, monkeypatch):
-    from reference.bert import compare_rows
-
-    monkeypatch.setenv("IMDB_PATH", str(imdb_path))
-    rows = compare_rows(repeat=1, n=2, max_length=16)
-    assert [r.component.split(":")[0] for r in rows] == [
-        "BERT MiniLM float32", "BERT MiniLM float64", "BERT efficient, all layers, float64",
-        "BERT linear, top 2 layers, float64"]
-    assert max(len(r.component) for r in rows) <= 54          # compare's column width
-    assert rows[0].max_abs_err < 1e-4 and max(r.max_abs_err for r in rows[1:]) < 1e-10
-    assert all(r.scratch_s > 0 and r.torch_s > 0 for r in rows)

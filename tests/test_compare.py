@@ -34,19 +34,23 @@ def test_cli_help():
     assert "scratch / torch" in r.stdout and "--repeat" in r.stdout
 
 
-def test_every_suite_contributes_rows_with_small_errors(capsys):
+@pytest.mark.imdb
+@pytest.mark.slow
+def test_every_suite_contributes_rows_with_small_errors(capsys, imdb_path, monkeypatch):
     """The whole demo table: each component present, errors at floating-point level."""
+    monkeypatch.setenv("IMDB_PATH", str(imdb_path))
     assert compare.main(["--repeat", "1", "--threads", "1"]) == 0
     table = capsys.readouterr().out
     for name in ("toy recurrence", "attention softmax", "attention efficient", "attention linear causal",
-                 "attention linear recurrent", "GRU"):
+                 "attention linear recurrent", "GRU", "encoder MiniLM float32", "head fwd+bwd",
+                 "Adam: 10 steps", "training epoch, demo subset"):
         assert name in table, name
     rows = compare.collect(("gru",), repeat=1)
     assert len(rows) >= 2 and all(r.max_abs_err < 1e-3 and r.torch_s > 0 for r in rows)
 
 
 def test_suites_by_name_in_order_and_the_old_module_spelling():
-    assert list(compare.SUITES) == ["recurrence", "attention", "gru"]
+    assert list(compare.SUITES) == ["recurrence", "attention", "gru", "encoder", "sentiment"]
     assert compare.suite_name("reference.gru") == "gru" == compare.suite_name("gru")
     with pytest.raises(ValueError, match="unknown suite 'nope'"):
         compare.suite_name("nope")
@@ -80,3 +84,15 @@ def test_torch_mirrors_hold_torch_maths_only(mirror):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
     assert not hasattr(importlib.import_module(mirror), "compare_rows")
+
+
+@pytest.mark.imdb
+def test_encoder_rows_on_real_reviews(imdb_path, monkeypatch):
+    monkeypatch.setenv("IMDB_PATH", str(imdb_path))
+    rows = compare.encoder_rows(repeat=1, n=2, max_length=16)
+    assert [r.component.split(":")[0] for r in rows] == [
+        "encoder MiniLM float32", "encoder MiniLM float64", "encoder efficient, all layers, f64",
+        "encoder linear, top 2 layers, f64"]
+    assert max(len(r.component) for r in rows) <= 54          # the table's column width
+    assert rows[0].max_abs_err < 1e-4 and max(r.max_abs_err for r in rows[1:]) < 1e-10
+    assert all(r.scratch_s > 0 and r.torch_s > 0 for r in rows)
