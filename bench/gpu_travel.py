@@ -15,6 +15,7 @@ working tree that travels (with the carried, git-ignored folders) may hold 64 Mi
 
     python bench/gpu_travel.py --out .gpu [--data PATH] [--encoder minilm] [--max-length 512]
                                [--limit-train N --limit-test N]
+    python bench/gpu_travel.py --size .whl .gpu      what would travel, against the 64 MiB
 
 :func:`load_tokens` reads the ``.npz`` back, checked (lengths add up, ids inside the
 vocabulary, labels 0/1), as ``{split: (list of int64 id arrays, labels)}``.
@@ -146,6 +147,23 @@ def folder_bytes(path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+LIMIT = 64 * 2**20          # the working tree that travels, carried folders included
+
+
+def size_report(carried) -> int:
+    """Print what travels (the git tree's files, each carried folder) against :data:`LIMIT`;
+    returns 0 if it fits, 1 if not."""
+    parts = [("tracked + untracked-not-ignored files", tree_bytes())]
+    parts += [(f"carried {c}", folder_bytes(c)) for c in carried]
+    for name, n in parts:
+        print(f"  {n / 2**20:8.2f} MiB  {name}")
+    total = sum(n for _, n in parts)
+    fits = total <= LIMIT
+    print(f"  {total / 2**20:8.2f} MiB  in all, limit {LIMIT / 2**20:.0f} MiB: "
+          f"{'fits' if fits else 'TOO LARGE'} ({(LIMIT - total) / 2**20:+.2f} MiB to spare)")
+    return 0 if fits else 1
+
+
 def main(argv=None) -> int:
     from reference.data import ImdbError, find_imdb, load_imdb, stratified_subset
     from reference.encoders import EncoderError, load_encoder, resolve
@@ -158,7 +176,14 @@ def main(argv=None) -> int:
     p.add_argument("--limit-train", type=int, metavar="N", help="stratified subset (tests)")
     p.add_argument("--limit-test", type=int, metavar="N", help="stratified subset (tests)")
     p.add_argument("--seed", type=int, default=3407, help="seed of the subsets")
+    p.add_argument("--size", nargs="*", metavar="FOLDER",
+                   help="only report what would travel with these carried folders")
     a = p.parse_args(argv)
+    if a.size is not None:
+        missing = [c for c in a.size if not Path(c).is_dir()]
+        if missing:
+            p.exit(2, f"{p.prog}: error: no folder {', '.join(missing)}\n")
+        return size_report(a.size)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

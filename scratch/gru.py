@@ -678,37 +678,48 @@ def gru_step_kernels(xp):
     return _cupy_step_kernels()
 
 
+# The kernels' sources: (input parameters, output parameters, body), CuPy ElementwiseKernel
+# syntax (T: float or double; every name an element of its (m, H) argument; an output may be
+# read before it is written).  tests/test_gru.py runs these very texts through NumPy as well.
+FORWARD_STEP = (
+    "T xr, T xz, T xn, T gr, T gz, T gn, T bhn",
+    "T r, T z, T ng, T ghn, T h, T y",
+    """
+    const T half = 0.5;
+    r = half * tanh(half * (xr + gr)) + half;
+    z = half * tanh(half * (xz + gz)) + half;
+    ghn = gn + bhn;
+    ng = tanh(xn + r * ghn);
+    h = ng + z * (h - ng);
+    y = h;
+    """)
+BACKWARD_STEP = (
+    "T r, T z, T ng, T ghn, T hp, T dout",
+    "T dar, T daz, T dan, T dgr, T dgz, T dgn, T dh",
+    """
+    const T one = 1;
+    const T d = dh + dout;
+    const T omz = one - z;
+    const T a_n = (one - ng * ng) * omz * d;
+    const T a_r = a_n * ghn * ((one - r) * r);
+    const T a_z = (hp - ng) * d * z * omz;
+    dar = a_r;
+    daz = a_z;
+    dan = a_n;
+    dgr = a_r;
+    dgz = a_z;
+    dgn = a_n * r;
+    dh = d * z;
+    """)
+
+
 @functools.cache
 def _cupy_step_kernels() -> StepKernels:
     import cupy
     from cupy import cublas
 
-    forward = cupy.ElementwiseKernel(
-        "T xr, T xz, T xn, T gr, T gz, T gn, T bhn",
-        "T r, T z, T ng, T ghn, T h, T y",
-        """
-        const T half = 0.5;
-        r = half * tanh(half * (xr + gr)) + half;
-        z = half * tanh(half * (xz + gz)) + half;
-        ghn = gn + bhn;
-        ng = tanh(xn + r * ghn);
-        h = ng + z * (h - ng);
-        y = h;
-        """, "scratch_gru_step_forward")
-    backward = cupy.ElementwiseKernel(
-        "T r, T z, T ng, T ghn, T hp, T dout",
-        "T dar, T daz, T dan, T dgr, T dgz, T dgn, T dh",
-        """
-        const T one = 1;
-        const T d = dh + dout;
-        const T omz = one - z;
-        const T a_n = (one - ng * ng) * omz * d;
-        const T a_r = a_n * ghn * ((one - r) * r);
-        const T a_z = (hp - ng) * d * z * omz;
-        dar = a_r; daz = a_z; dan = a_n;
-        dgr = a_r; dgz = a_z; dgn = a_n * r;
-        dh = d * z;
-        """, "scratch_gru_step_backward")
+    forward = cupy.ElementwiseKernel(*FORWARD_STEP, name="scratch_gru_step_forward")
+    backward = cupy.ElementwiseKernel(*BACKWARD_STEP, name="scratch_gru_step_backward")
 
     def accumulate(d_gh, w_hh, d_h):
         cublas.gemm("N", "N", d_gh, w_hh, out=d_h, beta=1.0)

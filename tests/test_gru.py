@@ -3,6 +3,8 @@ sequences for lengths, torch fed scratch's dropout masks), a finite-difference c
 not use torch, the readable cell, state_dict round trips and clear errors.  The comparisons with
 torch run on each backend (``xp``: NumPy beside torch on the CPU, CuPy beside torch on CUDA,
 there with the fused step kernels, and once more without them)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,60 @@ def test_dropout_only_when_training_and_seeded():
     big = GRU(5, 50, num_layers=2, dropout=0.25, dtype="float32", seed=1)
     big(np.ones((40, 30, 5), np.float32), training=True)
     assert abs((big.dropout_masks[0] == 0).mean() - 0.25) < 0.01
+
+
+def numpy_kernel(source):
+    """A CuPy ElementwiseKernel source (``scratch.gru.FORWARD_STEP`` / ``BACKWARD_STEP``) run by
+    NumPy: the body's statements, each element-wise, executed on whole arrays; inputs read,
+    outputs read and then written in place, as the kernel does element by element."""
+    ins, outs, body = source
+    in_names = [p.split()[-1] for p in ins.split(",")]
+    out_names = [p.split()[-1] for p in outs.split(",")]
+    statements = [re.sub(r"^(const )?T ", "", st.strip()) for st in body.split(";") if st.strip()]
+
+    def run(*args):
+        assert len(args) == len(in_names) + len(out_names)
+        outputs = args[len(in_names):]
+        dt = outputs[0].dtype
+        ns = {"tanh": np.tanh}
+        ns.update((n, np.asarray(a) if np.ndim(a) else dt.type(a))
+                  for n, a in zip(in_names, args[:len(in_names)]))
+        ns.update((n, a.copy()) for n, a in zip(out_names, outputs))
+        for st in statements:
+            exec(st, ns)                                        # noqa: S102 (our own source)
+        for n, a in zip(out_names, outputs):
+            a[...] = ns[n]
+    return run
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lengths", [None, [5, 2, 7, 1]])
+def test_fused_kernel_sources_run_by_numpy_equal_the_numpy_passes(monkeypatch, dtype, lengths):
+    """Without a GPU: the fused CuPy kernels' very sources, run by NumPy inside the scans' fused
+    branch (``d_h += d_gh W_hh`` for the cuBLAS accumulate), give the NumPy passes' outputs and
+    gradients, for training with dropout, inference, and backward with and without d_output.
+    Checks the kernels' equations and how the scans call them; on a GPU,
+    test_fused_cupy_steps_equal_the_unfused_passes runs the compiled kernels."""
+    emulated = gru_module.StepKernels(numpy_kernel(gru_module.FORWARD_STEP),
+                                      numpy_kernel(gru_module.BACKWARD_STEP),
+                                      lambda d_gh, w_hh, d_h: d_h.__iadd__(d_gh @ w_hh))
+    rng = np.random.default_rng(5)
+    x, d_out, d_hn = (rng.standard_normal(s).astype(dtype) for s in ((4, 7, 3), (4, 7, 8), (4, 4, 4)))
+    results = []
+    for kernels in (None, emulated):
+        monkeypatch.setattr(gru_module, "gru_step_kernels", lambda xp, k=kernels: k)
+        gru = GRU(3, 4, num_layers=2, batch_first=True, dropout=0.3, bidirectional=True,
+                  dtype=dtype, seed=1)
+        got = list(gru(x, lengths=lengths, training=True))
+        got += gru.backward(d_out, d_hn)
+        got += gru.grads.values()
+        got += gru(x, lengths=lengths, cache=False)
+        gru(x, lengths=lengths)
+        got += [gru.backward(None, d_hn, need_dx=False)[1], *gru.grads.values()]
+        results.append(got)
+    assert len(results[1]) == 2 + 2 + 16 + 2 + 1 + 16          # 16 parameters
+    for i, (fused, passes) in enumerate(zip(*results, strict=True)):
+        assert_close(f"array {i}", fused, passes, np.dtype(dtype))
 
 
 # --------------------------------------------------------------------------------------------
