@@ -12,9 +12,17 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from scratch.backend import to_numpy
-
 TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+def to_numpy(a) -> np.ndarray:
+    """A host NumPy array of ``a``: a torch tensor (any device), a CuPy array (``.get()``; a
+    mirror imports no scratch module, nor CuPy), or anything ``np.asarray`` takes."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    if type(a).__module__.split(".")[0] == "cupy":
+        return a.get()
+    return np.asarray(a)
 
 
 def torch_gru_like(gru, copy_weights: bool = True, device="cpu") -> nn.GRU:
