@@ -2,7 +2,8 @@
 by side in one run, plus autoregressive decoding (recurrent linear state vs softmax over a cache).
 
     .venv/bin/python bench/attention.py [--min-n 128] [--max-n 16384] [--decode-max 8192]
-                                        [--repeat 3] [--max-call-s 30] [--out bench/results]
+                                        [--repeat 3] [--max-call-s 30] [--backend numpy|cupy]
+                                        [--out bench/results]
 
 Forward pass, d_k = d_v = 64, one head, batch 1, float32, one thread on each side (NumPy's BLAS
 and torch; ``BENCH_THREADS`` changes it): the machine is shared and thread oversubscription makes
@@ -17,6 +18,11 @@ call took longer than ``--max-call-s`` is not run at larger n.  Prints the
 table, the crossover n (from where on linear / efficient beat softmax), the speed-up at the
 largest n and the decode per-token times; writes ``attention.json`` and ``attention.png`` under
 ``--out``.  Numbers under CPU contention are noisy: the side-by-side ratios are what matter.
+
+``--backend cupy``: scratch on CuPy and torch on CUDA, each timed call ending with a device
+synchronisation; the memory column is then the peak of GPU memory the call allocated above
+what was allocated before it (CuPy's pool, through a memory hook; torch's
+``max_memory_allocated``), and both libraries' cached blocks are released between variants.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reference import attention as R  # noqa: E402
 from reference.timing import best_time, bench_threads, pin_threads  # noqa: E402
 from scratch import attention as A  # noqa: E402
+from scratch.backend import get_xp  # noqa: E402
 
 THREADS = pin_threads(bench_threads())
 
@@ -97,33 +104,93 @@ def peak_extra_bytes(fn) -> tuple[float, int | None]:
     return seconds, max(0, _status_kb("VmHWM") - before) * 1024
 
 
-def measure(fn, repeat: int) -> tuple[float, int | None]:
-    """(best time over ``repeat`` calls, peak extra memory of the first call)."""
-    first, mem = peak_extra_bytes(fn)
+def cupy_peak_extra_bytes(fn) -> tuple[float, int]:
+    """(seconds, peak bytes CuPy's pool handed out during the call above those held before)."""
+    import cupy
+
+    class Peak(cupy.cuda.MemoryHook):
+        name = "Peak"
+
+        def __init__(self):
+            self.used = self.peak = 0
+
+        def malloc_postprocess(self, **kw):
+            self.used += kw["mem_size"]
+            self.peak = max(self.peak, self.used)
+
+        def free_postprocess(self, **kw):
+            self.used -= kw["mem_size"]
+
+    hook = Peak()
+    with hook:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+        del out
+    return seconds, hook.peak
+
+
+def torch_cuda_peak_extra_bytes(fn) -> tuple[float, int]:
+    """(seconds, peak bytes torch allocated on the GPU during the call above those before)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    del out
+    return seconds, torch.cuda.max_memory_allocated() - before
+
+
+def release_gpu_memory(xp) -> None:
+    """Give the cached blocks of CuPy's pool and torch's allocator back to the driver, so that
+    the two libraries' caches never crowd each other out of the GPU's memory."""
+    if xp is not np:
+        xp.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+
+
+def measure(fn, repeat: int, memory=peak_extra_bytes) -> tuple[float, int | None]:
+    """(best time over ``repeat`` calls, peak extra memory of the first call by ``memory``)."""
+    first, mem = memory(fn)
     if repeat < 2 or first >= 1.0:                       # one call is enough once it takes 1 s
         return first, mem
     _, rest = best_time(fn, repeat - 1, enough=1.0)
     return min(first, rest), mem
 
 
-def sweep(sizes, repeat, max_call_s):
+def sweep(sizes, repeat, max_call_s, xp=np):
+    gpu = xp is not np
+    device = "cuda" if gpu else "cpu"
     rows, stopped = [], set()
     for n in sizes:
         rng = np.random.default_rng(n)
         q, k, v = (rng.standard_normal((n, D), dtype=np.float32) for _ in range(3))
-        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+        tq, tk, tv = (torch.from_numpy(x).to(device) for x in (q, k, v))
+        if gpu:
+            q, k, v = (xp.asarray(a) for a in (q, k, v))
         for (variant, side), f in VARIANTS.items():
             if (variant, side) in stopped:
                 continue
             scratch = side.startswith("scratch")
             args = (q, k, v) if scratch else (tq, tk, tv)
             if scratch:
-                call = lambda f=f, args=args: f(*args)  # noqa: E731
+                def call(f=f, args=args):
+                    out = f(*args)
+                    if gpu:
+                        xp.cuda.Device().synchronize()
+                    return out
+                memory = cupy_peak_extra_bytes if gpu else peak_extra_bytes
             else:
                 def call(f=f, args=args):
                     with torch.no_grad():
-                        return f(*args)
-            seconds, mem = measure(call, repeat)
+                        out = f(*args)
+                    if gpu:
+                        torch.cuda.synchronize()
+                    return out
+                memory = torch_cuda_peak_extra_bytes if gpu else peak_extra_bytes
+            seconds, mem = measure(call, repeat, memory)
+            release_gpu_memory(xp)
             rows.append(dict(variant=variant, side=side, n=n, seconds=seconds, peak_bytes=mem))
             print(f"  n={n:>6} {variant:<15} {side:<12} {seconds * 1e3:>10.2f} ms  "
                   f"{(mem or 0) / 2**20:>9.1f} MiB", flush=True)
@@ -146,22 +213,28 @@ def crossover(rows, fast, slow, side):
     return None
 
 
-def decode(max_tokens: int):
-    """Per-token time: LinearAttentionState.step vs softmax over a growing K/V cache (scratch)."""
+def decode(max_tokens: int, xp=np):
+    """Per-token time: LinearAttentionState.step vs softmax over a growing K/V cache (scratch);
+    on CuPy each token's time ends with a device synchronisation."""
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((max_tokens, D), dtype=np.float32) for _ in range(3))
-    state = A.LinearAttentionState(D, D, dtype="float32")
+    q, k, v = (xp.asarray(rng.standard_normal((max_tokens, D), dtype=np.float32))
+               for _ in range(3))
+    sync = xp.cuda.Device().synchronize if xp is not np else (lambda: None)
+    state = A.LinearAttentionState(D, D, dtype="float32", xp=xp)
     lin, soft = np.empty(max_tokens), np.empty(max_tokens)
     state.step(q[0], k[0], v[0])                       # warm-up calls, not timed
     A.softmax_attention(q[:1], k[:1], v[:1])
     state.reset()
+    sync()
     for t in range(max_tokens):
         t0 = time.perf_counter()
         state.step(q[t], k[t], v[t])
+        sync()
         lin[t] = time.perf_counter() - t0
     for t in range(max_tokens):          # the cache is q/k/v[: t + 1]: keys so far, no copy
         t0 = time.perf_counter()
         A.softmax_attention(q[t: t + 1], k[: t + 1], v[: t + 1])
+        sync()
         soft[t] = time.perf_counter() - t0
     points = []
     t = 1
@@ -173,7 +246,7 @@ def decode(max_tokens: int):
     return points
 
 
-def plot(rows, points, path):
+def plot(rows, points, path, where="CPU"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,9 +267,9 @@ def plot(rows, points, path):
             axes[1].loglog([m[0] for m in mem], [m[1] / 2**20 for m in mem], styles[side],
                            color=colours[variant], label=label, ms=4)
     axes[0].set(xlabel="sequence length n", ylabel="forward time (s)",
-                title=f"time vs n (d={D}, float32)")
+                title=f"time vs n (d={D}, float32, {where})")
     axes[1].set(xlabel="sequence length n", ylabel="peak extra memory (MiB)",
-                title="memory vs n")
+                title=f"memory vs n ({where})")
     axes[0].legend(fontsize=7)
     toks = [p["tokens"] for p in points]
     axes[2].loglog(toks, [p["linear_s"] * 1e6 for p in points], "-o", color="C0",
@@ -219,15 +292,29 @@ def main(argv=None) -> int:
     p.add_argument("--decode-max", type=int, default=8192)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--max-call-s", type=float, default=30.0)
+    p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"),
+                   help="numpy: scratch on NumPy, torch on the CPU; cupy: scratch on CuPy, "
+                        "torch on CUDA")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    try:
+        xp = get_xp(args.backend)
+    except RuntimeError as e:                                  # BackendError: no GPU here
+        p.error(str(e))
     sizes = [2 ** e for e in range(int(math.log2(args.min_n)), int(math.log2(args.max_n)) + 1)]
-    print(f"attention forward, d={D}, batch 1, one head, float32; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    _fixed_mmap_threshold()
+    if xp is np:
+        where = "CPU"
+        print(f"attention forward, d={D}, batch 1, one head, float32; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+        _fixed_mmap_threshold()
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False          # float32 on both sides
+        where = torch.cuda.get_device_name()
+        print(f"attention forward, d={D}, batch 1, one head, float32; scratch on CuPy "
+              f"{xp.__version__}, torch {torch.__version__} on {where}")
     t_start = time.perf_counter()
-    rows = sweep(sizes, args.repeat, args.max_call_s)
-    points = decode(args.decode_max)
+    rows = sweep(sizes, args.repeat, args.max_call_s, xp)
+    points = decode(args.decode_max, xp)
     largest = max(sizes)
     summary = {}
     for side in ("scratch", "torch"):
@@ -260,8 +347,9 @@ def main(argv=None) -> int:
     with open(out / "attention.json", "w") as f:
         json.dump(dict(d=D, dtype="float32", rows=rows, summary=summary, decode=points,
                        torch=torch.__version__, threads=torch.get_num_threads(),
+                       backend=args.backend, where=where,
                        wall_s=time.perf_counter() - t_start), f, indent=2)
-    plot(rows, points, out / "attention.png")
+    plot(rows, points, out / "attention.png", where)
     print(f"\nwrote {out / 'attention.json'} and {out / 'attention.png'} "
           f"({time.perf_counter() - t_start:.0f} s)")
     return 0

@@ -1,5 +1,6 @@
 r"""The three attentions in torch; autograd gives the gradients.  Same maths, shapes and mask
-convention (True = keep) as :mod:`scratch.attention`, written independently of it:
+convention (True = keep) as :mod:`scratch.attention`, written independently of it (masks go to
+the device of ``q``, so the same functions run on the CPU or on CUDA):
 
 * softmax: the explicit formula, and :func:`softmax_attention_sdpa` through
   ``torch.nn.functional.scaled_dot_product_attention`` (the library's own kernel);
@@ -16,17 +17,17 @@ import torch
 import torch.nn.functional as F
 
 
-def _causal(n: int) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool).tril()
+def _causal(n: int, device=None) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
 def softmax_attention(q, k, v, mask=None, causal=False):
     """softmax(Q K^T / sqrt(d_k)) V with masked scores set to -inf."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if causal:
-        scores = scores.masked_fill(~_causal(q.shape[-2]), float("-inf"))
+        scores = scores.masked_fill(~_causal(q.shape[-2], q.device), float("-inf"))
     if mask is not None:
-        scores = scores.masked_fill(~torch.as_tensor(mask), float("-inf"))
+        scores = scores.masked_fill(~torch.as_tensor(mask, device=q.device), float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -35,15 +36,15 @@ def softmax_attention_sdpa(q, k, v, mask=None, causal=False):
     if mask is None and causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if mask is not None:
-        mask = torch.as_tensor(mask)
+        mask = torch.as_tensor(mask, device=q.device)
         if causal:
-            mask = mask & _causal(q.shape[-2])
+            mask = mask & _causal(q.shape[-2], q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def efficient_attention(q, k, v, key_mask=None, normalization="softmax"):
     """rho_q(Q) (rho_k(K)^T V); ``key_mask`` (..., m), True = keep."""
-    keep = None if key_mask is None else torch.as_tensor(key_mask)[..., None]
+    keep = None if key_mask is None else torch.as_tensor(key_mask, device=q.device)[..., None]
     if normalization == "softmax":
         if keep is not None:
             k = k.masked_fill(~keep, float("-inf"))
@@ -67,7 +68,7 @@ def linear_attention(q, k, v, causal=False, eps=1e-6, alpha=1.0, key_mask=None):
     """phi(Q_i)^T S / (phi(Q_i)^T Z + eps); causal with cumulative sums over positions."""
     f_q, f_k = feature_map(q, alpha), feature_map(k, alpha)
     if key_mask is not None:
-        f_k = f_k * torch.as_tensor(key_mask)[..., None]
+        f_k = f_k * torch.as_tensor(key_mask, device=q.device)[..., None]
     if not causal:
         s = f_k.transpose(-1, -2) @ v                                  # (..., d_k, d_v)
         z = f_k.sum(dim=-2)                                            # (..., d_k)
@@ -82,9 +83,9 @@ def linear_attention_masked(q, k, v, causal=False, eps=1e-6, alpha=1.0, key_mask
     """The explicit formula sum_j A_ij V_j / (sum_j A_ij + eps), A_ij = phi(Q_i).phi(K_j)."""
     a = feature_map(q, alpha) @ feature_map(k, alpha).transpose(-1, -2)
     if causal:
-        a = a * _causal(q.shape[-2])
+        a = a * _causal(q.shape[-2], q.device)
     if key_mask is not None:
-        a = a * torch.as_tensor(key_mask)[..., None, :]
+        a = a * torch.as_tensor(key_mask, device=q.device)[..., None, :]
     return (a @ v) / (a.sum(-1, keepdim=True) + eps)
 
 

@@ -19,7 +19,7 @@ class AlternatingRNN(nn.Module):
         self.w_h = nn.Parameter(torch.tensor(w_h, dtype=dtype))
 
     def forward(self, x: torch.Tensor):
-        h_prev = torch.zeros(x.shape[0], dtype=x.dtype)
+        h_prev = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         hs = []
         for t in range(x.shape[1]):
             h_prev = self.w_x.to(x.dtype) * x[:, t] + self.w_h.to(x.dtype) * h_prev

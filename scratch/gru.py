@@ -39,6 +39,12 @@ Where the time goes, and what is done about it:
 * sigmoid is evaluated in place as ``(1 + tanh(x / 2)) / 2``: no overflow for any finite x, four
   vectorised passes (:func:`scratch.functional.sigmoid`, the readable stable form, is used by
   the cell reference and is ~15x slower on float32 here).
+* On CuPy the per-step element-wise work is **one** kernel (:func:`gru_step_kernels`: the gates,
+  g_hn and the new h in the forward; every d_a and d_h z in the backward, whose product
+  ``d_gh W_hh`` is then accumulated into d_h by cuBLAS), so a step is two launches, the
+  product and the kernel, instead of about a dozen small ones.  NumPy keeps the element-wise
+  passes written out beside it (the same equations, one ``out=`` pass each).
+  ``SCRATCH_FUSED=0`` (or ``scratch.gru.FUSED = False``) makes CuPy take the NumPy passes too.
 
 Gradients are spelled ``d_<quantity>`` throughout: ``d_h_n`` is dL/dh_n, ``d_gi`` dL/d gi,
 ``d_a_n`` dL/da_n (a_n the pre-activation of n), ``d_w_hh`` dL/dW_hh.
@@ -50,8 +56,10 @@ last what the forward keeps for the backward, :class:`ForwardCache`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -523,6 +531,7 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g
     g_buf = xp.empty((B, H3), dtype=gi.dtype)
     tmp_buf = xp.empty((B, H), dtype=gi.dtype)
     w_t = w_hh.T
+    fused = gru_step_kernels(xp)
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
         m, s = n_active[t], t if keep else 0
         if m < B:
@@ -531,11 +540,14 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g
             continue
         hb, g, tmp, gt, it = h[:m], g_buf[:m], tmp_buf[:m], gates[s, :m], gi[starts[t]:starts[t] + m]
         xp.matmul(hb, w_t, out=g)
+        ghn = g_hn[s, :m]
+        if fused:                                       # CuPy: everything below, one kernel
+            fused.forward(*split3(it), *split3(g), b_hn, *split3(gt), ghn, hb, out[t, :m])
+            continue
         rz = gt[:, :2 * H]
         xp.add(it[:, :2 * H], g[:, :2 * H], out=rz)
         _sigmoid_(rz, xp)
         r, z, n = gt[:, :H], gt[:, H:2 * H], gt[:, 2 * H:]
-        ghn = g_hn[s, :m]
         xp.add(g[:, 2 * H:], b_hn, out=ghn)
         xp.multiply(r, ghn, out=n)
         n += it[:, 2 * H:]
@@ -572,6 +584,7 @@ def scan_backward(d_out, d_h_n, gates, g_hn, h_prev, w_hh, d_gi, d_gh, n_active,
     omz_buf = xp.empty((B, H), dtype=gates.dtype)
     tmp_buf = xp.empty((B, H), dtype=gates.dtype)
     mm_buf = xp.empty((B, H), dtype=gates.dtype)
+    fused = gru_step_kernels(xp)
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         m = n_active[t]
         if m < B:
@@ -579,10 +592,16 @@ def scan_backward(d_out, d_h_n, gates, g_hn, h_prev, w_hh, d_gi, d_gh, n_active,
         if m == 0:
             continue
         d_hb, omz, tmp, mm = d_h[:m], omz_buf[:m], tmp_buf[:m], mm_buf[:m]
-        if d_out is not None:
-            d_hb += d_out[t, :m]
         r, z, n = split3(gates[t, :m])
         d_gi_t, d_gh_t = d_gi[starts[t]:starts[t] + m], d_gh[t, :m]
+        if fused:                    # CuPy: the element-wise part in one kernel, then the product
+            fused.backward(r, z, n, g_hn[t, :m], h_prev(t, m),
+                           0 if d_out is None else d_out[t, :m],
+                           *split3(d_gi_t), *split3(d_gh_t), d_hb)
+            fused.accumulate(d_gh_t, w_hh, d_hb)       # d_h += d_gh W_hh
+            continue
+        if d_out is not None:
+            d_hb += d_out[t, :m]
         d_a_r, d_a_z, d_a_n = split3(d_gi_t)
         xp.subtract(1, z, out=omz)                     # 1 - z
         xp.multiply(n, n, out=d_a_n)                   # d_a_n = d_h (1 - z) (1 - n^2)
@@ -623,6 +642,89 @@ def states_entering(y, h0, n_active, reverse):
         buf[k:m] = h0[k:m]                            # join now, from h0
         return buf[:m]
     return h_prev
+
+
+# --------------------------------------------------------------------------------------------
+# CuPy: one step's element-wise work as one kernel (the NumPy passes above, fused).
+# --------------------------------------------------------------------------------------------
+
+FUSED = os.environ.get("SCRATCH_FUSED", "1").strip() != "0"
+
+
+@dataclass(frozen=True)
+class StepKernels:
+    """The fused CuPy kernels of one step; same equations and order as the NumPy passes of
+    :func:`scan_forward` and :func:`scan_backward` (every argument (m, H), b_hn (H,); a
+    sigmoid is ``(1 + tanh(a / 2)) / 2`` as in :func:`_sigmoid_`)::
+
+        forward(i_r, i_z, i_n, g_r, g_z, g_n, b_hn,  ->  r, z, n, g_hn, h, y)
+            r = sigmoid(i_r + g_r)   z = sigmoid(i_z + g_z)   g_hn = g_n + b_hn
+            n = tanh(i_n + r g_hn)   h = n + z (h - n)        y = h        (h read, then written)
+        backward(r, z, n, g_hn, h_prev, d_out,  ->  d_a_r, d_a_z, d_a_n, d_gh_r, d_gh_z, d_gh_n, d_h)
+            d = d_h + d_out   d_a_n = (1 - n^2)(1 - z) d   d_a_z = (h_prev - n) d z (1 - z)
+            d_a_r = d_a_n g_hn r (1 - r)   d_gh = [d_a_r, d_a_z, d_a_n r]   d_h = d z
+        accumulate(d_gh, w_hh, d_h):  d_h += d_gh W_hh   (one cuBLAS gemm, beta = 1)
+    """
+    forward: object
+    backward: object
+    accumulate: object
+
+
+def gru_step_kernels(xp):
+    """The fused :class:`StepKernels` when ``xp`` is CuPy and :data:`FUSED` (default; set
+    ``SCRATCH_FUSED=0`` to turn it off), else None: the NumPy passes."""
+    if xp is np or not FUSED:
+        return None
+    return _cupy_step_kernels()
+
+
+# The kernels' sources: (input parameters, output parameters, body), CuPy ElementwiseKernel
+# syntax (T: float or double; every name an element of its (m, H) argument; an output may be
+# read before it is written).  tests/test_gru.py runs these very texts through NumPy as well.
+FORWARD_STEP = (
+    "T xr, T xz, T xn, T gr, T gz, T gn, T bhn",
+    "T r, T z, T ng, T ghn, T h, T y",
+    """
+    const T half = 0.5;
+    r = half * tanh(half * (xr + gr)) + half;
+    z = half * tanh(half * (xz + gz)) + half;
+    ghn = gn + bhn;
+    ng = tanh(xn + r * ghn);
+    h = ng + z * (h - ng);
+    y = h;
+    """)
+BACKWARD_STEP = (
+    "T r, T z, T ng, T ghn, T hp, T dout",
+    "T dar, T daz, T dan, T dgr, T dgz, T dgn, T dh",
+    """
+    const T one = 1;
+    const T d = dh + dout;
+    const T omz = one - z;
+    const T a_n = (one - ng * ng) * omz * d;
+    const T a_r = a_n * ghn * ((one - r) * r);
+    const T a_z = (hp - ng) * d * z * omz;
+    dar = a_r;
+    daz = a_z;
+    dan = a_n;
+    dgr = a_r;
+    dgz = a_z;
+    dgn = a_n * r;
+    dh = d * z;
+    """)
+
+
+@functools.cache
+def _cupy_step_kernels() -> StepKernels:
+    import cupy
+    from cupy import cublas
+
+    forward = cupy.ElementwiseKernel(*FORWARD_STEP, name="scratch_gru_step_forward")
+    backward = cupy.ElementwiseKernel(*BACKWARD_STEP, name="scratch_gru_step_backward")
+
+    def accumulate(d_gh, w_hh, d_h):
+        cublas.gemm("N", "N", d_gh, w_hh, out=d_h, beta=1.0)
+
+    return StepKernels(forward, backward, accumulate)
 
 
 def _sigmoid_(a, xp=np):

@@ -34,18 +34,22 @@ def random_bert(seed: int, scale: float = 0.5, **config) -> BertModel:
 
 
 def torch_hidden(model, ids, mask=None, types=None) -> np.ndarray:
-    """``model(...).last_hidden_state`` as a NumPy array."""
+    """``model(...).last_hidden_state`` as a NumPy array (inputs on the model's device)."""
+    dev = next(model.parameters()).device
+    on = lambda a: torch.as_tensor(np.asarray(a), device=dev)  # noqa: E731
     kw = {}
     if mask is not None:
-        kw["attention_mask"] = torch.as_tensor(np.asarray(mask))
+        kw["attention_mask"] = on(mask)
     if types is not None:
-        kw["token_type_ids"] = torch.as_tensor(np.asarray(types))
+        kw["token_type_ids"] = on(types)
     with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(ids)), **kw).last_hidden_state.numpy()
+        return model(on(ids), **kw).last_hidden_state.cpu().numpy()
 
 
-def minilm_torch(dtype=torch.float64) -> BertModel:
-    return BertModel.from_pretrained(minilm_path(), add_pooling_layer=False).eval().to(dtype)
+def minilm_torch(dtype=torch.float64, folder=None) -> BertModel:
+    """transformers' BertModel of the MiniLM folder (default: the packaged one)."""
+    return BertModel.from_pretrained(folder or minilm_path(), add_pooling_layer=False
+                                     ).eval().to(dtype)
 
 
 def review_batches(imdb_path, tokenizer):

@@ -1,11 +1,15 @@
-"""Shared test set-up: hypothesis profiles, the IMDB archive, offline hub."""
+"""Shared test set-up: hypothesis profiles, the IMDB archive, offline hub, and the array backend
+(``xp``: NumPy, and CuPy with torch on CUDA where a GPU computes)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
+
+from tests.helpers import BACKENDS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,6 +20,12 @@ settings.register_profile(
 # dev: random examples, a few more of them, still no deadline (torch start-up varies).
 settings.register_profile(
     "dev", max_examples=80, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# gpu: bench/gpu_check.sh's run of the CuPy tests: derandomized like ci, fewer examples and no
+# shrinking (the GPU's time is short; a failure is reported with the example that found it).
+settings.register_profile(
+    "gpu", derandomize=True, max_examples=20, deadline=None, print_blob=True,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
@@ -35,3 +45,27 @@ def imdb_path() -> Path:
             pytest.fail(msg + ": CI must have it")
         pytest.skip(msg)
     return Path(p)
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def xp(request):
+    """The array module scratch runs on: numpy, or cupy (then the torch side runs on CUDA, see
+    ``device``).  Tests build their data in NumPy, hand scratch ``xp.asarray(...)`` and compare
+    through ``scratch.backend.to_numpy``."""
+    if request.param == "numpy":
+        return np
+    import cupy
+    import torch
+
+    # torch's float32 on CUDA may use TF32 tensor cores (cuDNN's RNNs and convolutions do by
+    # default): 10-bit mantissas, far outside the float32 tolerances.  CuPy never does unless
+    # CUPY_TF32=1.  Both sides in true float32, as on the CPU.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return cupy
+
+
+@pytest.fixture(scope="session")
+def device(xp) -> str:
+    """Where the torch reference runs: "cuda" beside CuPy, "cpu" beside NumPy."""
+    return "cpu" if xp is np else "cuda"

@@ -1,11 +1,24 @@
 """What the test modules share: one ``assert_close``, the tolerances and why, central
-differences, and the common hypothesis strategies."""
+differences, moving test data to the backend under test, and the common hypothesis
+strategies."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 from scratch.attention import key_mask_from_lengths
+from scratch.backend import cupy_usable, to_numpy
+
+# The array backends every scratch-vs-torch test runs on (the ``xp`` fixture of conftest.py).
+# The CuPy case carries the ``gpu`` marker (``pytest -m gpu`` selects it) and is skipped, with
+# one line, where CuPy cannot run: the check imports cupy once per session (an ImportError
+# here, so collection stays cheap).  ``@pytest.mark.parametrize("xp", [CUPY], indirect=True)``
+# runs a test on CuPy only.
+CUPY = pytest.param("cupy", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cupy_usable(), reason="CuPy with a working GPU is not available")])
+BACKENDS = ["numpy", CUPY]
 
 # Relative tolerances against an independent reference in the same precision.  A correct
 # computation here is a few sums of at most a few hundred terms, repeated over at most ~40
@@ -28,7 +41,7 @@ def assert_close(got, want, rtol, what="", atol=0.0, dtype=None):
     from, not a relative error of their own tiny size.  ``atol`` is for arrays whose true
     value may be exactly 0 everywhere (then the scale is 0 and only ``atol`` is left).
     """
-    got, want = np.asarray(got), np.asarray(want)
+    got, want = to_numpy(got), to_numpy(want)
     assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
     if dtype is not None:
         assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {dtype}"
@@ -52,7 +65,7 @@ def assert_as_accurate_as(got, peer, truth, what="", factor=8.0, floor=0.0):
     result on those inputs.  ``factor`` allows for a different order of operations; ``floor``
     (a few ulps of the array's scale) for a peer that is exact by luck.
     """
-    got, peer, truth = (np.asarray(a, dtype=np.float64) for a in (got, peer, truth))
+    got, peer, truth = (to_numpy(a).astype(np.float64) for a in (got, peer, truth))
     assert got.shape == truth.shape, f"{what}: shape {got.shape}, expected {truth.shape}"
     if not truth.size:
         return
@@ -75,6 +88,19 @@ def central_differences(loss, arr, h=1e-6):
         arr[i] = v
         numeric[i] = (up - down) / (2 * h)
     return numeric
+
+
+def on(xp, *arrays):
+    """The arrays (None stays None) on the backend ``xp``: the test's NumPy data for scratch."""
+    moved = tuple(None if a is None else xp.asarray(a) for a in arrays)
+    return moved[0] if len(moved) == 1 else moved
+
+
+def tensor(a, device="cpu", **kw):
+    """A torch tensor (a copy) of the NumPy (or CuPy) array ``a`` on ``device`` (None stays None)."""
+    import torch
+
+    return None if a is None else torch.tensor(to_numpy(a), device=device, **kw)
 
 
 # --------------------------------------------------------------------------------------------

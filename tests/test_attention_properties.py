@@ -2,7 +2,8 @@
 values): causal linear attention in three forms (with eps and key masks), causality,
 permutation equi/invariance, convex combinations, padded keys without influence, Shen's
 scaling = (Q K^T) V / n, associativity, the three backwards against central differences
-(no torch), zero denominators, and clear errors for bad input."""
+(no torch), zero denominators, and clear errors for bad input.  The recurrent-state test runs
+on each backend (``xp``), CuPy included."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from scratch import attention as A
 
-from .helpers import assert_close, central_differences, dtypes, tol
+from .helpers import assert_close, central_differences, dtypes, on, tol
 from .helpers import attention_problems as problems
 
 
@@ -35,19 +36,20 @@ def explicit_causal_linear(q, k, v, alpha, eps=0.0, key_mask=None):
 
 @given(problems(causal=True, dtype=np.float64), st.sampled_from([1, 2, 7, 64]),
        st.sampled_from([1.0, 0.3]), st.sampled_from([0.0, 1e-6, 1e-2, 1.0]))
-def test_recurrent_state_equals_prefix_sums_equals_explicit_formula(p, chunk, alpha, eps):
+def test_recurrent_state_equals_prefix_sums_equals_explicit_formula(xp, p, chunk, alpha, eps):
     """LinearAttentionState stepped token by token (padded keys masked per step) == the chunked
-    prefix sums == the naive O(n^2) path == the explicit formula above, for eps >= 0.
+    prefix sums == the naive O(n^2) path == the explicit formula above (NumPy), for eps >= 0;
+    the three scratch forms on each backend (``xp``).
     Tolerance 1e-11: four summation orders of at most 64 positive weights, ~64 eps apart."""
-    q, k, v, _, key_mask = p
+    explicit = explicit_causal_linear(p[0], p[1], p[2], alpha, eps, p[4])
+    q, k, v, key_mask = on(xp, p[0], p[1], p[2], p[4])
     kw = dict(causal=True, eps=eps, alpha=alpha, key_mask=key_mask)
     parallel = A.linear_attention(q, k, v, chunk_size=chunk, **kw)
     state = A.LinearAttentionState(q.shape[-1], v.shape[-1], batch_shape=q.shape[:-2],
-                                   dtype="float64", eps=eps, alpha=alpha)
-    recurrent = np.stack([state.step(q[..., t, :], k[..., t, :], v[..., t, :],
+                                   dtype="float64", eps=eps, alpha=alpha, xp=xp)
+    recurrent = xp.stack([state.step(q[..., t, :], k[..., t, :], v[..., t, :],
                                      None if key_mask is None else key_mask[..., t])
                           for t in range(q.shape[-2])], axis=-2)
-    explicit = explicit_causal_linear(q, k, v, alpha, eps, key_mask)
     for name, got in (("parallel", parallel), ("recurrent", recurrent),
                       ("naive", A.linear_attention_naive(q, k, v, **kw))):
         assert_close(got, explicit, 1e-11, name)

@@ -4,6 +4,8 @@ import torch
 
 from scratch import backend
 
+from .helpers import CUPY
+
 
 def test_numpy_backend_selected_explicitly(monkeypatch):
     monkeypatch.setenv("SCRATCH_BACKEND", "numpy")
@@ -58,11 +60,10 @@ def test_as_float_array_keeps_dtype_and_rejects_bad_input():
         backend.float_dtype("int32")
 
 
-@pytest.mark.gpu
-def test_cupy_backend_computes_same_as_numpy():
-    if not backend.cupy_usable():
-        pytest.skip("no CuPy with a working GPU here")
-    import cupy
+@pytest.mark.parametrize("xp", [CUPY], indirect=True)
+def test_cupy_backend_computes_same_as_numpy(xp):
     from scratch.functional import sigmoid
     x = np.linspace(-50, 50, 101)
-    np.testing.assert_allclose(cupy.asnumpy(sigmoid(cupy.asarray(x))), sigmoid(x), rtol=1e-15)
+    out = sigmoid(xp.asarray(x))
+    assert backend.array_module(out) is xp and backend.get_xp("cupy") is xp
+    np.testing.assert_allclose(backend.to_numpy(out), sigmoid(x), rtol=1e-15)

@@ -1,7 +1,9 @@
 """scratch.bert (the BERT encoder in NumPy) == transformers' BertModel: on the packaged MiniLM
 with real IMDB reviews, on random small BERTs (hypothesis), with padding; bad folders and
 inputs are clear errors; the module never imports torch; the tokenizer's ids equal the
-reference pipeline's."""
+reference pipeline's.  The random-BERT and activation comparisons run on each backend (``xp``:
+NumPy beside torch on the CPU, CuPy beside torch on CUDA); MiniLM on CuPy against transformers
+on CUDA and against NumPy."""
 from __future__ import annotations
 
 import json
@@ -23,17 +25,21 @@ from transformers.activations import ACT2FN
 from reference.data import load_imdb, tokenize
 from reference.encoders import load_encoder, minilm_path
 from scratch.activations import ACTIVATIONS, gelu_exact, gelu_float32
+from scratch.backend import to_numpy
 from scratch.bert import BertEncoder, BertError, swapped_layers
 from scratch.bert_tokenizer import BertTokenizer, pad_batch
 from tests.bert_fixtures import (minilm_torch, random_bert, rel_err, review_batches,
                                  torch_hidden)
+from tests.helpers import CUPY, on, tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    return minilm_path()
+    """The MiniLM folder: ``$MINILM_FOLDER`` if set (the GPU machine has only the travelling
+    float16 copy, bench/gpu_travel.py), else the packaged one."""
+    return os.environ.get("MINILM_FOLDER") or minilm_path()
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +108,14 @@ def bert_cases(draw):
 
 @settings(max_examples=40)
 @given(bert_cases())
-def test_random_berts_equal_transformers_float64(tmp_path_factory, case):
+def test_random_berts_equal_transformers_float64(xp, device, tmp_path_factory, case):
     cfg, ids, mask, types, saved_dtype, seed = case
     model = random_bert(seed, **cfg).to(getattr(torch, saved_dtype))
     folder = tmp_path_factory.mktemp("bert")
     model.save_pretrained(folder)                        # config.json + model.safetensors
-    enc = BertEncoder.from_pretrained(folder, dtype="float64")
-    out = enc(ids, mask, types)
-    ref = torch_hidden(model.double(), ids, mask, types)
+    enc = BertEncoder.from_pretrained(folder, dtype="float64", backend=xp.__name__)
+    out = to_numpy(enc(*on(xp, ids, mask, types)))
+    ref = torch_hidden(model.double().to(device), ids, mask, types)
     assert out.shape == ids.shape + (cfg["hidden_size"],)
     assert rel_err(out, ref) <= 1e-10
 
@@ -134,13 +140,25 @@ def test_cache_blocks_do_not_change_the_result(small_folder, monkeypatch, block,
 @settings(max_examples=60)
 @given(st.sampled_from(sorted(ACTIVATIONS)),
        st.lists(st.floats(-60, 60, allow_nan=False), min_size=1, max_size=50))
-def test_activations_equal_transformers_float64(name, xs):
+def test_activations_equal_transformers_float64(xp, device, name, xs):
     x = np.array(xs, dtype=np.float64)
-    ref = ACT2FN[name](torch.from_numpy(x)).numpy()
+    ref = to_numpy(ACT2FN[name](tensor(x, device)))
     # the GELU forms compute 1 + erf or 1 + tanh, which cancels for negative x (in torch as
     # here, in another order): there the bound is absolute, a few ulps of |x|
-    np.testing.assert_allclose(ACTIVATIONS[name](x.copy()), ref, rtol=1e-13,
+    np.testing.assert_allclose(to_numpy(ACTIVATIONS[name](on(xp, x))), ref, rtol=1e-13,
                                atol=1e-15 * max(1.0, np.abs(x).max()))
+
+
+@pytest.mark.parametrize("xp", [CUPY], indirect=True)
+def test_cupy_float32_gelu_is_the_exact_gelu(xp):
+    """CuPy's float32 GELU takes cupyx's erf (NumPy's takes the tanh fit): within float32
+    rounding of x Phi(x) computed in float64."""
+    x = np.concatenate([np.linspace(-12, 12, 200_001), [-3e38, -60, 0.0, 60, 3e38]])
+    x32 = x.astype(np.float32)
+    got = to_numpy(ACTIVATIONS["gelu"](on(xp, x32)))
+    assert got.dtype == np.float32
+    exact = x32.astype(np.float64) * ndtr(x32.astype(np.float64))
+    assert (np.abs(got - exact) / np.maximum(1.0, np.abs(x32))).max() <= 4e-7
 
 
 def test_float32_gelu_fit_is_within_2e_7_of_exact_gelu():
@@ -325,13 +343,11 @@ def test_a_real_mpnet_style_folder_is_refused(tmp_path):
         BertEncoder.from_pretrained(tmp_path)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("xp", [CUPY], indirect=True)
 @pytest.mark.parametrize("attention", ["softmax", "efficient", "linear"])
-def test_cupy_encoder_equals_numpy_encoder(minilm, attention):
-    from scratch.backend import cupy_usable, to_numpy
-
-    if not cupy_usable():
-        pytest.skip("no CuPy with a working GPU here")
+def test_cupy_encoder_equals_numpy_encoder(xp, device, minilm, attention):
+    """MiniLM on CuPy == on NumPy (float64), and, for softmax attention, == transformers'
+    BertModel in float64 on CUDA; float32 on CuPy within 1e-4 of it."""
     rng = np.random.default_rng(0)
     ids, mask = rng.integers(1000, 30000, (3, 70)), np.arange(70) < np.array([[70], [9], [33]])
     on_gpu = BertEncoder.from_pretrained(minilm, "float64", attention, backend="cupy")
@@ -339,6 +355,12 @@ def test_cupy_encoder_equals_numpy_encoder(minilm, attention):
     out = on_gpu(ids, mask)
     assert type(out).__module__.startswith("cupy")
     assert rel_err(to_numpy(out), on_cpu(ids, mask)) <= 1e-10
+    if attention == "softmax":
+        ref = minilm_torch(torch.float64, minilm).to(device)
+        want = torch_hidden(ref, ids, mask.astype(np.int64))
+        assert rel_err(to_numpy(out), want) <= 1e-10
+        out32 = BertEncoder.from_pretrained(minilm, "float32", backend="cupy")(ids, mask)
+        assert rel_err(to_numpy(out32), want) <= 1e-4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The attention switch: scratch.bert with Efficient / linear attention in all or some layers
 == the torch mirror (reference.bert_attention, transformers' attention registry) in float64, on
 random small BERTs and on MiniLM with real reviews; the mirror itself gets the padding mask,
-leaves unswapped layers to SDPA, and restores."""
+leaves unswapped layers to SDPA, and restores.  The random-BERT comparison runs on each backend
+(``xp``: NumPy beside torch on the CPU, CuPy beside torch on CUDA)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from reference.bert_attention import NAME, key_mask, swap_attention, top_layers
 from reference.encoders import load_encoder, minilm_path
+from scratch.backend import to_numpy
 from scratch.bert import BertEncoder
 from tests.bert_fixtures import (minilm_torch, random_bert, rel_err, review_batches,
                                  torch_hidden)
@@ -42,14 +44,15 @@ def swap_cases(draw):
 
 @settings(max_examples=40)
 @given(swap_cases())
-def test_swapped_random_berts_equal_the_torch_mirror(tmp_path_factory, case):
+def test_swapped_random_berts_equal_the_torch_mirror(xp, device, tmp_path_factory, case):
     cfg, ids, mask, swap, variant, seed = case
     model = random_bert(seed, **cfg)
     folder = tmp_path_factory.mktemp("bert")
     model.save_pretrained(folder)
-    enc = BertEncoder.from_pretrained(folder, dtype="float64", swap_layers=swap, **variant)
-    swap_attention(model.double(), swap_layers=swap, **variant)
-    assert rel_err(enc(ids, mask), torch_hidden(model, ids, mask)) <= 1e-10
+    enc = BertEncoder.from_pretrained(folder, dtype="float64", swap_layers=swap,
+                                      backend=xp.__name__, **variant)
+    swap_attention(model.double().to(device), swap_layers=swap, **variant)
+    assert rel_err(to_numpy(enc(ids, mask)), torch_hidden(model, ids, mask)) <= 1e-10
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Stable activations: values against torch, derivatives against torch autograd, no warnings."""
+"""Stable activations: values against torch, derivatives against torch autograd, no warnings;
+on each backend (``xp``: NumPy beside torch on the CPU, CuPy beside torch on CUDA)."""
 import warnings
 
 import numpy as np
@@ -9,6 +10,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from scratch import functional as F
+from scratch.backend import to_numpy
+
+from .helpers import on, tensor
 
 finite64 = st.floats(allow_nan=False, allow_infinity=False, width=64)
 finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
@@ -20,20 +24,21 @@ def any_finite_array():
 
 
 @given(any_finite_array())
-def test_no_overflow_warning_and_matches_torch(x):
+def test_no_overflow_warning_and_matches_torch(xp, device, x):
+    xs = on(xp, x)
     with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
         warnings.simplefilter("error")
-        s, t, e = F.sigmoid(x), F.tanh(x), F.elu(x, 0.7)
-        bce = F.bce_with_logits(x, np.ones_like(x))
+        s, t, e = F.sigmoid(xs), F.tanh(xs), F.elu(xs, 0.7)
+        bce = F.bce_with_logits(xs, xp.ones_like(xs))
     assert s.dtype == x.dtype and e.dtype == x.dtype
-    tx = torch.from_numpy(x)
+    tx = tensor(x, device)
     tol = dict(rtol=1e-6, atol=1e-45) if x.dtype == np.float32 else dict(rtol=1e-14, atol=1e-300)
-    np.testing.assert_allclose(s, torch.sigmoid(tx).numpy(), **tol)
-    np.testing.assert_allclose(t, torch.tanh(tx).numpy(), **tol)
-    np.testing.assert_allclose(e, torch.nn.functional.elu(tx, 0.7).numpy(), **tol)
-    ref = torch.nn.functional.binary_cross_entropy_with_logits(
-        tx, torch.ones_like(tx), reduction="none").numpy()
-    np.testing.assert_allclose(bce, ref, **tol)
+    close = lambda a, b: np.testing.assert_allclose(to_numpy(a), to_numpy(b), **tol)  # noqa: E731
+    close(s, torch.sigmoid(tx))
+    close(t, torch.tanh(tx))
+    close(e, torch.nn.functional.elu(tx, 0.7))
+    close(bce, torch.nn.functional.binary_cross_entropy_with_logits(
+        tx, torch.ones_like(tx), reduction="none"))
 
 
 def test_extreme_sigmoid_values():
@@ -45,14 +50,15 @@ def test_extreme_sigmoid_values():
 
 @given(arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 9)),
               elements=st.floats(-30, 30)), st.sampled_from([0, 1, -1]))
-def test_softmax_and_its_backward_match_torch(x, axis):
-    y = F.softmax(x, axis=axis)
-    tx = torch.from_numpy(x).requires_grad_()
+def test_softmax_and_its_backward_match_torch(xp, device, x, axis):
+    y = F.softmax(on(xp, x), axis=axis)
+    tx = tensor(x, device, requires_grad=True)
     ty = torch.softmax(tx, dim=axis)
-    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(to_numpy(y), to_numpy(ty), rtol=1e-13, atol=1e-300)
     dy = np.cos(np.arange(x.size)).reshape(x.shape)
-    ty.backward(torch.from_numpy(dy))
-    np.testing.assert_allclose(F.softmax_backward(y, dy, axis), tx.grad.numpy(), rtol=1e-10, atol=1e-14)
+    ty.backward(tensor(dy, device))
+    np.testing.assert_allclose(to_numpy(F.softmax_backward(y, on(xp, dy), axis)),
+                               to_numpy(tx.grad), rtol=1e-10, atol=1e-14)
 
 
 def test_softmax_huge_inputs_and_masked_rows():
@@ -67,20 +73,21 @@ def test_softmax_huge_inputs_and_masked_rows():
 
 @given(arrays(np.float64, st.integers(1, 20), elements=st.floats(-50, 50)),
        st.floats(0.05, 2.0))
-def test_derivatives_match_autograd(x, alpha):
+def test_derivatives_match_autograd(xp, device, x, alpha):
     dy = np.linspace(-1, 1, x.size)
     for fn, grad_from, ours in [
         (torch.sigmoid, "out", lambda v, o: F.sigmoid_grad(o)),
         (torch.tanh, "out", lambda v, o: F.tanh_grad(o)),
         (lambda v: torch.nn.functional.elu(v, alpha), "in", lambda v, o: F.elu_grad(v, alpha)),
     ]:
-        tx = torch.from_numpy(x).requires_grad_()
+        tx = tensor(x, device, requires_grad=True)
         out = fn(tx)
-        out.backward(torch.from_numpy(dy))
-        mine = ours(x, out.detach().numpy()) * dy
+        out.backward(tensor(dy, device))
+        mine = to_numpy(ours(on(xp, x), on(xp, to_numpy(out))) * on(xp, dy))
         # from-output derivatives (1 - t^2) lose relative digits near saturation: compare absolutely
-        np.testing.assert_allclose(mine, tx.grad.numpy(), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(mine, to_numpy(tx.grad), rtol=1e-12, atol=1e-15)
     t = (x > 0).astype(np.float64)
-    tx = torch.from_numpy(x).requires_grad_()
-    torch.nn.functional.binary_cross_entropy_with_logits(tx, torch.from_numpy(t), reduction="sum").backward()
-    np.testing.assert_allclose(F.bce_with_logits_grad(x, t), tx.grad.numpy(), rtol=1e-12, atol=1e-300)
+    tx = tensor(x, device, requires_grad=True)
+    torch.nn.functional.binary_cross_entropy_with_logits(tx, tensor(t, device), reduction="sum").backward()
+    np.testing.assert_allclose(to_numpy(F.bce_with_logits_grad(*on(xp, x, t))), to_numpy(tx.grad),
+                               rtol=1e-12, atol=1e-300)

@@ -1,6 +1,10 @@
 """scratch GRU == torch.nn.GRU: outputs, h_n and every gradient against torch autograd (packed
 sequences for lengths, torch fed scratch's dropout masks), a finite-difference check that does
-not use torch, the readable cell, state_dict round trips and clear errors."""
+not use torch, the readable cell, state_dict round trips and clear errors.  The comparisons with
+torch run on each backend (``xp``: NumPy beside torch on the CPU, CuPy beside torch on CUDA,
+there with the fused step kernels, and once more without them)."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference.gru import TORCH_DTYPES, run_packed, torch_forward_backward, torch_gru_like
+from scratch import gru as gru_module
+from scratch.backend import to_numpy
 from scratch.gru import GRU
 from scratch.gru_cell import gru_cell_backward, gru_cell_forward
 
 from .helpers import assert_close as shared_assert_close
-from .helpers import central_differences, dtypes, seeds, tol
+from .helpers import CUPY, central_differences, dtypes, on, seeds, tol
 
 
 @st.composite
@@ -32,13 +38,13 @@ def gru_cases(draw, dtype=None, dropout=False):
     return c
 
 
-def build(c):
-    """(scratch GRU with random weights, its torch twin, x, h0 or None, lengths or None,
-    d_output, d_h_n or None) for case ``c``."""
+def build(c, xp=np, device="cpu"):
+    """(scratch GRU with random weights on ``xp``, its torch twin on ``device``, x, h0 or None,
+    lengths or None, d_output, d_h_n or None) for case ``c``; the arrays are NumPy."""
     rng = np.random.default_rng(c["seed"])
     gru = GRU(c["input_size"], c["hidden_size"], c["num_layers"], bias=c["bias"],
               batch_first=c["batch_first"], dropout=c["dropout"],
-              bidirectional=c["bidirectional"], dtype=c["dtype"], seed=c["seed"])
+              bidirectional=c["bidirectional"], dtype=c["dtype"], seed=c["seed"], xp=xp)
     k = c["scale"] / np.sqrt(c["hidden_size"])
     gru.load_state_dict({n: rng.uniform(-k, k, s) for n, s in gru.param_shapes().items()})
     B, T, D, LD = c["batch"], c["time"], gru.num_directions, gru.num_directions * c["num_layers"]
@@ -53,7 +59,7 @@ def build(c):
     lengths = rng.integers(1, T + 1, B) if c["with_lengths"] else None
     d_out = rng.standard_normal(out_shape).astype(dt)
     d_hn = rng.standard_normal(h_shape).astype(dt) if c["with_d_hn"] else None
-    return gru, torch_gru_like(gru), x, h0, lengths, d_out, d_hn
+    return gru, torch_gru_like(gru, device=device), x, h0, lengths, d_out, d_hn
 
 
 def assert_close(name, got, want, dtype):
@@ -62,10 +68,11 @@ def assert_close(name, got, want, dtype):
     shared_assert_close(got, want, tol(dtype), name, atol=tol(dtype), dtype=dtype)
 
 
-def check_against_torch(c, training=False):
-    gru, ref, x, h0, lengths, d_out, d_hn = build(c)
-    out, h_n = gru(x, h0, lengths=lengths, training=training)
-    d_x, d_h0 = gru.backward(d_out, d_hn)
+def check_against_torch(c, training=False, xp=np, device="cpu"):
+    gru, ref, x, h0, lengths, d_out, d_hn = build(c, xp, device)
+    out, h_n = gru(on(xp, x), on(xp, h0), lengths=lengths, training=training)
+    d_x, d_h0 = gru.backward(*on(xp, d_out, d_hn))
+    out, h_n, d_x, d_h0 = (to_numpy(a) for a in (out, h_n, d_x, d_h0))
     h0_t = h0 if h0 is not None else np.zeros(h_n.shape, c["dtype"])
     masks = gru.dropout_masks if training else None
     if training and c["num_layers"] > 1:
@@ -86,19 +93,48 @@ def check_against_torch(c, training=False):
 
 
 @given(gru_cases(np.float64))
-def test_float64_matches_torch_autograd(c):
-    check_against_torch(c)
+def test_float64_matches_torch_autograd(xp, device, c):
+    check_against_torch(c, xp=xp, device=device)
 
 
 @given(gru_cases(np.float32))
-def test_float32_matches_torch_autograd(c):
-    check_against_torch(c)
+def test_float32_matches_torch_autograd(xp, device, c):
+    check_against_torch(c, xp=xp, device=device)
 
 
 @settings(max_examples=25)
 @given(gru_cases(dropout=True))
-def test_dropout_masks_applied_in_torch_reproduce_scratch(c):
-    check_against_torch(c, training=True)
+def test_dropout_masks_applied_in_torch_reproduce_scratch(xp, device, c):
+    check_against_torch(c, training=True, xp=xp, device=device)
+
+
+@pytest.mark.parametrize("xp", [CUPY], indirect=True)
+@settings(max_examples=20)
+@given(gru_cases(), st.booleans())
+def test_fused_cupy_steps_equal_the_unfused_passes(xp, device, c, training):
+    """On CuPy, the fused step kernels (default) == the NumPy-style element-wise passes
+    (``FUSED = False``) run on CuPy: outputs and every gradient, to the dtype's tolerance (the
+    kernel may contract a * b + c into one rounding, so not bit for bit); and the unfused passes
+    on CuPy == torch too."""
+    if c["num_layers"] < 2:
+        training = False
+    results = []
+    for fused in (True, False):
+        gru_module.FUSED = fused
+        try:
+            gru, _, x, h0, lengths, d_out, d_hn = build(c, xp, device)
+            out, h_n = gru(on(xp, x), on(xp, h0), lengths=lengths, training=training)
+            d_x, d_h0 = gru.backward(*on(xp, d_out, d_hn))
+            results.append([to_numpy(a) for a in (out, h_n, d_x, d_h0, *gru.grads.values())])
+        finally:
+            gru_module.FUSED = True
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert_close(f"array {i}", a, b, c["dtype"])
+    gru_module.FUSED = False
+    try:
+        check_against_torch(c, training, xp=xp, device=device)
+    finally:
+        gru_module.FUSED = True
 
 
 def test_dropout_only_when_training_and_seeded():
@@ -117,6 +153,60 @@ def test_dropout_only_when_training_and_seeded():
     big = GRU(5, 50, num_layers=2, dropout=0.25, dtype="float32", seed=1)
     big(np.ones((40, 30, 5), np.float32), training=True)
     assert abs((big.dropout_masks[0] == 0).mean() - 0.25) < 0.01
+
+
+def numpy_kernel(source):
+    """A CuPy ElementwiseKernel source (``scratch.gru.FORWARD_STEP`` / ``BACKWARD_STEP``) run by
+    NumPy: the body's statements, each element-wise, executed on whole arrays; inputs read,
+    outputs read and then written in place, as the kernel does element by element."""
+    ins, outs, body = source
+    in_names = [p.split()[-1] for p in ins.split(",")]
+    out_names = [p.split()[-1] for p in outs.split(",")]
+    statements = [re.sub(r"^(const )?T ", "", st.strip()) for st in body.split(";") if st.strip()]
+
+    def run(*args):
+        assert len(args) == len(in_names) + len(out_names)
+        outputs = args[len(in_names):]
+        dt = outputs[0].dtype
+        ns = {"tanh": np.tanh}
+        ns.update((n, np.asarray(a) if np.ndim(a) else dt.type(a))
+                  for n, a in zip(in_names, args[:len(in_names)]))
+        ns.update((n, a.copy()) for n, a in zip(out_names, outputs))
+        for st in statements:
+            exec(st, ns)                                        # noqa: S102 (our own source)
+        for n, a in zip(out_names, outputs):
+            a[...] = ns[n]
+    return run
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lengths", [None, [5, 2, 7, 1]])
+def test_fused_kernel_sources_run_by_numpy_equal_the_numpy_passes(monkeypatch, dtype, lengths):
+    """Without a GPU: the fused CuPy kernels' very sources, run by NumPy inside the scans' fused
+    branch (``d_h += d_gh W_hh`` for the cuBLAS accumulate), give the NumPy passes' outputs and
+    gradients, for training with dropout, inference, and backward with and without d_output.
+    Checks the kernels' equations and how the scans call them; on a GPU,
+    test_fused_cupy_steps_equal_the_unfused_passes runs the compiled kernels."""
+    emulated = gru_module.StepKernels(numpy_kernel(gru_module.FORWARD_STEP),
+                                      numpy_kernel(gru_module.BACKWARD_STEP),
+                                      lambda d_gh, w_hh, d_h: d_h.__iadd__(d_gh @ w_hh))
+    rng = np.random.default_rng(5)
+    x, d_out, d_hn = (rng.standard_normal(s).astype(dtype) for s in ((4, 7, 3), (4, 7, 8), (4, 4, 4)))
+    results = []
+    for kernels in (None, emulated):
+        monkeypatch.setattr(gru_module, "gru_step_kernels", lambda xp, k=kernels: k)
+        gru = GRU(3, 4, num_layers=2, batch_first=True, dropout=0.3, bidirectional=True,
+                  dtype=dtype, seed=1)
+        got = list(gru(x, lengths=lengths, training=True))
+        got += gru.backward(d_out, d_hn)
+        got += gru.grads.values()
+        got += gru(x, lengths=lengths, cache=False)
+        gru(x, lengths=lengths)
+        got += [gru.backward(None, d_hn, need_dx=False)[1], *gru.grads.values()]
+        results.append(got)
+    assert len(results[1]) == 2 + 2 + 16 + 2 + 1 + 16          # 16 parameters
+    for i, (fused, passes) in enumerate(zip(*results, strict=True)):
+        assert_close(f"array {i}", fused, passes, np.dtype(dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,15 +235,17 @@ def test_finite_difference_gradients(bidirectional, lengths):
         np.testing.assert_allclose(grad, central_differences(loss, arr), rtol=1e-6, atol=1e-8)
 
 
-def test_fast_path_equals_the_readable_cell_loop():
-    """One layer, one direction: scratch.gru == a Python loop over gru_cell_forward/backward."""
+def test_fast_path_equals_the_readable_cell_loop(xp):
+    """One layer, one direction: scratch.gru == a Python loop over gru_cell_forward/backward
+    (on CuPy: the fused step kernels against the cell's separate operations)."""
     rng = np.random.default_rng(2)
-    gru = GRU(6, 5, dtype="float64", seed=0)
-    p = gru.params
+    gru = GRU(6, 5, dtype="float64", seed=0, xp=xp)
+    p = {k: to_numpy(v) for k, v in gru.params.items()}
     w_ih, w_hh, b_ih, b_hh = (p[k + "_l0"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
     x, h0, d_out = rng.standard_normal((9, 4, 6)), rng.standard_normal((4, 5)), rng.standard_normal((9, 4, 5))
-    out, h_n = gru(x, h0[None])
-    d_x, d_h0 = gru.backward(d_out)
+    out, h_n = gru(*on(xp, x, h0[None]))
+    d_x, d_h0 = gru.backward(on(xp, d_out))
+    out, h_n, d_x, d_h0 = (to_numpy(a) for a in (out, h_n, d_x, d_h0))
     h, caches, hs = h0, [], []
     for t in range(9):
         h, cache = gru_cell_forward(x[t], h, w_ih, w_hh, b_ih, b_hh)
@@ -168,29 +260,30 @@ def test_fast_path_equals_the_readable_cell_loop():
     np.testing.assert_allclose(d_x, np.stack(dxs[::-1]), atol=1e-13)
     np.testing.assert_allclose(d_h0[0], dh, atol=1e-13)
     for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), acc):
-        np.testing.assert_allclose(gru.grads[name + "_l0"], g, atol=1e-12)
+        np.testing.assert_allclose(to_numpy(gru.grads[name + "_l0"]), g, atol=1e-12)
 
 
 @given(st.integers(1, 6), st.integers(1, 12), st.integers(1, 12), seeds)
-def test_cell_matches_torch_gru_cell_autograd(batch, input_size, hidden_size, seed):
+def test_cell_matches_torch_gru_cell_autograd(xp, device, batch, input_size, hidden_size, seed):
     rng = np.random.default_rng(seed)
     cell = torch.nn.GRUCell(input_size, hidden_size, dtype=torch.float64)
     with torch.no_grad():
         for p in cell.parameters():
             p.uniform_(-1, 1, generator=torch.Generator().manual_seed(seed))
-    x = torch.tensor(rng.standard_normal((batch, input_size)), requires_grad=True)
-    h = torch.tensor(rng.standard_normal((batch, hidden_size)), requires_grad=True)
+    cell = cell.to(device)
+    x = torch.tensor(rng.standard_normal((batch, input_size)), requires_grad=True, device=device)
+    h = torch.tensor(rng.standard_normal((batch, hidden_size)), requires_grad=True, device=device)
     dh_new = rng.standard_normal((batch, hidden_size))
     h_new = cell(x, h)
-    (h_new * torch.from_numpy(dh_new)).sum().backward()
-    w = [p.detach().numpy() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
-    ours, cache = gru_cell_forward(x.detach().numpy(), h.detach().numpy(), *w)
-    np.testing.assert_allclose(ours, h_new.detach().numpy(), atol=1e-14)
-    got = gru_cell_backward(dh_new, cache, w[0], w[1])
+    (h_new * torch.from_numpy(dh_new).to(device)).sum().backward()
+    w = on(xp, *(to_numpy(p) for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)))
+    ours, cache = gru_cell_forward(*on(xp, to_numpy(x), to_numpy(h)), *w)
+    np.testing.assert_allclose(to_numpy(ours), to_numpy(h_new), atol=1e-14)
+    got = gru_cell_backward(on(xp, dh_new), cache, w[0], w[1])
     want = [x.grad, h.grad, cell.weight_ih.grad, cell.weight_hh.grad, cell.bias_ih.grad,
             cell.bias_hh.grad]
     for g, t in zip(got, want):
-        np.testing.assert_allclose(g, t.numpy(), atol=1e-13)
+        np.testing.assert_allclose(to_numpy(g), to_numpy(t), atol=1e-13)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,14 +349,15 @@ def test_dtype_preserved_everywhere(dtype):
         gru(x.astype(other))
 
 
-def test_extreme_inputs_stay_finite_and_match_torch():
-    gru = GRU(2, 3, dtype="float32", seed=0)
+def test_extreme_inputs_stay_finite_and_match_torch(xp, device):
+    gru = GRU(2, 3, dtype="float32", seed=0, xp=xp)
     x = np.array([[[1e30, -1e30]], [[-3e4, 3e4]], [[0.0, 1.0]]], np.float32)
-    out, h_n = gru(x)
-    d_x, _ = gru.backward(np.ones_like(out))
+    out, h_n = gru(on(xp, x))
+    d_x, _ = gru.backward(xp.ones_like(out))
+    out, d_x = to_numpy(out), to_numpy(d_x)
     assert np.isfinite(out).all() and np.isfinite(d_x).all()
     with torch.no_grad():
-        want = torch_gru_like(gru)(torch.from_numpy(x))[0].numpy()
+        want = to_numpy(torch_gru_like(gru, device=device)(torch.from_numpy(x).to(device))[0])
     np.testing.assert_allclose(out, want, atol=1e-6)
 
 
@@ -271,21 +365,23 @@ def test_extreme_inputs_stay_finite_and_match_torch():
 # lengths and bad input
 # --------------------------------------------------------------------------------------------
 
-def test_lengths_all_full_equals_no_lengths_and_order_does_not_matter():
+def test_lengths_all_full_equals_no_lengths_and_order_does_not_matter(xp, device):
     rng = np.random.default_rng(4)
-    gru = GRU(3, 5, num_layers=2, bidirectional=True, dtype="float64", seed=1)
+    gru = GRU(3, 5, num_layers=2, bidirectional=True, dtype="float64", seed=1, xp=xp)
     x = rng.standard_normal((6, 4, 3))
-    np.testing.assert_array_equal(gru(x, lengths=[6] * 4)[0], gru(x)[0])
+    run = lambda *a, **kw: [to_numpy(r) for r in gru(on(xp, a[0]), *a[1:], **kw)]  # noqa: E731
+    np.testing.assert_array_equal(run(x, lengths=[6] * 4)[0], run(x)[0])
     lengths = np.array([2, 6, 3, 5])
-    out, h_n = gru(x, lengths=lengths)
+    out, h_n = run(x, lengths=lengths)
     perm = np.argsort(-lengths)
-    out_sorted, h_sorted = gru(x[:, perm], lengths=lengths[perm], enforce_sorted=True)
+    out_sorted, h_sorted = run(x[:, perm], lengths=lengths[perm], enforce_sorted=True)
     np.testing.assert_array_equal(out[:, perm], out_sorted)
     np.testing.assert_array_equal(h_n[:, perm], h_sorted)
     with torch.no_grad():     # torch with enforce_sorted=False agrees too
-        t_out, t_h = run_packed(torch_gru_like(gru), torch.from_numpy(x), None, lengths)
-    np.testing.assert_allclose(out, t_out.numpy(), atol=1e-13)
-    np.testing.assert_allclose(h_n, t_h.numpy(), atol=1e-13)
+        t_out, t_h = run_packed(torch_gru_like(gru, device=device),
+                                torch.from_numpy(x).to(device), None, lengths)
+    np.testing.assert_allclose(out, to_numpy(t_out), atol=1e-13)
+    np.testing.assert_allclose(h_n, to_numpy(t_h), atol=1e-13)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -424,33 +520,35 @@ def test_empty_batch_matches_torch(batch_first, bidirectional, dtype):
     (2, False, False, False), (3, True, True, False), (2, True, False, True),
     (3, False, True, True)])
 def test_dropout_one_matches_torch_training_mode(num_layers, bidirectional, batch_first,
-                                                  with_lengths):
+                                                  with_lengths, xp, device):
     """dropout = 1: every unit between layers is dropped.  torch's own nn.GRU in training mode is
     then deterministic (its masks are all zero), so scratch is checked against torch itself,
     not only against torch fed scratch's masks; output, h_n and every gradient agree."""
     rng = np.random.default_rng(num_layers)
     gru = GRU(3, 4, num_layers, batch_first=batch_first, dropout=1.0,
-              bidirectional=bidirectional, dtype="float64", seed=1)
-    ref = torch_gru_like(gru).train()
+              bidirectional=bidirectional, dtype="float64", seed=1, xp=xp)
+    ref = torch_gru_like(gru, device=device).train()
     D, B, T = gru.num_directions, 3, 5
     x = rng.standard_normal((B, T, 3) if batch_first else (T, B, 3))
     h0 = rng.standard_normal((num_layers * D, B, 4))
     d_out = rng.standard_normal(x.shape[:2] + (D * 4,))
     d_hn = rng.standard_normal(h0.shape)
     lengths = np.array([5, 2, 4]) if with_lengths else None
-    out, h_n = gru(x, h0, lengths=lengths, training=True)
-    d_x, d_h0 = gru.backward(d_out, d_hn)
+    out, h_n = gru(*on(xp, x, h0), lengths=lengths, training=True)
+    d_x, d_h0 = gru.backward(*on(xp, d_out, d_hn))
     assert len(gru.dropout_masks) == num_layers - 1
     assert all(not m.any() for m in gru.dropout_masks)
 
-    xt, h0t = torch.tensor(x, requires_grad=True), torch.tensor(h0, requires_grad=True)
+    xt = torch.tensor(x, device=device, requires_grad=True)
+    h0t = torch.tensor(h0, device=device, requires_grad=True)
     t_out, t_h = run_packed(ref, xt, h0t, lengths)            # torch's own dropout, p = 1
-    ((t_out * torch.from_numpy(d_out)).sum() + (t_h * torch.from_numpy(d_hn)).sum()).backward()
+    ((t_out * torch.from_numpy(d_out).to(device)).sum()
+     + (t_h * torch.from_numpy(d_hn).to(device)).sum()).backward()
     for name, got, want in [("output", out, t_out.detach()), ("h_n", h_n, t_h.detach()),
                             ("d_x", d_x, xt.grad), ("d_h0", d_h0, h0t.grad)]:
-        assert_close(name, got, want.numpy(), np.dtype("float64"))
+        assert_close(name, got, to_numpy(want), np.dtype("float64"))
     for name, p in ref.named_parameters():
-        assert_close(name, gru.grads[name], p.grad.numpy(), np.dtype("float64"))
+        assert_close(name, gru.grads[name], to_numpy(p.grad), np.dtype("float64"))
 
     # and through torch fed scratch's (all-zero) masks, layer by layer
     r = torch_forward_backward(ref, x, h0, d_out, d_hn, lengths=lengths, masks=gru.dropout_masks)
@@ -460,48 +558,52 @@ def test_dropout_one_matches_torch_training_mode(num_layers, bidirectional, batc
         assert_close(name + " (masks)", gru.grads[name], g, np.dtype("float64"))
 
 
-def test_inference_mode_and_reused_buffers_never_leak_into_results():
+def test_inference_mode_and_reused_buffers_never_leak_into_results(xp):
     """cache=False gives the same output and keeps nothing for backward; arrays handed back
     stay valid after later calls (the workspace only holds internal buffers)."""
     rng = np.random.default_rng(8)
-    gru = GRU(3, 4, num_layers=2, bidirectional=True, dtype="float64", seed=2)
-    x1, x2 = rng.standard_normal((6, 5, 3)), rng.standard_normal((6, 5, 3))
-    d_out = rng.standard_normal((6, 5, 8))
+    gru = GRU(3, 4, num_layers=2, bidirectional=True, dtype="float64", seed=2, xp=xp)
+    x1, x2, d_out = on(xp, rng.standard_normal((6, 5, 3)), rng.standard_normal((6, 5, 3)),
+                       rng.standard_normal((6, 5, 8)))
+
+    def same(a, b):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
     out1, h1 = gru(x1, lengths=[6, 2, 5, 1, 3])
     d_x1, _ = gru.backward(d_out)
     g1 = {k: v.copy() for k, v in gru.grads.items()}
     kept = [a.copy() for a in (out1, h1, d_x1)]
     out_inf, h_inf = gru(x1, lengths=[6, 2, 5, 1, 3], cache=False)
-    np.testing.assert_array_equal(out_inf, out1)
-    np.testing.assert_array_equal(h_inf, h1)
+    same(out_inf, out1)
+    same(h_inf, h1)
     with pytest.raises(RuntimeError, match="forward"):
         gru.backward(d_out)
     gru(x2)                                              # same shapes, other data, no lengths
     gru.backward(d_out)
     for a, b in zip((out1, h1, d_x1), kept):
-        np.testing.assert_array_equal(a, b)
+        same(a, b)
     gru(x1, lengths=[6, 2, 5, 1, 3])                      # and back: padded rows zero again
     d_x, _ = gru.backward(d_out)
-    np.testing.assert_array_equal(d_x, d_x1)
+    same(d_x, d_x1)
     for k in g1:
-        np.testing.assert_array_equal(gru.grads[k], g1[k])
+        same(gru.grads[k], g1[k])
 
 
 @pytest.mark.parametrize("lengths,dropout", [(None, 0.0), ([5, 2, 7, 1], 0.4)])
-def test_backward_without_output_gradient_or_dx(lengths, dropout):
+def test_backward_without_output_gradient_or_dx(lengths, dropout, xp):
     """backward(None, d_h_n, need_dx=False) (a classifier head on h_n over frozen features) ==
     backward(zeros, d_h_n): the same gradients, bit for bit, and d_x None."""
     rng = np.random.default_rng(4)
     a = GRU(3, 4, num_layers=3, batch_first=True, dropout=dropout, bidirectional=True,
-            dtype="float64", seed=1)
+            dtype="float64", seed=1, xp=xp)
     b = GRU(3, 4, num_layers=3, batch_first=True, dropout=dropout, bidirectional=True,
-            dtype="float64", seed=1)
-    x, d_hn = rng.standard_normal((4, 7, 3)), rng.standard_normal((6, 4, 4))
+            dtype="float64", seed=1, xp=xp)
+    x, d_hn = on(xp, rng.standard_normal((4, 7, 3)), rng.standard_normal((6, 4, 4)))
     out, _ = a(x, lengths=lengths, training=True)
     b(x, lengths=lengths, training=True)
-    d_x, d_h0 = a.backward(np.zeros_like(out), d_hn)
+    d_x, d_h0 = a.backward(xp.zeros_like(out), d_hn)
     none_x, none_h0 = b.backward(None, d_hn, need_dx=False)
-    assert none_x is None and np.abs(d_x).max() > 0
-    np.testing.assert_array_equal(none_h0, d_h0)
+    assert none_x is None and float(abs(d_x).max()) > 0
+    np.testing.assert_array_equal(to_numpy(none_h0), to_numpy(d_h0))
     for name, g in a.grads.items():
-        np.testing.assert_array_equal(b.grads[name], g)
+        np.testing.assert_array_equal(to_numpy(b.grads[name]), to_numpy(g))

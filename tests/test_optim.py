@@ -1,7 +1,8 @@
 """scratch.optim.Adam == torch.optim.Adam, step for step: parameters and both moments after
 every step, in float64 at 1e-12 (relative to each array's largest entry), on hypothesis-drawn
 shapes, hyper-parameters and gradients (zero, tiny, huge); resuming from state_dict gives the
-same trajectory; bad hyper-parameters and bad states are refused."""
+same trajectory; bad hyper-parameters and bad states are refused.  The step-for-step comparison
+runs on each backend (``xp``: NumPy beside torch on the CPU, CuPy beside torch on CUDA)."""
 import math
 
 import numpy as np
@@ -10,7 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scratch.backend import to_numpy
 from scratch.optim import Adam
+
+from .helpers import on
 
 TOL64 = 1e-12
 
@@ -18,7 +22,7 @@ TOL64 = 1e-12
 def rel_err(got, want) -> float:
     """max |got - want| / max |want| over the finite entries (0 when both are all zero); inf
     where the non-finite entries (v = inf after g^2 overflowed) differ."""
-    got, want = np.asarray(got), np.asarray(want)
+    got, want = to_numpy(got), to_numpy(want)
     bad = ~np.isfinite(want)
     if not np.array_equal(got[bad], want[bad], equal_nan=True):
         return math.inf
@@ -59,19 +63,19 @@ def make(c):
     return params, grads
 
 
-def torch_trajectory(params, grads, hyper):
-    """torch.optim.Adam on copies: [(params, exp_avg, exp_avg_sq) per step]."""
-    ts = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+def torch_trajectory(params, grads, hyper, device="cpu"):
+    """torch.optim.Adam on copies (on ``device``): [(params, exp_avg, exp_avg_sq) per step]."""
+    ts = {k: torch.tensor(v, requires_grad=True, device=device) for k, v in params.items()}
     opt = torch.optim.Adam(list(ts.values()), **hyper)
     out = []
     for g in grads:
         for k, t in ts.items():
-            t.grad = None if g[k] is None else torch.tensor(g[k])
+            t.grad = None if g[k] is None else torch.tensor(g[k], device=device)
         opt.step()
         st_ = {k: opt.state.get(t, {}) for k, t in ts.items()}
-        out.append({k: (t.detach().numpy().copy(),
-                        st_[k]["exp_avg"].numpy().copy() if st_[k] else None,
-                        st_[k]["exp_avg_sq"].numpy().copy() if st_[k] else None)
+        out.append({k: (to_numpy(t).copy(),
+                        to_numpy(st_[k]["exp_avg"]).copy() if st_[k] else None,
+                        to_numpy(st_[k]["exp_avg_sq"]).copy() if st_[k] else None)
                     for k, t in ts.items()})
     return out
 
@@ -89,13 +93,13 @@ def assert_same(scratch: Adam, params, want, step):
 
 @settings(max_examples=150)
 @given(adam_cases())
-def test_adam_matches_torch_step_for_step_float64(c):
+def test_adam_matches_torch_step_for_step_float64(xp, device, c):
     params, grads = make(c)
-    want = torch_trajectory(params, grads, c["hyper"])
-    ours = {k: v.copy() for k, v in params.items()}
+    want = torch_trajectory(params, grads, c["hyper"], device)
+    ours = {k: xp.array(v) for k, v in params.items()}
     opt = Adam(ours, **c["hyper"])
     for i, g in enumerate(grads):
-        opt.step(g)
+        opt.step({k: on(xp, a) for k, a in g.items()})
         assert_same(opt, ours, want[i], i)
         for k, s in opt.state.items():
             assert s["step"] == sum(gs[k] is not None for gs in grads[:i + 1])

@@ -1,5 +1,6 @@
 """The toy recurrence: loop == closed form == torch, the unrolled sum, the verdict rule for even
-and odd lengths, ties, saturation, no overflow warnings, and float32 cancellation."""
+and odd lengths, ties, saturation, no overflow warnings, and float32 cancellation.  The torch
+comparisons run on each backend (``xp``: NumPy beside torch on the CPU, CuPy beside CUDA)."""
 import math
 import warnings
 from fractions import Fraction
@@ -12,9 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from reference.recurrence import AlternatingRNN as TorchRNN
+from scratch.backend import to_numpy
 from scratch.recurrence import AlternatingRNN, closed_form, even_beats_odd, readout
 
-from .helpers import dtypes
+from .helpers import dtypes, on, tensor
 
 magnitudes = st.sampled_from([1e-30, 1e-6, 1.0, 1e3, 1e12, 1e30])
 
@@ -35,17 +37,23 @@ def exact_h_last(row) -> Fraction:
 
 
 @given(sequences(), st.sampled_from(["sigmoid", "tanh"]))
-def test_loop_equals_closed_form_equals_torch(x, act):
+def test_loop_equals_closed_form_equals_torch(xp, device, x, act):
     with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise", divide="raise"):
         warnings.simplefilter("error")
-        y, h = AlternatingRNN(activation=act)(x)
-        hc = closed_form(x)
+        y, h = AlternatingRNN(activation=act)(on(xp, x))
+        hc = closed_form(on(xp, x))
     assert y.dtype == x.dtype and h.dtype == x.dtype
-    np.testing.assert_array_equal(h, hc)          # bit for bit (see closed_form's docstring)
-    ty, th = TorchRNN(activation=act, dtype=torch.float64)(torch.from_numpy(x))
-    np.testing.assert_array_equal(h, th.detach().numpy())
+    y, h, hc = to_numpy(y), to_numpy(h), to_numpy(hc)
+    if xp is np:
+        np.testing.assert_array_equal(h, hc)      # bit for bit (see closed_form's docstring)
+    else:   # CuPy's cumsum is a parallel scan, not sequential: the partial sums' rounding
+        n = x.shape[1]
+        bound = 2 * n * np.finfo(x.dtype).eps * np.abs(x.astype(np.float64)).sum(axis=1)
+        assert (np.abs(h.astype(np.float64) - hc).max(axis=1) <= bound).all()
+    ty, th = TorchRNN(activation=act, dtype=torch.float64).to(device)(tensor(x, device))
+    np.testing.assert_array_equal(h, to_numpy(th))
     tol = 1e-6 if x.dtype == np.float32 else 1e-15
-    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(y, to_numpy(ty), rtol=tol, atol=tol)
 
 
 @given(sequences(np.float64))
@@ -103,7 +111,8 @@ def test_saturated_once_h_beyond_a_hundredth(mag, positive):
 
 @given(dtypes, st.sampled_from(["sigmoid", "tanh"]),
        st.sampled_from([1000.0, 10.0, 1e6]), st.floats(-0.01, 1.0), st.booleans())
-def test_readout_at_the_overflow_edge_saturates_without_overflow(dtype, act, gain, u, positive):
+def test_readout_at_the_overflow_edge_saturates_without_overflow(xp, device, dtype, act, gain,
+                                                                  u, positive):
     """|h| from just below finfo(dtype).max / gain (the edge where gain * h overflows) up to
     finfo.max itself: the readout is saturated, equals torch's (whose gain * h overflows to inf
     and saturates), and NumPy's overflow, raised as an error here, never happens.  Without the
@@ -113,11 +122,12 @@ def test_readout_at_the_overflow_edge_saturates_without_overflow(dtype, act, gai
     v = v if positive else -v
     x = np.array([[0.0, v]], dtype)                   # h_2 = v
     with np.errstate(over="raise", invalid="raise"):
-        y, h = AlternatingRNN(gain=gain, activation=act)(x)
-        y_closed = readout(closed_form(x), gain, act)
+        y, h = AlternatingRNN(gain=gain, activation=act)(on(xp, x))
+        y_closed = readout(closed_form(on(xp, x)), gain, act)
+    y, h, y_closed = to_numpy(y), to_numpy(h), to_numpy(y_closed)
     assert h[0, -1] == v and np.array_equal(y, y_closed)
-    ty, _ = TorchRNN(gain=gain, activation=act, dtype=torch.float64)(torch.from_numpy(x))
-    np.testing.assert_array_equal(y, ty.detach().numpy())
+    ty, _ = TorchRNN(gain=gain, activation=act, dtype=torch.float64).to(device)(tensor(x, device))
+    np.testing.assert_array_equal(y, to_numpy(ty))
     low = 0.0 if act == "sigmoid" else -1.0
     assert y[0, -1] == (1.0 if positive else low)
 

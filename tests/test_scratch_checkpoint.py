@@ -1,5 +1,6 @@
 """scratch.checkpoint: the reference checkpoint format both ways, without torch on the scratch
-side; damaged checkpoints refused with a one-line CheckpointError; the resume state."""
+side; damaged checkpoints refused with a one-line CheckpointError; the resume state.  Loading,
+saving and resuming run on each backend (``xp``; with CuPy the reference runs on CUDA)."""
 import hashlib
 import json
 import struct
@@ -11,8 +12,11 @@ import torch
 from reference import checkpoint as ref_ckpt
 from reference.model import GRUHead
 from scratch import checkpoint as ckpt
+from scratch.backend import to_numpy
 from scratch.optim import Adam
 from scratch.sentiment import SentimentHead
+
+from .helpers import on
 
 MODEL = {"emb_dim": 6, "hidden_dim": 5, "output_dim": 1, "n_layers": 2, "bidirectional": True,
          "dropout": 0.25}
@@ -47,44 +51,45 @@ def reference_trained(steps=3):
     return ref.eval()
 
 
-def scratch_trained(steps=3):
-    head = SentimentHead(**MODEL, seed=1)
+def scratch_trained(steps=3, xp=np):
+    head = SentimentHead(**MODEL, seed=1, xp=xp)
     opt = Adam(head.params, lr=1e-2)
     for s in range(steps):
         x, L, y = data(s)
-        opt.step(head.loss_and_grads(x, L, y)[1])
+        opt.step(head.loss_and_grads(on(xp, x), L, on(xp, y))[1])
     return head
 
 
-def test_reference_checkpoint_loads_into_scratch_with_the_same_logits(tmp_path):
+def test_reference_checkpoint_loads_into_scratch_with_the_same_logits(tmp_path, xp, device):
     ref = reference_trained()
     ref_ckpt.write_json(tmp_path / ref_ckpt.CONFIG, run_config())
     ref_ckpt.save_weights(tmp_path, ref)
-    head, config = ckpt.load_head(tmp_path)
+    head, config = ckpt.load_head(tmp_path, xp=xp)
     assert config["encoder"] == "minilm" and config["model"] == MODEL
     x, L, _ = data(9)
     with torch.no_grad():
-        want = ref(torch.from_numpy(x), torch.from_numpy(L)).numpy()
-    got = head(x, L)
+        want = to_numpy(ref.to(device)(torch.from_numpy(x).to(device), torch.from_numpy(L)))
+    got = to_numpy(head(on(xp, x), L))
     # float32 both sides, same weights: the GRU tests' float32 bound (1e-5 of the scale)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()))
     for n, t in ref.state_dict().items():                  # bit for bit
-        np.testing.assert_array_equal(head.params[n], t.numpy())
+        np.testing.assert_array_equal(to_numpy(head.params[n]), to_numpy(t))
 
 
-def test_scratch_checkpoint_loads_into_the_reference_with_the_same_logits(tmp_path):
-    head = scratch_trained()
+def test_scratch_checkpoint_loads_into_the_reference_with_the_same_logits(tmp_path, xp, device):
+    head = scratch_trained(xp=xp)
     written = ckpt.save_weights(tmp_path, head, run_config())
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg == written and cfg["model"] == MODEL and cfg["encoder"] == "minilm"
     assert cfg["weights_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
-    ref, _ = ref_ckpt.load_head(tmp_path)
+    ref, _ = ref_ckpt.load_head(tmp_path, device)
     x, L, _ = data(9)
     with torch.no_grad():
-        want = ref(torch.from_numpy(x), torch.from_numpy(L)).numpy()
-    np.testing.assert_allclose(head(x, L), want, rtol=0, atol=1e-5 * max(1, np.abs(want).max()))
+        want = to_numpy(ref(torch.from_numpy(x).to(device), torch.from_numpy(L)))
+    np.testing.assert_allclose(to_numpy(head(on(xp, x), L)), want, rtol=0,
+                               atol=1e-5 * max(1, np.abs(want).max()))
     for n, t in ref.state_dict().items():
-        np.testing.assert_array_equal(t.numpy(), head.params[n])
+        np.testing.assert_array_equal(to_numpy(t), to_numpy(head.params[n]))
 
 
 def test_round_trip_and_float64_head_saved_in_the_float32_format(tmp_path):
@@ -228,28 +233,33 @@ def test_atomic_write_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
 
 # --- resume state -----------------------------------------------------------------------------
 
-def test_resume_state_round_trip_continues_the_same_trajectory(tmp_path):
+def test_resume_state_round_trip_continues_the_same_trajectory(tmp_path, xp):
     """Train 2 steps, save head + Adam + RNG state, train 2 more; a fresh head and Adam loaded
     from the saved state and trained on the same 2 batches end bit for bit equal."""
-    head = scratch_trained(0)
+    head = scratch_trained(0, xp)
     opt = Adam(head.params, lr=1e-2)
+
+    def batch(s):
+        x, L, y = data(s)
+        return on(xp, x), L, on(xp, y)
+
     for s in range(2):
-        opt.step(head.loss_and_grads(*data(s))[1])
+        opt.step(head.loss_and_grads(*batch(s))[1])
     ckpt.save_state(tmp_path, {"model": head.state_dict(), "optimizer": opt.state_dict(),
                                "rng": head.rng_state(), "epoch": 2, "history": [{"loss": 0.5}]})
     for s in range(2, 4):
-        opt.step(head.loss_and_grads(*data(s))[1])
+        opt.step(head.loss_and_grads(*batch(s))[1])
     state = ckpt.load_state(tmp_path)
     assert state["epoch"] == 2 and state["history"] == [{"loss": 0.5}]
-    other = SentimentHead(**MODEL, seed=99)
+    other = SentimentHead(**MODEL, seed=99, xp=xp)
     other.load_state_dict(state["model"])
     other.set_rng_state(state["rng"])
     opt2 = Adam(other.params)
     opt2.load_state_dict(state["optimizer"])
     for s in range(2, 4):
-        opt2.step(other.loss_and_grads(*data(s))[1])
+        opt2.step(other.loss_and_grads(*batch(s))[1])
     for n, p in head.params.items():
-        np.testing.assert_array_equal(other.params[n], p)
+        np.testing.assert_array_equal(to_numpy(other.params[n]), to_numpy(p))
 
 
 def test_damaged_resume_state_is_refused(tmp_path):

@@ -9,6 +9,9 @@
   from torch's own float32 error in the same run (see the test);
 * the given-masks path of reference.GRUHead against torch's packed GRU run layer by layer;
 * a finite-difference check that does not use torch; the API's guarantees and errors.
+
+The comparisons with the reference run on each backend (``xp``: NumPy beside torch on the CPU,
+CuPy beside torch on CUDA).
 """
 import numpy as np
 import pytest
@@ -18,43 +21,47 @@ from hypothesis import strategies as st
 
 from reference.gru import run_layerwise
 from reference.model import GRUHead
+from scratch.backend import to_numpy
 from scratch.optim import Adam
 from scratch.sentiment import SentimentHead
+
+from .helpers import on, tensor
 
 TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
 def rel_err(got, want) -> float:
     """max |got - want| / max |want| (the absolute error when want is all zero)."""
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    got, want = to_numpy(got).astype(np.float64), to_numpy(want).astype(np.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
     err = float(np.max(np.abs(got - want))) if want.size else 0.0
     scale = float(np.max(np.abs(want))) if want.size else 0.0
     return err / scale if scale > 0 else err
 
 
-def twins(emb, hidden, out_dim, layers, bi, dropout, dtype, seed):
-    """(reference GRUHead initialised by torch from ``seed``, scratch head with its weights)."""
+def twins(emb, hidden, out_dim, layers, bi, dropout, dtype, seed, xp=np, device="cpu"):
+    """(reference GRUHead initialised by torch from ``seed``, on ``device``; scratch head on
+    ``xp`` with its weights)."""
     torch.manual_seed(seed)
     ref = GRUHead(emb, hidden, out_dim, layers, bi, dropout).to(TORCH[np.dtype(dtype)])
-    head = SentimentHead(emb, hidden, out_dim, layers, bi, dropout, dtype=dtype, seed=seed)
+    head = SentimentHead(emb, hidden, out_dim, layers, bi, dropout, dtype=dtype, seed=seed, xp=xp)
     head.load_state_dict(ref.state_dict())
-    return ref, head
+    return ref.to(device), head
 
 
-def torch_masks(masks):
+def torch_masks(masks, device="cpu"):
     """scratch's ``head.dropout_masks`` as torch tensors, for ``GRUHead.head(masks=...)``."""
-    return {"rnn": [torch.from_numpy(np.asarray(m)) for m in masks["rnn"]],
-            "hidden": None if masks["hidden"] is None else torch.from_numpy(np.asarray(masks["hidden"]))}
+    return {"rnn": [tensor(m, device) for m in masks["rnn"]],
+            "hidden": tensor(masks["hidden"], device)}
 
 
-def reference_forward_backward(ref, x, lengths, masks, d_logits):
+def reference_forward_backward(ref, x, lengths, masks, d_logits, device="cpu"):
     """logits and {name: grad} from torch autograd of <logits, d_logits>."""
     ref.zero_grad(set_to_none=True)
     L = None if lengths is None else torch.from_numpy(lengths)
-    logits = ref(torch.from_numpy(x), L, masks=masks)
-    (logits * torch.from_numpy(d_logits)).sum().backward()
-    return logits.detach().numpy(), {n: p.grad.numpy() for n, p in ref.named_parameters()}
+    logits = ref(tensor(x, device), L, masks=masks)
+    (logits * tensor(d_logits, device)).sum().backward()
+    return to_numpy(logits), {n: to_numpy(p.grad) for n, p in ref.named_parameters()}
 
 
 @st.composite
@@ -70,22 +77,22 @@ def head_cases(draw):
 
 @settings(max_examples=60)
 @given(head_cases())
-def test_head_forward_and_all_gradients_match_reference_float64(c):
+def test_head_forward_and_all_gradients_match_reference_float64(xp, device, c):
     ref, head = twins(c["emb"], c["hidden"], c["out_dim"], c["layers"], c["bi"], c["dropout"],
-                      "float64", c["seed"])
+                      "float64", c["seed"], xp, device)
     rng = np.random.default_rng(c["seed"])
     x = rng.standard_normal((c["B"], c["T"], c["emb"])) * c["scale"]
     lengths = None if c["lengths"] is None else np.array(c["lengths"], dtype=np.int64)
     d_logits = rng.standard_normal((c["B"], c["out_dim"]))
-    logits = head(x, lengths, training=c["training"])
-    grads = head.backward(d_logits)
+    logits = head(on(xp, x), lengths, training=c["training"])
+    grads = head.backward(on(xp, d_logits))
     masks = head.dropout_masks
     dropping = c["training"] and c["dropout"] > 0
     assert (masks["hidden"] is not None) == dropping
     assert len(masks["rnn"]) == (c["layers"] - 1 if dropping and c["layers"] > 1 else 0)
     ref.train(c["training"])
     want_logits, want = reference_forward_backward(
-        ref, x, lengths, torch_masks(masks) if c["training"] else None, d_logits)
+        ref, x, lengths, torch_masks(masks, device) if c["training"] else None, d_logits, device)
     assert rel_err(logits, want_logits) <= 1e-9
     assert list(grads) == list(want)                  # every parameter, the reference's order
     for name, g in grads.items():
@@ -95,25 +102,26 @@ def test_head_forward_and_all_gradients_match_reference_float64(c):
 
 @settings(max_examples=30)
 @given(head_cases())
-def test_loss_and_grads_is_the_assignment_loss(c):
+def test_loss_and_grads_is_the_assignment_loss(xp, device, c):
     """loss = BCEWithLogits(reduction="sum") / B, as reference.train; its gradients."""
     c["out_dim"] = 1
     ref, head = twins(c["emb"], c["hidden"], 1, c["layers"], c["bi"], c["dropout"], "float64",
-                      c["seed"])
+                      c["seed"], xp, device)
     rng = np.random.default_rng(c["seed"])
     x = rng.standard_normal((c["B"], c["T"], c["emb"])) * c["scale"]
     lengths = None if c["lengths"] is None else np.array(c["lengths"], dtype=np.int64)
     y = rng.integers(0, 2, c["B"]).astype(np.float64)
-    loss, grads, logits = head.loss_and_grads(x, lengths, y, training=c["training"])
+    loss, grads, logits = head.loss_and_grads(on(xp, x), lengths, on(xp, y),
+                                              training=c["training"])
     ref.zero_grad(set_to_none=True)
-    z = ref(torch.from_numpy(x), None if lengths is None else torch.from_numpy(lengths),
-            masks=torch_masks(head.dropout_masks)).squeeze(1)
-    want = torch.nn.BCEWithLogitsLoss(reduction="sum")(z, torch.from_numpy(y)) / c["B"]
+    z = ref(tensor(x, device), None if lengths is None else torch.from_numpy(lengths),
+            masks=torch_masks(head.dropout_masks, device)).squeeze(1)
+    want = torch.nn.BCEWithLogitsLoss(reduction="sum")(z, tensor(y, device)) / c["B"]
     want.backward()
     assert isinstance(loss, float) and abs(loss - want.item()) <= 1e-9 * abs(want.item())
-    assert rel_err(logits[:, 0], z.detach().numpy()) <= 1e-9
+    assert rel_err(logits[:, 0], z) <= 1e-9
     for name, p in ref.named_parameters():
-        assert rel_err(grads[name], p.grad.numpy()) <= 1e-9, name
+        assert rel_err(grads[name], p.grad) <= 1e-9, name
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,11 +140,11 @@ def batches(n, seed, B=8, T=14, emb=12):
         yield x, lengths, rng.integers(0, 2, B).astype(np.float64)
 
 
-def train_both(dtype, steps=20, seed=0, lr=1e-2):
-    """Run scratch (SentimentHead + scratch Adam) and the reference (GRUHead +
-    torch.optim.Adam) side by side, torch applying scratch's dropout masks.  Returns
-    (scratch losses, reference losses, scratch weights, reference weights)."""
-    ref, head = twins(*TRAIN.values(), dtype, seed)
+def train_both(dtype, steps=20, seed=0, lr=1e-2, xp=np, device="cpu"):
+    """Run scratch (SentimentHead + scratch Adam, on ``xp``) and the reference (GRUHead +
+    torch.optim.Adam, on ``device``) side by side, torch applying scratch's dropout masks.
+    Returns (scratch losses, reference losses, scratch weights, reference weights), NumPy."""
+    ref, head = twins(*TRAIN.values(), dtype, seed, xp, device)
     ref.train()
     topt = torch.optim.Adam(ref.parameters(), lr=lr)
     opt = Adam(head.params, lr=lr)
@@ -144,23 +152,24 @@ def train_both(dtype, steps=20, seed=0, lr=1e-2):
     ours, theirs = [], []
     for x, lengths, y in batches(steps, seed + 1):
         x, y = x.astype(dtype), y.astype(dtype)
-        loss, grads, _ = head.loss_and_grads(x, lengths, y)
+        loss, grads, _ = head.loss_and_grads(on(xp, x), lengths, on(xp, y))
         opt.step(grads)
         topt.zero_grad()
-        z = ref(torch.from_numpy(x), torch.from_numpy(lengths),
-                masks=torch_masks(head.dropout_masks)).squeeze(1)
-        t_loss = crit(z, torch.from_numpy(y)) / len(y)
+        z = ref(tensor(x, device), torch.from_numpy(lengths),
+                masks=torch_masks(head.dropout_masks, device)).squeeze(1)
+        t_loss = crit(z, tensor(y, device)) / len(y)
         t_loss.backward()
         topt.step()
         ours.append(loss)
         theirs.append(t_loss.item())
-    return (np.array(ours), np.array(theirs), head.state_dict(),
-            {n: p.detach().numpy().copy() for n, p in ref.state_dict().items()})
+    return (np.array(ours), np.array(theirs),
+            {n: to_numpy(p) for n, p in head.state_dict().items()},
+            {n: to_numpy(p).copy() for n, p in ref.state_dict().items()})
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_twenty_training_steps_match_reference_float64(seed):
-    ours, theirs, w, w_ref = train_both("float64", seed=seed)
+def test_twenty_training_steps_match_reference_float64(seed, xp, device):
+    ours, theirs, w, w_ref = train_both("float64", seed=seed, xp=xp, device=device)
     assert rel_err(ours, theirs) <= 1e-9
     assert abs(ours[-1] - ours[0]) > 1e-3                          # it did train
     for name in w_ref:
