@@ -114,8 +114,8 @@ ax.legend()
 show(fig, "01_time_vs_length")
 
 # %% [markdown]
-# *Forward time against length on log-log axes: both grow linearly in T, but the GRU pays a
-# Python-level step per time step, the CNN a few large products; the table gives the ratio.*
+# *Forward time against length on log-log axes: both grow with T, but the GRU takes T small
+# sequential steps where the CNN does a few large products; the table gives the ratio.*
 
 # %% [markdown]
 # ## 3. Any length in, one output out; any length in, any length out
@@ -308,7 +308,7 @@ print(f"GRU / CNN: training step {timing['GRU'][0] / timing['CNN'][0]:.1f}x, "
 #   a step from its distance to the sequence's edges (the zero padding marks them): it does
 #   best on short sequences, where most steps are near an edge, and falls towards chance as
 #   the sequences get longer.  The GRU counts steps in its state; it is best at the length it
-#   was trained on and degrades slowly beyond it, because its learned recurrence is only
+#   was trained on (and below it) and degrades slowly beyond it, because its learned recurrence is only
 #   approximately the exact `h_t = x_t - h_{t-1}` (tutorial 2 looks inside it).
 # * **The local pattern needs five neighbouring steps.**  The CNN's filters see exactly such a
 #   window everywhere, and max pooling finds it wherever it is, so it carries over to long

@@ -248,8 +248,8 @@ show(fig, "02_trained_vs_handset")
 # length and lose accuracy as sequences get longer.*
 #
 # **What this shows.**  Gradient descent rediscovers the structure of the hand-set answer: a
-# recurrent weight near -1 (flip the sign of the running sum every step), an update gate that
-# is almost closed (overwrite the state every step), and a readout whose sign undoes whatever
+# recurrent weight near -1 (flip the sign of the running sum every step), an update gate near
+# 0 (overwrite the state every step, as the hand-set RNN does), and a readout whose sign undoes whatever
 # sign the input weight took.  At odd lengths (the `21` row) it is wrong in the same way as the
 # hand-set RNN: both compute "the last step's parity wins", which is "even wins" only when n is
 # even.  What it does not learn is *exactness*: its recurrent weight is not exactly -1 and its

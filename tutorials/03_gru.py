@@ -175,8 +175,9 @@ fig.colorbar(im, ax=ax, label="z (0 = write the candidate, 1 = keep the old stat
 show(fig, "03_update_gate")
 
 # %% [markdown]
-# *Each row is one hidden unit's update gate along the first sequence: with these random
-# (untrained) weights some units mostly keep their state, others mostly overwrite it.*
+# *Each row is one hidden unit's update gate along the first sequence: with random (untrained)
+# weights the gates hover around 0.5 and move with every input; training is what sets them
+# (tutorial 2's trained GRU holds its gate near 0).*
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 3.6))

@@ -44,6 +44,8 @@ def kernel_env(fast: bool) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), env.get("PYTHONPATH")]))
     env.pop("MPLBACKEND", None)
+    # tqdm.auto's notice that ipywidgets is not installed (plain bars work): not a reader's concern
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))
     env.pop("TUTORIAL_OUT", None)
     if fast:
         env["TUTORIAL_FAST"] = "1"
