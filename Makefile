@@ -1,5 +1,6 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite).
-# Both work on a fresh machine with Python >= 3.11, make and the package registries.
+# The two commands of the README: `make demo` (the main job) and `make test` (the whole suite);
+# `make tutorials` rebuilds the tutorials' executed notebooks.
+# All three work on a fresh machine with Python >= 3.11, make and the package registries.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test install clean
+.PHONY: demo test tutorials install clean
 
 install: $(STAMP)
 
@@ -25,6 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# execute every tutorial (tutorials/NN_*.py) and write its notebook beside it, outputs included;
+# IMDB_PATH names the archive (tutorials 4-6 use real reviews; without it they say so)
+tutorials: $(STAMP)
+	$(PY) tutorials/render.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

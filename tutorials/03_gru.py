@@ -1,10 +1,21 @@
 # %% [markdown]
-# # Part 4a: torch's GRU, from scratch, forward and backward
+# # 3. torch's GRU, from scratch, forward and backward
 #
-# The assignment's sentiment model puts a 2-layer bidirectional GRU (hidden 256) on top of
-# BERT. This part rebuilds `torch.nn.GRU` in NumPy (`scratch/gru.py`, with the one-step
-# version in `scratch/gru_cell.py`), including backpropagation through time, and checks it
-# against torch to the last digits.
+# The assignment's sentiment model (Problem 4) puts a 2-layer bidirectional GRU (hidden 256) on
+# top of BERT.  This tutorial rebuilds `torch.nn.GRU` in NumPy, including backpropagation
+# through time, and checks it against torch to the last digits.
+#
+# **What you will learn**
+#
+# * torch's GRU equations, and how they differ from the textbook GRU;
+# * the backward pass of one step, derived and checked against autograd;
+# * how a whole multi-layer, bidirectional GRU runs over padded batches (`lengths`, the
+#   semantics of `pack_padded_sequence`);
+# * what the update gate does, and how far back the gradient reaches (vanishing gradients).
+#
+# The code explained here: [`scratch/gru_cell.py`](../scratch/gru_cell.py) (one step, for
+# reading) and [`scratch/gru.py`](../scratch/gru.py) (the full, fast GRU); the tests that prove
+# them are in [`tests/test_gru.py`](../tests/test_gru.py).
 #
 # **torch's equations** (gates stacked r | z | n in every weight and bias):
 #
@@ -23,22 +34,14 @@
 # are different functions: weights trained in one do not work in the other.
 
 # %%
-import os
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from reference.gru import run_packed, torch_forward_backward
 from scratch.gru import GRU
 from scratch.gru_cell import gru_cell_backward, gru_cell_forward
+from tutorial_kit import pick, plt, show
 
-OUT = Path(os.environ.get("TUTORIAL_OUT", "tutorials/_build"))
-OUT.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -101,7 +104,7 @@ torch.manual_seed(0)
 ref = torch.nn.GRU(12, 8, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64)
 gru = GRU(12, 8, num_layers=2, bidirectional=True, batch_first=True, dtype="float64")
 gru.load_state_dict(ref.state_dict())
-B, T = 4, 30
+B, T = 4, pick(30, 12)
 x = rng.standard_normal((B, T, 12))
 h0 = np.zeros((4, B, 8))
 d_out = rng.standard_normal((B, T, 16))
@@ -126,7 +129,7 @@ assert max(errs.values()) < 1e-12
 # reverse direction and for $h_n$:
 
 # %%
-lengths = np.array([30, 12, 25, 5])
+lengths = np.array([T, T // 2, T - 5, 5])
 out_l, h_l = gru(x, lengths=lengths)
 with torch.no_grad():
     t_out, t_h = run_packed(ref, torch.from_numpy(x), None, lengths)
@@ -164,17 +167,30 @@ def grad_reach(scale):
     return np.linalg.norm(dx_[:, 0], axis=1)
 
 
-fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-im = a1.imshow(z_gate.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-a1.set(xlabel="time step", ylabel="hidden unit", title="update gate z (layer 0, forward)")
-fig.colorbar(im, ax=a1)
+fig, ax = plt.subplots(figsize=(7, 3.6))
+im = ax.imshow(z_gate.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+ax.set(xlabel="time step t", ylabel="hidden unit", title="update gate z (layer 0, forward direction)")
+ax.grid(False)
+fig.colorbar(im, ax=ax, label="z (0 = write the candidate, 1 = keep the old state)")
+show(fig, "03_update_gate")
+
+# %% [markdown]
+# *Each row is one hidden unit's update gate along the first sequence: with random (untrained)
+# weights the gates hover around 0.5 and move with every input; training is what sets them
+# (tutorial 2's trained GRU holds its gate near 0).*
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.6))
 for scale in (0.5, 1.0, 3.0):
-    a2.semilogy(range(T), grad_reach(scale), marker=".", label=f"weights x{scale}")
-a2.set(xlabel="time step t", ylabel="|dL/dx_t|", title="gradient of the last output, BPTT")
-a2.legend()
-fig.tight_layout()
-fig.savefig(OUT / "part4a_gru_gates_and_gradients.png", dpi=110)
-print("saved", OUT / "part4a_gru_gates_and_gradients.png")
+    ax.semilogy(range(1, T + 1), grad_reach(scale), marker=".", label=f"weights x{scale}")
+ax.set(xlabel="input step t", ylabel="|dL/dx_t| (log scale)",
+       title=f"gradient of the last output (step {T}), backpropagated through time")
+ax.legend()
+show(fig, "03_gradient_reach")
+
+# %% [markdown]
+# *How much of the last output's gradient reaches each earlier input: it falls geometrically
+# with the distance, at a rate set by the size of the weights.*
 
 # %% [markdown]
 # ## Takeaways
@@ -187,3 +203,12 @@ print("saved", OUT / "part4a_gru_gates_and_gradients.png")
 #   packed sequences cost no more than padded ones.
 # * Every claim above is a property test in `tests/test_gru.py`, against torch autograd
 #   (float64 to 1e-10, float32 to 1e-5) and against finite differences.
+#
+# ## Exercises
+#
+# 1. Write the textbook GRU step (reset *before* the product: `tanh(W_in x + W_hn (r * h) + b)`)
+#    and show, with the same weights, that its outputs differ from `torch.nn.GRUCell`'s.
+# 2. Derive `dW_hh` for one step from the equations above and check it against
+#    `gru_cell_backward`'s output with a finite difference.
+# 3. In `grad_reach`, which weights decide the rate of decay?  Scale only `weight_hh_l0` and
+#    see whether the gradient still vanishes.
