@@ -41,8 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
-from tqdm.auto import tqdm
 
 from scratch import features as scratch_features
 from scratch.features import token_batches, writer_lock  # noqa: F401  (re-exported)

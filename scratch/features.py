@@ -20,9 +20,9 @@ shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` an entry i
 complete.  One writer per entry at a time (an ``flock`` on ``<entry>/.lock``): a second process
 asking for the same features waits for the first and then reads its entry.
 
-Many processes, one entry (:func:`extract_together`, for ``torchrun``): the ranks of one job
-divide the very same shard plan among themselves, balanced by tokens (:func:`assign_shards`),
-so the entry is the one a single process writes, shard for shard.  The one-writer rule then
+Many processes, one entry (:mod:`scratch.feature_ranks`, for ``torchrun``): the ranks of one
+job divide the very same shard plan among themselves, balanced by tokens, so the entry is the
+one a single process writes, shard for shard.  The one-writer rule then
 reads "one job per entry": rank 0 holds the lock for the whole job, from before the plan is
 fixed until after ``index.json`` is written, and the other ranks write only the shards it gave
 them in between; they never take the lock nor touch ``plan.json``.  A single process and a
@@ -54,7 +54,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from safetensors import safe_open
@@ -128,8 +127,9 @@ def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16
             ranks=None) -> FeatureStore:
     """The entry ``folder`` of ``ids`` (token id arrays): read if complete, else written with
     ``encode`` (see :func:`write_entry`), resuming a partial one; one writer at a time.
-    ``ranks``: the processes of one torchrun job (see :class:`Ranks`), which write the entry
-    together (:func:`extract_together`); None or a single rank: this process alone."""
+    ``ranks``: the processes of one torchrun job (:class:`scratch.feature_ranks.Ranks`), which
+    write the entry together (:func:`scratch.feature_ranks.extract_together`); None or a
+    single rank: this process alone."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not len(ids):
@@ -139,6 +139,8 @@ def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16
                          f"({longest} tokens)")
     folder = Path(folder)
     if ranks is not None and ranks.size > 1:
+        from .feature_ranks import extract_together
+
         return extract_together(folder, ids, encode, ranks, key=key, meta=meta,
                                 batch_tokens=batch_tokens, shard_size=shard_size,
                                 progress=progress, desc=desc)
@@ -321,7 +323,8 @@ def finish_entry(folder: Path, plan: Plan, meta: dict, seconds: float) -> None:
     atomic_write(folder / "index.json", json.dumps(meta, indent=1).encode())
 
 
-def _token_bar(plan: Plan, todo, meta: dict, desc: str, progress: bool, who: str = ""):
+def token_bar(plan: Plan, todo, meta: dict, desc: str, progress: bool, who: str = ""):
+    """A tqdm bar over the tokens of shards ``todo`` (disabled without ``progress``)."""
     return tqdm(total=sum(plan.tokens(s) for s in todo), unit="tok", unit_scale=True,
                 desc=f"{desc} ({meta.get('encoder', '?')}{who}, {len(todo)}/{len(plan.shards)} "
                      "shards to go)", disable=not progress)
@@ -335,7 +338,7 @@ def write_entry(folder: Path, ids, encode, *, key: str, meta: dict, batch_tokens
     plan = Plan.of(ids, key, shard_size)
     todo = start_entry(folder, plan, desc)
     t0 = time.perf_counter()
-    with _token_bar(plan, todo, meta, desc, progress) as bar:
+    with token_bar(plan, todo, meta, desc, progress) as bar:
         write_shards(folder, ids, encode, plan, todo, batch_tokens, bar)
     finish_entry(folder, plan, meta, time.perf_counter() - t0)
 
@@ -345,107 +348,6 @@ def _read_plan(path: Path):
         return json.loads(path.read_text())
     except ValueError:
         return "unreadable plan.json"
-
-
-# ---- the ranks of a torchrun job write one entry together -----------------------------------------
-
-class Ranks(Protocol):
-    """The processes of one job, as :func:`extract_together` needs them (torch-free: the
-    reference pipeline passes :class:`reference.distributed.Ranks`, over torch.distributed)."""
-    rank: int                            # 0..size-1
-    size: int
-
-    def share(self, obj):
-        """Rank 0's ``obj`` on every rank (every rank calls it; the others pass anything)."""
-
-    def barrier(self) -> None:
-        """Return once every rank has called it."""
-
-
-def assign_shards(todo, tokens, size: int) -> list[list[int]]:
-    """Shards ``todo`` (``tokens[s]`` tokens each) dealt out to ``size`` ranks, balanced by
-    tokens: the largest shard first, each to the rank with the fewest tokens so far (the lower
-    rank on a tie).  The same on every rank; each rank's shards in increasing order.  No rank
-    ends up more than the largest shard above the least loaded one."""
-    load, mine = [0] * size, [[] for _ in range(size)]
-    for s in sorted(todo, key=lambda s: (-tokens[s], s)):
-        r = min(range(size), key=lambda r: (load[r], r))
-        load[r] += tokens[s]
-        mine[r].append(s)
-    return [sorted(m) for m in mine]
-
-
-WAITING = "waiting for the writer lock"
-
-
-def extract_together(folder: Path, ids, encode, ranks: Ranks, *, key: str, meta: dict,
-                     batch_tokens: int, shard_size: int, progress: bool = True,
-                     desc: str = "features") -> FeatureStore:
-    """:func:`extract` by the ``ranks.size`` processes of one job, every one of them calling it
-    with the same ``ids``: the same entry as one process writes, shard for shard.
-
-    The rule that keeps one writer per entry: rank 0 takes the entry's writer lock on behalf
-    of the whole job (polling, so that the other ranks, waiting in :meth:`Ranks.share`, hear
-    from it every second and no collective times out), fixes the plan under it
-    (:func:`start_entry`) and deals the missing shards out (:func:`assign_shards`); each rank
-    writes its own (atomically, as always); after a barrier, rank 0 checks every shard and
-    writes ``index.json``, and only then lets go of the lock.  The other ranks never touch
-    the lock or ``plan.json``: they write only shards rank 0 gave them, while rank 0 holds the
-    lock.  So an unrelated writer (one process, or another job's rank 0) waits for the whole
-    job, and the job waits for it.
-
-    A rank that fails makes the job fail (torchrun stops the others): rank 0 then cleans up
-    as one process does (:func:`discard_unfinished`), the others remove their temporary file;
-    the finished shards of every rank stay for the next run, which may use any number of
-    ranks.  Should a rank be stopped only after rank 0 let go of the lock and a shard of its
-    lands late, :func:`finish_entry` refuses an entry whose shards do not fit the plan."""
-    plan = Plan.of(ids, key, shard_size)
-    if ranks.rank == 0:
-        return _rank0(folder, ids, encode, ranks, plan, meta, batch_tokens, progress, desc)
-    while (order := ranks.share(None)) == WAITING:
-        pass
-    if order["key"] != key:
-        raise RuntimeError(f"{desc}: rank {ranks.rank} computed cache key {key}, rank 0 "
-                           f"{order['key']}: the ranks do not see the same data or encoder")
-    if order["todo"] is not None:
-        mine = order["todo"][ranks.rank]
-        with _token_bar(plan, mine, meta, desc, False) as bar:
-            write_shards(folder, ids, encode, plan, mine, batch_tokens, bar)
-        ranks.barrier()                                   # every shard is on disk
-    ranks.barrier()                                       # index.json is written
-    store = FeatureStore(folder)
-    store.wait_seconds = order["waited"]
-    return store
-
-
-def _rank0(folder: Path, ids, encode, ranks: Ranks, plan: Plan, meta: dict, batch_tokens: int,
-           progress: bool, desc: str) -> FeatureStore:
-    waited = 0.0
-    if (folder / "index.json").exists():
-        ranks.share({"key": plan.key, "todo": None, "waited": waited})
-    else:
-        with writer_lock(folder, desc, heartbeat=lambda: ranks.share(WAITING)) as waited:
-            complete = (folder / "index.json").exists()
-            try:
-                todo = None if complete else start_entry(folder, plan, desc)
-                parts = (None if todo is None else
-                         assign_shards(todo, [plan.tokens(s) for s in range(len(plan.shards))],
-                                       ranks.size))
-                ranks.share({"key": plan.key, "todo": parts, "waited": waited})
-                if parts is not None:
-                    t0 = time.perf_counter()
-                    with _token_bar(plan, parts[0], meta, desc, progress,
-                                    f", rank 0 of {ranks.size}") as bar:
-                        write_shards(folder, ids, encode, plan, parts[0], batch_tokens, bar)
-                    ranks.barrier()                       # every shard is on disk
-                    finish_entry(folder, plan, meta, time.perf_counter() - t0)
-            except BaseException:
-                discard_unfinished(folder)
-                raise
-    ranks.barrier()                                       # index.json is written
-    store = FeatureStore(folder)
-    store.wait_seconds = waited
-    return store
 
 
 # ---- finding an entry by what both pipelines can compute ------------------------------------

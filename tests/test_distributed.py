@@ -32,6 +32,7 @@ from reference import checkpoint as ckpt
 from reference import features as Fe
 from reference import train
 from reference.distributed import Ranks
+from scratch import feature_ranks as fr
 from scratch import features as sf
 from tests.ddp_toy import batch_gradients, fit_toy, fit_worker
 from tests.imdb_fixtures import review, save_tiny_encoder
@@ -46,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
        st.integers(1, 6))
 def test_each_shard_goes_to_one_rank_and_the_tokens_are_balanced(tokens, data, size):
     todo = data.draw(st.lists(st.sampled_from(range(len(tokens))), unique=True))
-    parts = sf.assign_shards(todo, tokens, size)
+    parts = fr.assign_shards(todo, tokens, size)
     assert len(parts) == size and sorted(sum(parts, [])) == sorted(todo)
     assert all(p == sorted(p) for p in parts)
-    assert sf.assign_shards(list(reversed(todo)), tokens, size) == parts   # order-free
+    assert fr.assign_shards(list(reversed(todo)), tokens, size) == parts   # order-free
     if todo:
         loads = [sum(tokens[s] for s in p) for p in parts]
         assert max(loads) - min(loads) <= max(tokens[s] for s in todo)
@@ -165,6 +166,19 @@ def test_ranks_write_the_one_process_entry_each_shard_once(tmp_path, size):
     assert_same_entry(tmp_path / "one", tmp_path / "job")
     assert enc.reviews == len(IDS)                               # no review encoded twice
     assert {f"rank{r}" for r in range(size)} <= set(enc.calls)   # every rank did a share
+
+
+def test_a_job_with_fewer_shards_than_ranks_says_so(tmp_path, caplog):
+    enc = Encoder()
+    with caplog.at_level("INFO", logger="scratch.feature_ranks"):
+        ThreadGroup(3).run(lambda ranks: write(tmp_path / "job", enc, ranks, shard_size=10))
+    assert "shards to write for 3 ranks" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scratch.feature_ranks"):
+        ThreadGroup(3).run(lambda ranks: write(tmp_path / "big", enc, ranks, shard_size=20))
+    assert "features: 2 shards to write for 3 ranks, 1 of them idle" in caplog.text
+    write(tmp_path / "one", Encoder(), shard_size=20)
+    assert_same_entry(tmp_path / "one", tmp_path / "big")
 
 
 def test_the_job_and_an_unrelated_writer_wait_for_each_other(tmp_path):
