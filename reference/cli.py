@@ -34,6 +34,14 @@ def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/fe
                    help="feature cache root (default %(default)s)")
 
 
+def add_dist_args(p: argparse.ArgumentParser) -> None:
+    """--dist-timeout: for runs under torchrun (see :mod:`reference.distributed`)."""
+    p.add_argument("--dist-timeout", type=positive(float), default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at a collective "
+                        "before the run fails (a rank that dies ends the run at once; default "
+                        "%(default)s)")
+
+
 # --- checks: each one either returns or ends the command with one line -------------------------
 
 def check_device(p: argparse.ArgumentParser, device: str) -> str:

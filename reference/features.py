@@ -16,6 +16,11 @@ first missing shard (saying "resuming: 3 of 6 shards done"); without ``index.jso
 never read as complete.  One writer per entry at a time (an ``flock`` on ``<key>/.lock``): a
 second process asking for the same features waits for the first and then reads its cache.
 
+Under ``torchrun --nproc-per-node N -m reference.features ...`` the N ranks split the shards
+of each entry (:func:`scratch.features.extract_together`): the same cache, tensor for tensor;
+rank 0 holds the entry's lock for the whole job, so the rule becomes one job (or one process)
+per entry.  Each rank runs the encoder on ``OMP_NUM_THREADS`` threads (torchrun sets 1).
+
 What a failed run leaves behind.  An entry folder survives a failure only when it holds at
 least one finished shard: then ``plan.json`` and the shards make the next run resume.  A run
 that fails before its first shard (an encoder crash, Ctrl-C, SIGTERM through
@@ -36,12 +41,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
-from tqdm.auto import tqdm
 
 from scratch import features as scratch_features
 from scratch.features import token_batches, writer_lock  # noqa: F401  (re-exported)
 
+from . import distributed
 from .atomic import atomic_write
 from .data import tokenize
 from .encoders import Encoder, bf16_supported
@@ -98,10 +102,14 @@ def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device) -> 
 def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_length: int = 512,
                      batch_tokens: int = 16_384, shard_size: int = 2_048,
                      autocast: bool | None = None, device: str = "cpu", progress: bool = True,
-                     desc: str = "features") -> FeatureStore:
+                     desc: str = "features", ranks=None) -> FeatureStore:
     """Token features of ``texts`` from the frozen encoder: from the cache if there, else
     computed (resuming a partial cache) and stored.  ``autocast=None``: bf16 if supported.
-    A batch holds at most ``batch_tokens`` padded tokens, a shard ``shard_size`` reviews."""
+    A batch holds at most ``batch_tokens`` padded tokens, a shard ``shard_size`` reviews.
+    ``ranks`` (default: the torchrun job this process belongs to, if any): every rank calls
+    this with the same texts and computes its share of the shards
+    (:func:`scratch.features.extract_together`)."""
+    ranks = distributed.current() if ranks is None else ranks
     autocast = bf16_supported(device) if autocast is None else autocast
     ids = tokenize(encoder.tokenizer, texts, max_length)
     key = cache_key(encoder, ids, max_length, autocast) if ids else "none"
@@ -113,9 +121,9 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     store = scratch_features.extract(
         Path(cache_root) / key, ids, lambda batch: _encode(encoder, batch, autocast, device),
         key=key, meta=meta, batch_tokens=batch_tokens, shard_size=shard_size,
-        progress=progress, desc=desc)
-    if portable and store.meta.get("portable_key") != portable:   # an entry made before the
-        store.meta["portable_key"] = portable                      # portable key existed
+        progress=progress and ranks.main, desc=desc, ranks=ranks)
+    if portable and store.meta.get("portable_key") != portable and ranks.main:  # an entry made
+        store.meta["portable_key"] = portable                # before the portable key existed
         atomic_write(store.folder / "index.json", json.dumps(store.meta, indent=1).encode())
     return FeatureStore(store.folder, wait_seconds=store.wait_seconds)
 
@@ -133,6 +141,7 @@ def build_parser():
                    description="Compute (or find in the cache) the frozen encoder's token "
                                "features of every IMDB review (or of stratified subsets).")
     cli.add_feature_args(p, str(DEFAULT_ROOT))
+    cli.add_dist_args(p)
     p.add_argument("--batch-tokens", type=cli.positive(int), default=16_384,
                    help="padded tokens per encoder batch, >= --max-length (default %(default)s)")
     p.add_argument("--shard-size", type=cli.positive(int), default=2_048,
@@ -156,16 +165,21 @@ def main(argv=None) -> int:
     _, data = cli.load_data(p, a.data)
     for split, limit in (("train", a.limit_train), ("test", a.limit_test)):
         data[split] = cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
-    encoder = cli.load_encoder(p, info, device)
-    t0 = time.perf_counter()
-    stores = imdb_features(encoder, data, a.cache, max_length=a.max_length,
-                           batch_tokens=a.batch_tokens, shard_size=a.shard_size, device=device,
-                           autocast=False if a.no_autocast else None, progress=not a.no_progress)
-    for split, st in stores.items():
-        size = sum(f.stat().st_size for f in st.folder.glob("shard_*.safetensors"))
-        print(f"{split}: {len(st)} reviews, {int(st.lengths.sum())} tokens, "
-              f"{size / 2**30:.2f} GiB at {st.folder}")
-    print(f"total time {time.perf_counter() - t0:.0f} s")
+    with distributed.session(p.prog, device, a.dist_timeout) as ranks:
+        encoder = cli.load_encoder(p, info, device)
+        t0 = time.perf_counter()
+        stores = imdb_features(encoder, data, a.cache, max_length=a.max_length,
+                               batch_tokens=a.batch_tokens, shard_size=a.shard_size,
+                               device=device, autocast=False if a.no_autocast else None,
+                               progress=not a.no_progress, ranks=ranks)
+        if not ranks.main:
+            return 0
+        for split, st in stores.items():
+            size = sum(f.stat().st_size for f in st.folder.glob("shard_*.safetensors"))
+            print(f"{split}: {len(st)} reviews, {int(st.lengths.sum())} tokens, "
+                  f"{size / 2**30:.2f} GiB at {st.folder}")
+        print(f"total time {time.perf_counter() - t0:.0f} s"
+              + (f" ({ranks.size} processes)" if ranks.size > 1 else ""))
     return 0
 
 

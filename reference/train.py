@@ -18,6 +18,19 @@ logit is > 0 (``round(sigmoid(z)) == 1``, as the assignment's ``binary_accuracy`
 Deterministic for a fixed seed on CPU: the head's init and dropout draw from ``torch``'s seeded
 generator, epoch ``e`` shuffles its batches with seed ``seed + e``; ``--resume`` restores the
 generator, so an interrupted run resumed gives the same numbers as an uninterrupted one.
+
+Under ``torchrun --nproc-per-node N`` (:mod:`reference.distributed`) the N processes share the
+work: the feature extraction by shards, every global batch of ``--batch-size`` reviews by
+slices (:meth:`Ranks.part`), the head in ``DistributedDataParallel``.  Rank ``r``'s loss is
+``N / B * sum_{i in slice r} loss_i``, so DDP's gradient average ``(1/N) sum_r`` is exactly the
+one-process batch mean ``(1/B) sum_i grad loss_i``, whatever the slices' sizes (a rank with an
+empty slice adds a zero gradient).  Epoch losses and accuracies are sums all-reduced over the
+ranks, validation and test included.  So with the same ``--batch-size`` the run follows the
+one-process run, equal up to float rounding (other batch shapes in the GRU's matrix products,
+the gradient summed in another order), with one exception: dropout.  Rank 0 draws its masks
+from the one-process run's generator, rank r > 0 from its own (:func:`distributed.rank_seed`),
+so with dropout on the runs differ by the masks drawn, as two seeds would.  Checkpoints,
+metrics and printing are rank 0's; ``--resume`` restores every rank's generator.
 """
 from __future__ import annotations
 
@@ -35,8 +48,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import cli
+from . import cli, distributed
 from .data import bucket_batches, train_valid_split
+from .distributed import SINGLE, Ranks
 from .model import GRUHead
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
@@ -66,55 +80,76 @@ def _bar(iterable, desc, progress):
 
 
 def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed: int = 0,
-              device="cpu", progress: bool = False, desc: str = "") -> tuple[float, float]:
+              device="cpu", progress: bool = False, desc: str = "",
+              ranks: Ranks = SINGLE) -> tuple[float, float]:
     """One pass over ``split``: trains when ``optimizer`` is given (shuffled buckets, dropout),
-    else evaluates (length-sorted, no grad).  Returns (mean loss, accuracy) over examples."""
+    else evaluates (length-sorted, no grad).  Returns (mean loss, accuracy) over examples.
+
+    With ``ranks`` of a torchrun job (``head`` wrapped in DistributedDataParallel to train):
+    every rank builds the same global batches and takes its slice of each; the sums behind the
+    means are all-reduced at the end, so every rank returns the one-process numbers."""
     train = optimizer is not None
     head.train(train)
     criterion = nn.BCEWithLogitsLoss(reduction="sum")
     dtype = next(head.parameters()).dtype               # labels in the head's precision
     batches = bucket_batches(split.store.lengths[split.idx], batch_size, shuffle=train, seed=seed)
     total, correct, seen = 0.0, 0, 0
-    bar = _bar(batches, desc, progress)
+    bar = _bar(batches, desc, progress and ranks.main)
     for b in bar:
-        x, lengths = split.store.batch(split.idx[b])
-        y = torch.as_tensor(split.labels[b], dtype=dtype, device=device)
+        mine = ranks.part(b)                      # the global batch b, or this rank's slice
+        if not len(mine) and not train:
+            continue
+        rows = mine if len(mine) else b[:1]       # an empty slice still joins the averaging
+        x, lengths = split.store.batch(split.idx[rows])
+        y = torch.as_tensor(split.labels[rows], dtype=dtype, device=device)
         with torch.set_grad_enabled(train):
             logits = head(x.to(device), lengths).squeeze(1)
             loss = criterion(logits, y)
         if train:
             optimizer.zero_grad()
-            (loss / len(b)).backward()            # the batch mean, as the assignment
+            # the batch mean, as the assignment: sum / B alone; over N ranks each sends
+            # N / B * (its sum), which DDP averages back to sum / B (a zero for an empty slice)
+            (loss * ranks.size / len(b) if len(mine) else loss * 0).backward()
             optimizer.step()
+        if not len(mine):
+            continue
         total += float(loss.detach())
         correct += int(((logits > 0) == (y > 0.5)).sum())
-        seen += len(b)
-        if progress:
+        seen += len(mine)
+        if progress and ranks.main:
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
+    total, correct, seen = ranks.all_sum([total, correct, seen])
     return total / seen, correct / seen
 
 
 def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_size: int = 128,
         seed: int = 3407, lr: float = 1e-3, device="cpu", state: dict | None = None,
-        config: dict | None = None, progress: bool = False, log=print) -> list[dict]:
+        config: dict | None = None, progress: bool = False, log=print,
+        ranks: Ranks = SINGLE) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`checkpoint.load_state`
     dict).  After every epoch: the head's weights go to ``out/model.safetensors`` with ``config``
     and their checksum to ``out/config.json`` when the validation loss is the best so far, and
-    the resume state to ``out/last.pt``.  Returns the history, one dict per epoch."""
+    the resume state to ``out/last.pt``.  Returns the history, one dict per epoch.
+
+    ``ranks`` of a torchrun job: every rank calls this with the same arguments (``state`` too)
+    and trains ``head`` in DistributedDataParallel (``batch_size`` is the global batch); rank
+    0 writes the files and logs.  The resume state holds every rank's generator
+    (``rng_ranks``) beside rank 0's (``rng``, which a one-process resume uses)."""
     optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:
         ckpt.load_head_state(head, state["model"], "resume state")
         optimizer.load_state_dict(state["optimizer"])
         history, best, start = list(state["history"]), state["best_valid_loss"], state["epoch"] + 1
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(resumed_rng(state, ranks, seed))
+    model = ranks.wrap(head, device)
     for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
-        tl, ta = run_epoch(head, train, batch_size, optimizer, seed + epoch, device, progress,
-                           f"epoch {epoch}/{epochs} train")
+        tl, ta = run_epoch(model, train, batch_size, optimizer, seed + epoch, device, progress,
+                           f"epoch {epoch}/{epochs} train", ranks)
         t1 = time.perf_counter()
         vl, va = run_epoch(head, valid, batch_size, None, 0, device, progress,
-                           f"epoch {epoch}/{epochs} valid")
+                           f"epoch {epoch}/{epochs} valid", ranks)
         t2 = time.perf_counter()
         if not (math.isfinite(tl) and math.isfinite(vl)):
             raise FloatingPointError(f"epoch {epoch}: train loss {tl}, valid loss {vl}: training "
@@ -124,27 +159,46 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
                "valid_seconds": round(t2 - t1, 2), "best": vl < best}
         if vl < best:
             best = vl
-            ckpt.save_weights(out, head, config)
+            if ranks.main:
+                ckpt.save_weights(out, head, config)
         history.append(rec)
+        rngs = ranks.gather(torch.get_rng_state())
+        if not ranks.main:
+            continue
         ckpt.save_state(out, {"model": ckpt.head_state(head), "optimizer": optimizer.state_dict(),
                               "epoch": epoch, "history": history, "best_valid_loss": best,
-                              "rng": torch.get_rng_state(), "config": config or {}})
+                              "rng": rngs[0], "config": config or {}}
+                        | ({"rng_ranks": rngs} if ranks.size > 1 else {}))
         log(f"epoch {epoch}: train loss {tl:.4f} acc {ta:.2%} | valid loss {vl:.4f} acc {va:.2%}"
             f" | {t1 - t0:.0f} s + {t2 - t1:.0f} s{'  (best, saved)' if rec['best'] else ''}")
     return history
 
 
+def resumed_rng(state: dict, ranks: Ranks, seed: int) -> torch.Tensor:
+    """The generator state this rank continues from: its own when the saved run had as many
+    ranks, else rank 0's ``rng`` on rank 0 and a fresh stream (:func:`distributed.rank_seed`
+    of ``seed`` and the epoch) on the others."""
+    saved = state.get("rng_ranks")
+    if saved is not None and len(saved) == ranks.size:
+        return saved[ranks.rank]
+    if ranks.main:
+        return state["rng"]
+    return torch.Generator().manual_seed(
+        distributed.rank_seed(seed + state["epoch"], ranks.rank)).get_state()
+
+
 # --- features, with the cache shared by other processes --------------------------------------
 
 def features(encoder, texts, cache, max_length: int, device="cpu", desc="features",
-             progress=True):
+             progress=True, ranks: Ranks = SINGLE):
     """(FeatureStore of ``texts``, seconds spent waiting for another process writing the same
     cache entry, 0.0 when nobody was): :func:`reference.features.extract_features`, which
-    never runs two extractions of one entry side by side."""
+    never runs two extractions of one entry side by side (the ranks of a torchrun job write
+    one together)."""
     from .features import extract_features
 
     store = extract_features(encoder, texts, cache, max_length=max_length, device=device,
-                             progress=progress, desc=desc)
+                             progress=progress, desc=desc, ranks=ranks)
     return store, store.wait_seconds
 
 
@@ -153,7 +207,7 @@ def timed_features(run: "Run", split: str):
     (waits excluded) and waiting in ``run.metrics``."""
     a, t0 = run.args, time.perf_counter()
     store, waited = features(run.encoder, run.reviews[split].texts, a.cache, a.max_length,
-                             run.device, split, run.progress)
+                             run.device, split, run.progress, run.ranks)
     run.metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - waited, 1)
     run.metrics["feature_wait_seconds"][split] = round(waited, 1)
     return store
@@ -164,6 +218,7 @@ def timed_features(run: "Run", split: str):
 def build_parser(prog="python -m reference.train") -> argparse.ArgumentParser:
     p = cli.Parser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     cli.add_feature_args(p)
+    cli.add_dist_args(p)
     p.add_argument("--epochs", type=cli.positive(int), default=2)
     p.add_argument("--batch-size", type=cli.positive(int), default=128)
     p.add_argument("--out", required=True, help="checkpoint directory")
@@ -186,7 +241,7 @@ def check_args(p: argparse.ArgumentParser, a):
     device = cli.check_device(p, a.device)
     out = cli.check_folder(p, "--out", a.out)
     cli.check_folder(p, "--cache", a.cache)
-    if a.resume and not (out / ckpt.STATE).exists():
+    if a.resume and distributed.from_env().main and not (out / ckpt.STATE).exists():
         p.error(f"--resume: {out / ckpt.STATE} does not exist (nothing to resume)")
     return device, cli.check_encoder(p, a.encoder, a.max_length)
 
@@ -205,6 +260,7 @@ class Run:
     config: dict                     # config.json: RUN_KEYS, encoder_source (+ the checksum)
     metrics: dict
     state: dict | None = None        # the resume state of --resume
+    ranks: Ranks = SINGLE            # the torchrun job's processes
 
     @property
     def progress(self) -> bool:
@@ -215,8 +271,9 @@ class Run:
         return Path(self.args.out)
 
 
-def prepare(p: argparse.ArgumentParser, a, device: str, info) -> Run:
-    """Data, subsets, encoder weights, the run's config and (--resume) its saved state."""
+def prepare(p: argparse.ArgumentParser, a, device: str, info, ranks: Ranks = SINGLE) -> Run:
+    """Data, subsets, encoder weights, the run's config and (--resume) its saved state (read
+    by rank 0, shared with the others: --out is rank 0's folder)."""
     path, data = cli.load_data(p, a.data)
     reviews = {split: cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
                for split, limit in (("train", a.limit_train), ("test", a.limit_test))}
@@ -227,13 +284,16 @@ def prepare(p: argparse.ArgumentParser, a, device: str, info) -> Run:
               "limit_train": a.limit_train, "limit_test": a.limit_test, "seed": a.seed,
               "batch_size": a.batch_size, "lr": a.lr, "model": model}
     metrics = {"config": config, "device": device, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "feature_seconds": {}, "feature_wait_seconds": {}}
-    run = Run(a, device, encoder, reviews, config, metrics)
-    print(f"data {path}: {len(reviews['train'])} train / {len(reviews['test'])} test reviews; "
-          f"encoder {encoder.name} (hidden {encoder.hidden_size}); device {device}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+               "processes": ranks.size, "torch": torch.__version__, "feature_seconds": {},
+               "feature_wait_seconds": {}}
+    run = Run(a, device, encoder, reviews, config, metrics, ranks=ranks)
+    if ranks.main:
+        print(f"data {path}: {len(reviews['train'])} train / {len(reviews['test'])} test "
+              f"reviews; encoder {encoder.name} (hidden {encoder.hidden_size}); device {device}, "
+              f"{torch.get_num_threads()} threads"
+              + (f" x {ranks.size} processes" if ranks.size > 1 else ""), flush=True)
     if a.resume:
-        run.state = resume_state(p, run)
+        run.state = ranks.share(resume_state(p, run) if ranks.main else None)
     return run
 
 
@@ -266,36 +326,54 @@ def train_head(p: argparse.ArgumentParser, run: Run) -> list[dict]:
     tr_idx, va_idx = train_valid_split(n, round(n * VALID_FRACTION), a.seed)
     train, valid = Split(store, tr_idx, labels[tr_idx]), Split(store, va_idx, labels[va_idx])
     waited = run.metrics["feature_wait_seconds"]["train"]
-    print(f"train {len(train)}, valid {len(valid)} reviews; train features "
-          f"{run.metrics['feature_seconds']['train']:.0f} s ({store.folder})"
-          + (f", after waiting {waited:.1f} s for another process" if waited else ""), flush=True)
+    if run.ranks.main:
+        print(f"train {len(train)}, valid {len(valid)} reviews; train features "
+              f"{run.metrics['feature_seconds']['train']:.0f} s ({store.folder})"
+              + (f", after waiting {waited:.1f} s for another process" if waited else ""),
+              flush=True)
     torch.manual_seed(a.seed)
     head = GRUHead(**run.config["model"]).to(run.device)
+    if not run.ranks.main:                      # rank 0 goes on with the one-process stream
+        torch.manual_seed(distributed.rank_seed(a.seed, run.ranks.rank))
     try:
         history = fit(head, train, valid, run.out, epochs=a.epochs, batch_size=a.batch_size,
                       seed=a.seed, lr=a.lr, device=run.device, state=run.state,
                       config=run.config, progress=run.progress,
-                      log=lambda msg: print(msg, flush=True))
+                      log=lambda msg: print(msg, flush=True), ranks=run.ranks)
     except FloatingPointError as e:
         p.error(str(e))
     run.metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(run.reviews["test"]),
                        epochs=history)
-    ckpt.write_json(run.out / ckpt.METRICS, run.metrics)
+    if run.ranks.main:
+        ckpt.write_json(run.out / ckpt.METRICS, run.metrics)
     return history
 
 
 def evaluate_test(run: Run, history: list[dict]) -> None:
     """Test features, then the best checkpoint (loaded and verified) on them: metrics.json."""
     store = timed_features(run, "test")
-    best, _ = ckpt.load_head(run.out, run.device)
+    best = best_head(run)
     best_epoch = min(history, key=lambda r: r["valid_loss"])["epoch"]
     t0 = time.perf_counter()
     test = Split(store, np.arange(len(store)), run.reviews["test"].labels)
-    loss, acc = run_epoch(best, test, run.args.batch_size, None, 0, run.device, run.progress, "test")
+    loss, acc = run_epoch(best, test, run.args.batch_size, None, 0, run.device, run.progress,
+                          "test", run.ranks)
     run.metrics.update(best_epoch=best_epoch, test_loss=loss, test_acc=acc,
                        test_seconds=round(time.perf_counter() - t0, 1))
-    print(f"test (best epoch {best_epoch}): loss {loss:.4f} acc {acc:.2%} "
-          f"on {len(test)} reviews; metrics in {run.out / ckpt.METRICS}", flush=True)
+    if run.ranks.main:
+        print(f"test (best epoch {best_epoch}): loss {loss:.4f} acc {acc:.2%} "
+              f"on {len(test)} reviews; metrics in {run.out / ckpt.METRICS}", flush=True)
+
+
+def best_head(run: Run) -> GRUHead:
+    """The best checkpoint's head, loaded and verified by rank 0 (--out is its folder) and
+    sent to the other ranks."""
+    if run.ranks.size == 1:
+        return ckpt.load_head(run.out, run.device)[0]
+    head = ckpt.load_head(run.out)[0] if run.ranks.main else GRUHead(**run.config["model"])
+    weights = run.ranks.share(ckpt.head_state(head) if run.ranks.main else None)
+    ckpt.load_head_state(head, weights, "rank 0's best head")
+    return head.to(run.device).eval()
 
 
 def main(argv=None) -> int:
@@ -304,11 +382,13 @@ def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     device, info = check_args(p, a)
-    run = prepare(p, a, device, info)
-    history = train_head(p, run)
-    evaluate_test(run, history)
-    run.metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    ckpt.write_json(run.out / ckpt.METRICS, run.metrics)
+    with distributed.session(p.prog, device, a.dist_timeout) as ranks:
+        run = prepare(p, a, device, info, ranks)
+        history = train_head(p, run)
+        evaluate_test(run, history)
+        run.metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        if ranks.main:
+            ckpt.write_json(run.out / ckpt.METRICS, run.metrics)
     return 0
 
 

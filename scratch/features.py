@@ -20,6 +20,15 @@ shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` an entry i
 complete.  One writer per entry at a time (an ``flock`` on ``<entry>/.lock``): a second process
 asking for the same features waits for the first and then reads its entry.
 
+Many processes, one entry (:mod:`scratch.feature_ranks`, for ``torchrun``): the ranks of one
+job divide the very same shard plan among themselves, balanced by tokens, so the entry is the
+one a single process writes, shard for shard.  The one-writer rule then
+reads "one job per entry": rank 0 holds the lock for the whole job, from before the plan is
+fixed until after ``index.json`` is written, and the other ranks write only the shards it gave
+them in between; they never take the lock nor touch ``plan.json``.  A single process and a
+job, or two jobs, wait for each other as two processes do.  Across machines the cache must
+be one shared filesystem whose ``flock`` reaches every machine (NFSv4, Lustre, ...).
+
 What a failed run leaves behind.  An entry folder survives a failure only when it holds at
 least one finished shard: then ``plan.json`` and the shards make the next run resume.  A run
 that fails before its first shard (an encoder crash, Ctrl-C, SIGTERM through
@@ -43,6 +52,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +123,13 @@ def token_batches(sorted_lengths, batch_tokens: int):
 
 
 def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16_384,
-            shard_size: int = 2_048, progress: bool = True, desc: str = "features") -> FeatureStore:
+            shard_size: int = 2_048, progress: bool = True, desc: str = "features",
+            ranks=None) -> FeatureStore:
     """The entry ``folder`` of ``ids`` (token id arrays): read if complete, else written with
-    ``encode`` (see :func:`write_entry`), resuming a partial one; one writer at a time."""
+    ``encode`` (see :func:`write_entry`), resuming a partial one; one writer at a time.
+    ``ranks``: the processes of one torchrun job (:class:`scratch.feature_ranks.Ranks`), which
+    write the entry together (:func:`scratch.feature_ranks.extract_together`); None or a
+    single rank: this process alone."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not len(ids):
@@ -124,6 +138,12 @@ def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16
         raise ValueError(f"batch_tokens {batch_tokens} is smaller than the longest review "
                          f"({longest} tokens)")
     folder = Path(folder)
+    if ranks is not None and ranks.size > 1:
+        from .feature_ranks import extract_together
+
+        return extract_together(folder, ids, encode, ranks, key=key, meta=meta,
+                                batch_tokens=batch_tokens, shard_size=shard_size,
+                                progress=progress, desc=desc)
     if (folder / "index.json").exists():
         return FeatureStore(folder)
     with writer_lock(folder, desc) as waited:       # one writer per entry; others wait here
@@ -140,12 +160,16 @@ def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16
 
 
 @contextlib.contextmanager
-def writer_lock(folder: Path, desc: str = "features"):
+def writer_lock(folder: Path, desc: str = "features", heartbeat=None, poll_seconds: float = 1.0):
     """Exclusive ``flock`` on ``folder/.lock`` (the folder is made if needed) while an entry is
     written; yields the seconds spent waiting for another process (or thread) that held it,
     exactly 0.0 when nobody did.  The kernel drops the lock when its holder exits, so a killed
     run never leaves a stale lock behind.  A holder may remove the entry (a run that failed
-    before its first shard): the lock is then taken again on the new ``.lock``."""
+    before its first shard): the lock is then taken again on the new ``.lock``.
+
+    ``heartbeat``: while another process holds the lock, try again every ``poll_seconds`` and
+    call ``heartbeat()`` in between (the ranks of a torchrun job keep talking while their rank 0
+    waits, so no collective times out); None: block in the kernel until the lock is free."""
     import fcntl
 
     folder, waited = Path(folder), 0.0
@@ -160,7 +184,12 @@ def writer_lock(folder: Path, desc: str = "features"):
         except BlockingIOError:
             log.info("%s: another process is extracting %s; waiting for it", desc, folder)
             t0 = time.perf_counter()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if heartbeat is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                while not _try_lock(fd):
+                    heartbeat()
+                    time.sleep(poll_seconds)
             waited += time.perf_counter() - t0
         if _same_file(fd, folder / ".lock"):
             break
@@ -169,6 +198,16 @@ def writer_lock(folder: Path, desc: str = "features"):
         yield waited
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -191,47 +230,117 @@ def discard_unfinished(folder: Path) -> None:
         folder.rmdir()
 
 
-def write_entry(folder: Path, ids, encode, *, key: str, meta: dict, batch_tokens: int,
-                shard_size: int, progress: bool = True, desc: str = "features") -> None:
-    """Write the shards still missing, then ``index.json`` = ``meta`` (which names at least
-    ``hidden_size``) + what the shards hold (the caller holds the writer lock).  ``encode(list of id arrays)`` -> list of (L_i, H)
-    float16 arrays, one padded encoder batch."""
-    lengths = np.array([len(a) for a in ids])
-    order = np.argsort(lengths, kind="stable")
-    shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
-    plan = {"key": key, "shard_size": shard_size, "n": len(ids)}
+# ---- writing an entry: plan, shards, index ------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What an entry's shards hold: the reviews in increasing length (a stable sort),
+    ``shard_size`` to a shard; shard ``s`` is file ``names[s]`` with reviews ``shards[s]``."""
+    key: str
+    shard_size: int
+    lengths: np.ndarray                  # (n,) tokens of each review
+    shards: list                         # of (k,) int64 review positions
+
+    @classmethod
+    def of(cls, ids, key: str, shard_size: int) -> "Plan":
+        lengths = np.array([len(a) for a in ids])
+        order = np.argsort(lengths, kind="stable")
+        return cls(key, shard_size, lengths,
+                   [order[i:i + shard_size] for i in range(0, len(order), shard_size)])
+
+    @property
+    def names(self) -> list[str]:
+        return [f"shard_{s:05d}.safetensors" for s in range(len(self.shards))]
+
+    @property
+    def json(self) -> dict:
+        """``plan.json``'s content."""
+        return {"key": self.key, "shard_size": self.shard_size, "n": len(self.lengths)}
+
+    def tokens(self, s: int) -> int:
+        return int(self.lengths[self.shards[s]].sum())
+
+
+def start_entry(folder: Path, plan: Plan, desc: str = "features") -> list[int]:
+    """(The caller holds the writer lock.)  Remove temporary files left by killed runs and any
+    shard cut for another plan (or for no known plan: shards without ``plan.json``), write
+    ``plan.json``; return the shards still to write."""
+    for tmp in folder.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
     plan_file = folder / "plan.json"
-    if plan_file.exists() and (old_plan := _read_plan(plan_file)) != plan:
+    old_plan = _read_plan(plan_file) if plan_file.exists() else "no plan.json"
+    if old_plan != plan.json:
         stale = list(folder.glob("shard_*.safetensors"))   # a different plan: they don't fit
         if stale:
             log.info("%s: %d finished shards were cut for another plan (%s); starting over",
                      desc, len(stale), old_plan)
         for old in stale:
             old.unlink()
-    atomic_write(plan_file, json.dumps(plan).encode())
+    atomic_write(plan_file, json.dumps(plan.json).encode())
+    todo = [s for s, name in enumerate(plan.names) if not (folder / name).exists()]
+    if len(todo) < len(plan.shards):
+        log.info("%s: resuming: %d of %d shards done", desc, len(plan.shards) - len(todo),
+                 len(plan.shards))
+    return todo
 
-    names = [f"shard_{s:05d}.safetensors" for s in range(len(shards))]
-    todo = [s for s in range(len(shards)) if not (folder / names[s]).exists()]
-    if len(todo) < len(shards):
-        log.info("%s: resuming: %d of %d shards done", desc, len(shards) - len(todo), len(shards))
-    t0 = time.perf_counter()
-    bar = tqdm(total=int(sum(lengths[shards[s]].sum() for s in todo)), unit="tok", unit_scale=True,
-               desc=f"{desc} ({meta.get('encoder', '?')}, {len(todo)}/{len(shards)} shards to go)",
-               disable=not progress)
+
+def write_shards(folder: Path, ids, encode, plan: Plan, todo, batch_tokens: int, bar) -> None:
+    """Encode and write shards ``todo`` of ``plan``, each to a temporary file renamed when
+    whole (a failure removes the temporary file); ``bar`` counts tokens."""
+    names = plan.names
     for s in todo:
-        feats = []
-        members = shards[s]
-        for start, stop in token_batches(lengths[members], batch_tokens):
+        feats, members = [], plan.shards[s]
+        for start, stop in token_batches(plan.lengths[members], batch_tokens):
             feats += encode([ids[i] for i in members[start:stop]])
-            bar.update(int(lengths[members[start:stop]].sum()))
+            bar.update(int(plan.lengths[members[start:stop]].sum()))
         tmp = folder / f".{names[s]}.tmp{os.getpid()}"
-        save_file({"features": np.concatenate(feats), "lengths": lengths[members].astype(np.int64),
-                   "index": members.astype(np.int64)}, str(tmp))
-        os.replace(tmp, folder / names[s])
-    bar.close()
-    meta = {"key": key, **meta, "n": len(ids), "dtype": "float16", "shards": names,
-            "tokens": int(lengths.sum()), "seconds_this_run": round(time.perf_counter() - t0, 1)}
+        try:
+            save_file({"features": np.concatenate(feats),
+                       "lengths": plan.lengths[members].astype(np.int64),
+                       "index": members.astype(np.int64)}, str(tmp))
+            os.replace(tmp, folder / names[s])
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def finish_entry(folder: Path, plan: Plan, meta: dict, seconds: float) -> None:
+    """(The caller holds the writer lock, every shard is on disk.)  Check that each shard holds
+    the reviews ``plan`` gives it, then write ``index.json``: the entry is complete.  A shard
+    that does not fit (another writer broke the one-writer rule) is removed, and the error says
+    to run again: an entry is never completed over shards of another plan."""
+    for s, name in enumerate(plan.names):
+        with safe_open(str(folder / name), framework="numpy") as f:
+            fits = np.array_equal(f.get_tensor("index"), plan.shards[s])
+        if not fits:
+            (folder / name).unlink()
+            raise RuntimeError(f"{folder / name} does not hold the reviews of this run's shard "
+                               f"plan (written by another process meanwhile?): removed; run "
+                               f"again to compute it")
+    meta = {"key": plan.key, **meta, "n": len(plan.lengths), "dtype": "float16",
+            "shards": plan.names, "tokens": int(plan.lengths.sum()),
+            "seconds_this_run": round(seconds, 1)}
     atomic_write(folder / "index.json", json.dumps(meta, indent=1).encode())
+
+
+def token_bar(plan: Plan, todo, meta: dict, desc: str, progress: bool, who: str = ""):
+    """A tqdm bar over the tokens of shards ``todo`` (disabled without ``progress``)."""
+    return tqdm(total=sum(plan.tokens(s) for s in todo), unit="tok", unit_scale=True,
+                desc=f"{desc} ({meta.get('encoder', '?')}{who}, {len(todo)}/{len(plan.shards)} "
+                     "shards to go)", disable=not progress)
+
+
+def write_entry(folder: Path, ids, encode, *, key: str, meta: dict, batch_tokens: int,
+                shard_size: int, progress: bool = True, desc: str = "features") -> None:
+    """Write the shards still missing, then ``index.json`` = ``meta`` (which names at least
+    ``hidden_size``) + what the shards hold (the caller holds the writer lock).
+    ``encode(list of id arrays)`` -> list of (L_i, H) float16 arrays, one padded encoder batch."""
+    plan = Plan.of(ids, key, shard_size)
+    todo = start_entry(folder, plan, desc)
+    t0 = time.perf_counter()
+    with token_bar(plan, todo, meta, desc, progress) as bar:
+        write_shards(folder, ids, encode, plan, todo, batch_tokens, bar)
+    finish_entry(folder, plan, meta, time.perf_counter() - t0)
 
 
 def _read_plan(path: Path):
