@@ -41,13 +41,13 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import BertConfig, BertModel
 
-from reference.bert import pad
 from reference.data import stratified_subset, tokenize, train_valid_split
 from reference.encoders import load_encoder
 from reference.features import extract_features
 from reference.model import BERTGRUSentiment, GRUHead, count_parameters, freeze_bert
 from reference.timing import best_time, pin_threads
 from reference.train import Split, fit, run_epoch
+from scratch.bert_tokenizer import pad_batch as pad
 from tutorial_kit import OUT, ROOT, imdb, pick, plt, results, show, table
 
 pin_threads(1)                   # a shared machine: one thread is faster than two that fight

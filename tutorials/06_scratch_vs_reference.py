@@ -28,18 +28,24 @@ import numpy as np
 import torch
 
 from reference import checkpoint as ref_ckpt
-from reference.bert import last_hidden, pad
 from reference.data import tokenize
 from reference.encoders import load_encoder
 from reference.model import GRUHead
 from reference.timing import best_time, pin_threads
 from scratch import checkpoint as scratch_ckpt
 from scratch.bert import BertEncoder
+from scratch.bert_tokenizer import pad_batch as pad
 from scratch.optim import Adam
 from scratch.sentiment import SentimentHead
 from tutorial_kit import imdb, pick, plt, show, table
 
 pin_threads(1)                          # one thread per side: a fair comparison
+
+
+def last_hidden(model, ids, mask):
+    """transformers' last hidden states of a padded batch (no gradients)."""
+    with torch.no_grad():
+        return model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
 
 # %% [markdown]
 # ## 1. The encoder: NumPy against transformers
