@@ -8,7 +8,7 @@ padding respected (:mod:`reference.bert_attention`, through transformers' attent
 
     python -m reference.attention_swap --data PATH [--encoder minilm] [--limit-train 4000]
         [--limit-test 4000] [--max-length 128] [--variants all] [--layers all,top1]
-        [--distill-steps 200] [--distill-variants efficient-softmax] [--distill-layers all]
+        [--distill-steps 200] [--distill-variants auto] [--distill-drop 2] [--distill-layers all]
         [--epochs 2]
         [--threads N] [--results results/attention_swap.json] [--out runs/attention_swap]
 
@@ -26,8 +26,10 @@ distilled ones), on the same stratified subsets, the same 70/30 train/valid spli
 
 Distillation (:mod:`reference.distill`): only the swapped layers' query/key projections train,
 to reproduce the softmax encoder's layer outputs on the head's training reviews (no validation
-or test text); the distilled projections are cached (``CACHE/distilled/``) under a key of the
-encoder, variant, settings and texts.
+or test text), then the same measurement.  By default (``--distill-variants auto``) the rows
+that need it: those of ``--distill-layers`` whose accuracy fell more than ``--distill-drop``
+points below softmax's.  The distilled projections are cached (``CACHE/distilled/``) under a
+key of the encoder, variant, settings and texts.
 
 Precision: features use bf16 autocast where the CPU has native bf16 (the main pipeline's
 default; ``--no-autocast`` for float32).  ``precision_check`` in the results measures what that
@@ -70,8 +72,7 @@ VARIANTS = {                                  # name -> swap_attention's options
     "linear-alpha0.1": dict(attention="linear", alpha=0.1),
 }
 BASELINE = "softmax"
-DISTILL = ("efficient-softmax",)   # distilled by default: the variant of the assignment's claim
-                                   # (the 45-minute budget holds one; the others on request)
+DISTILL_DROP = 2.0          # --distill-variants auto: distil the rows that lost more (points)
 HEAD = dict(hidden_dim=256, output_dim=1, n_layers=2, bidirectional=True, dropout=0.25)
 PROBE_TEXTS = 64            # validation reviews on which the distillation loss is reported
 
@@ -86,6 +87,10 @@ def _names(allowed, what):
                              f"{', '.join(allowed)}")
         return list(dict.fromkeys(names))
     return parse
+
+
+def _auto(parse):
+    return lambda text: "auto" if text == "auto" else parse(text)
 
 
 def parse_layers(text: str) -> list[str]:
@@ -128,9 +133,13 @@ def build_parser():
     p.add_argument("--lr", type=cli.positive(float), default=1e-3, help="the head's Adam rate")
     p.add_argument("--distill-steps", type=cli.non_negative(int), default=200,
                    help="Adam steps of q/k distillation per distilled variant (0: none)")
-    p.add_argument("--distill-variants", type=variants,
-                   help=f"variants to distill, among --variants (default: those of "
-                        f"{', '.join(DISTILL)} that run)")
+    p.add_argument("--distill-variants", type=_arg_type(_auto(_names(VARIANTS, "variant"))),
+                   default="auto",
+                   help=f"variants to distill, among --variants, or auto (default): each "
+                        f"variant x --distill-layers row whose test accuracy fell more than "
+                        f"--distill-drop points below softmax's")
+    p.add_argument("--distill-drop", type=cli.non_negative(float), default=DISTILL_DROP,
+                   metavar="PP", help="auto's threshold in accuracy points (default %(default)s)")
     p.add_argument("--distill-layers", type=_arg_type(parse_layers), default=["all"],
                    help="layer settings to distill, among --layers (default all)")
     p.add_argument("--distill-batch", type=cli.positive(int), default=16)
@@ -153,9 +162,8 @@ def check_args(p, a):
                 f"got {a.limit_train}")
     if extra := [s for s in a.distill_layers if s not in a.layers]:
         p.error(f"--distill-layers {','.join(extra)} not among --layers {','.join(a.layers)}")
-    if a.distill_variants is None:
-        a.distill_variants = [v for v in DISTILL if v in a.variants]
-    if extra := [v for v in a.distill_variants if v not in a.variants]:
+    if a.distill_variants != "auto" and (
+            extra := [v for v in a.distill_variants if v not in a.variants]):
         p.error(f"--distill-variants {','.join(extra)} not among --variants")
     device = cli.check_device(p, a.device)
     if device != "cpu":
@@ -332,41 +340,65 @@ def measure_row(s: Setup, encoder, row: dict, baseline_test=None):
     return stores["test"]
 
 
+def distill_plan(a, rows: list[dict]) -> list[tuple[str, str]]:
+    """(variant, layers) pairs to distil: every ``--distill-variants`` x ``--distill-layers``
+    pair, or with ``auto`` those whose row lost more than ``--distill-drop`` accuracy points
+    against the softmax row (``rows[0]``)."""
+    if not a.distill_steps:
+        return []
+    pairs = [(v, spec) for spec in a.distill_layers for v in a.variants]
+    if a.distill_variants != "auto":
+        return [(v, spec) for v, spec in pairs if v in a.distill_variants]
+    acc = {(r["variant"], r["layers"]): r["test_acc"] for r in rows}
+    return [(v, spec) for v, spec in pairs
+            if (rows[0]["test_acc"] - acc[v, spec]) * 100 > a.distill_drop]
+
+
+def swapped_row(s: Setup, variant: str, spec: str, distilled: bool, label: str,
+                baseline_test, distill_texts=None) -> dict:
+    """One row: ``variant`` swapped into the ``spec`` layers (of a distilled copy when
+    ``distilled``), measured against the softmax features ``baseline_test``."""
+    a, encoder = s.args, s.encoder
+    name = row_name(variant, spec, distilled)
+    print(f"[{label}] {name}", flush=True)
+    if distilled:                                       # encoder.model (softmax) teaches a copy
+        model, report = distilled_encoder(encoder, variant, spec, *distill_texts, a, s.autocast)
+        print(f"  distilled: probe loss {report['probe_loss_before']:.4g} -> "
+              f"{report['probe_loss_after']:.4g} in {report['steps']} steps, "
+              f"{report['seconds']:.0f} s{' (cached)' if report['cached'] else ''}", flush=True)
+        enc = Encoder(model, encoder.tokenizer, encoder.name, encoder.source)
+    else:
+        swap_attention(encoder.model, swap_layers=swap_layers(spec), **VARIANTS[variant])
+        enc, report = encoder, None
+    row = {"name": name, "variant": variant, "layers": spec,
+           "swapped_layers": enc.model.config.swapped_attention["layers"],
+           "distilled": distilled, "distill": report}
+    try:
+        measure_row(s, enc, row, baseline_test)
+    finally:
+        swap_attention(encoder.model, "softmax")
+    return row
+
+
 def run_rows(s: Setup) -> list[dict]:
     """The softmax row, every variant x layer setting, then the distilled ones."""
-    a, encoder = s.args, s.encoder
-    plan = [(v, spec, False) for spec in a.layers for v in a.variants]
-    if a.distill_steps:
-        plan += [(v, spec, True) for spec in a.distill_layers for v in a.distill_variants]
-        ids = tokenize(encoder.tokenizer, s.reviews["train"].texts, a.max_length)
-        texts = [ids[i] for i in s.split[0]]                         # the head's training part
-        probe = [ids[i] for i in s.split[1][:PROBE_TEXTS]]           # unlabelled use only
+    a = s.args
+    plan = [(v, spec) for spec in a.layers for v in a.variants]
     rows = [{"name": BASELINE, "variant": BASELINE, "layers": "none", "swapped_layers": [],
              "distilled": False, "distill": None}]
     print(f"[1/{1 + len(plan)}] {BASELINE}", flush=True)
-    baseline_test = measure_row(s, encoder, rows[0])
-    for step, (variant, spec, distilled) in enumerate(plan, 2):
-        name = row_name(variant, spec, distilled)
-        print(f"[{step}/{1 + len(plan)}] {name}", flush=True)
-        if distilled:                                   # encoder.model (softmax) teaches a copy
-            model, report = distilled_encoder(encoder, variant, spec, texts, probe, a,
-                                              s.autocast)
-            print(f"  distilled: probe loss {report['probe_loss_before']:.4g} -> "
-                  f"{report['probe_loss_after']:.4g} in {report['steps']} steps, "
-                  f"{report['seconds']:.0f} s{' (cached)' if report['cached'] else ''}",
-                  flush=True)
-            enc = Encoder(model, encoder.tokenizer, encoder.name, encoder.source)
-        else:
-            swap_attention(encoder.model, swap_layers=swap_layers(spec), **VARIANTS[variant])
-            enc, report = encoder, None
-        row = {"name": name, "variant": variant, "layers": spec,
-               "swapped_layers": enc.model.config.swapped_attention["layers"],
-               "distilled": distilled, "distill": report}
-        try:
-            measure_row(s, enc, row, baseline_test)
-        finally:
-            swap_attention(encoder.model, "softmax")
-        rows.append(row)
+    baseline_test = measure_row(s, s.encoder, rows[0])
+    for k, (variant, spec) in enumerate(plan, 2):
+        rows.append(swapped_row(s, variant, spec, False, f"{k}/{1 + len(plan)}", baseline_test))
+    distilling = distill_plan(a, rows)
+    print(f"to distil: {', '.join(' '.join(p) for p in distilling) or 'nothing'}", flush=True)
+    if distilling:
+        ids = tokenize(s.encoder.tokenizer, s.reviews["train"].texts, a.max_length)
+        texts = [ids[i] for i in s.split[0]]                         # the head's training part
+        probe = [ids[i] for i in s.split[1][:PROBE_TEXTS]]           # unlabelled use only
+        for k, (variant, spec) in enumerate(distilling, 1):
+            rows.append(swapped_row(s, variant, spec, True, f"distil {k}/{len(distilling)}",
+                                    baseline_test, (texts, probe)))
     return rows
 
 
@@ -414,7 +446,7 @@ def main(argv=None) -> int:
     results = {"config": {k: getattr(a, k) for k in (
         "encoder", "max_length", "limit_train", "limit_test", "seed", "epochs", "batch_size",
         "lr", "variants", "layers", "distill_steps", "distill_variants", "distill_layers",
-        "distill_batch", "distill_lr")},
+        "distill_drop", "distill_batch", "distill_lr")},
         "n_train": len(s.split[0]), "n_valid": len(s.split[1]),
         "n_test": len(s.reviews["test"]),
         "encoder_layers": s.encoder.model.config.num_hidden_layers,

@@ -148,6 +148,29 @@ def test_mean_cosine_is_the_mean_over_real_tokens():
         AS.mean_cosine(Store(a, "a"), Store(a[:2], "c"))
 
 
+def test_auto_distils_the_rows_that_lost_more_than_the_threshold():
+    from argparse import Namespace
+
+    rows = [{"variant": "softmax", "layers": "none", "test_acc": 0.80}] + [
+        {"variant": v, "layers": spec, "test_acc": acc} for v, spec, acc in [
+            ("efficient-softmax", "all", 0.785), ("efficient-scaling", "all", 0.50),
+            ("linear-alpha1", "all", 0.779), ("efficient-softmax", "top1", 0.80),
+            ("efficient-scaling", "top1", 0.60), ("linear-alpha1", "top1", 0.81)]]
+    a = Namespace(distill_steps=10, distill_layers=["all"], distill_drop=2.0,
+                  variants=["efficient-softmax", "efficient-scaling", "linear-alpha1"],
+                  distill_variants="auto")
+    assert AS.distill_plan(a, rows) == [("efficient-scaling", "all"),
+                                        ("linear-alpha1", "all")]   # 2.1 points > 2
+    a.distill_layers = ["all", "top1"]
+    assert AS.distill_plan(a, rows)[-1] == ("efficient-scaling", "top1")
+    assert len(AS.distill_plan(a, rows)) == 3
+    a.distill_variants = ["efficient-softmax"]
+    assert AS.distill_plan(a, rows) == [("efficient-softmax", "all"),
+                                        ("efficient-softmax", "top1")]
+    a.distill_steps = 0
+    assert AS.distill_plan(a, rows) == []
+
+
 # --- the command, tiny ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
