@@ -99,10 +99,13 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 def swap_attention(model, attention: str = "softmax", *, swap_layers=None,
                    normalization: str = "softmax", alpha: float = 1.0, eps: float = 1e-6):
     """Make ``model`` (a transformers BertModel) run ``attention`` in the layers ``swap_layers``
-    selects (None = all, int = top k, set = indices); ``"softmax"`` restores SDPA everywhere.
+    selects (None = all, int = top k, set = indices); ``"softmax"`` restores SDPA everywhere
+    and removes ``config.swapped_attention``, so the config (and with it the feature cache's
+    key, :func:`reference.features.encoder_fingerprint`) is the untouched model's again.
     Returns the model (changed in place)."""
     if attention == "softmax":
-        setattr(model.config, CONFIG_ATTR, None)
+        if hasattr(model.config, CONFIG_ATTR):
+            delattr(model.config, CONFIG_ATTR)
         model.set_attn_implementation("sdpa")
         return model
     if attention not in SWAPPABLE:
