@@ -56,7 +56,7 @@ from safetensors.torch import save as st_save
 from . import checkpoint as ckpt
 from . import cli
 from .atomic import atomic_write, write_json
-from .bert import pad
+from scratch.bert_tokenizer import pad_batch
 from .bert_attention import swap_attention
 from .data import tokenize, train_valid_split
 from .distill import distill
@@ -235,7 +235,7 @@ def train_and_test(stores, labels, split, a, out: Path, config: dict) -> dict:
 def precision_check(encoder, texts, a, variants) -> dict:
     """Cosine (mean over real tokens) of bf16-autocast to float32 last hidden states, for the
     softmax encoder and each variant in all layers: the noise bf16 features carry."""
-    ids, mask = pad(tokenize(encoder.tokenizer, texts, a.max_length), encoder.pad_id)
+    ids, mask = pad_batch(tokenize(encoder.tokenizer, texts, a.max_length), encoder.pad_id)
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     real = mask.bool()
     out = {}

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .bert import pad
+from scratch.bert_tokenizer import pad_batch
 
 
 def qk_parameters(model, layers) -> list[torch.nn.Parameter]:
@@ -69,7 +69,7 @@ def probe_loss(student, teacher, probe: list[np.ndarray], layers, pad_id: int,
     total, tokens = 0.0, 0
     with torch.no_grad(), _amp(autocast):
         for i in range(0, len(probe), batch_size):
-            ids, mask = pad(probe[i:i + batch_size], pad_id)
+            ids, mask = pad_batch(probe[i:i + batch_size], pad_id)
             loss = layer_mse(_states(student, ids, mask), _states(teacher, ids, mask),
                              torch.from_numpy(mask), layers)
             total += float(loss) * int(mask.sum())
@@ -105,7 +105,7 @@ def distill(student, teacher, texts: list[np.ndarray], layers, *, steps: int,
     for step in bar:
         if pos + batch_size > len(order):
             order, pos = rng.permutation(len(texts)), 0
-        ids, mask = pad([texts[i] for i in order[pos:pos + batch_size]], pad_id)
+        ids, mask = pad_batch([texts[i] for i in order[pos:pos + batch_size]], pad_id)
         pos += batch_size
         with torch.no_grad(), _amp(autocast):
             target = _states(teacher, ids, mask)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference import attention_swap as AS
-from reference.bert import pad
+from scratch.bert_tokenizer import pad_batch
 from reference.bert_attention import swap_attention
 from reference.data import load_imdb, tokenize
 from reference.distill import distill, layer_mse
@@ -59,7 +59,7 @@ def test_swapped_scratch_encoder_equals_the_torch_mirror_on_real_reviews(
     options = dict(AS.VARIANTS[variant])
     if options["attention"] == "linear":
         options["eps"] = eps
-    ids, mask = pad([real_ids[i][:max_length] for i in picks])     # right-padded real reviews
+    ids, mask = pad_batch([real_ids[i][:max_length] for i in picks])     # right-padded real reviews
     swap_attention(model, swap_layers=swap, **options)
     try:
         ref = torch_hidden(model, ids, mask)
