@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from . import cli
 
     p = cli.Parser(prog="python -m reference.data",
-                                description="Find, download or summarise the IMDB data.")
+                   description="Find, download or summarise the IMDB data.")
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH or the cache)")
     p.add_argument("--download", action="store_true", help=f"download {IMDB_URL} if missing")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="download cache directory")
