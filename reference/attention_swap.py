@@ -53,10 +53,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from scratch.bert_tokenizer import pad_batch
+
 from . import checkpoint as ckpt
 from . import cli
 from .atomic import atomic_write, write_json
-from scratch.bert_tokenizer import pad_batch
 from .bert_attention import swap_attention
 from .data import tokenize, train_valid_split
 from .distill import distill

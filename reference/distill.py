@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from scratch.bert_tokenizer import pad_batch
 
 
+
 def qk_parameters(model, layers) -> list[torch.nn.Parameter]:
     """Freeze every parameter of ``model`` (a BertModel), then make the query and key
     projections (weight and bias) of ``layers`` trainable; returns those parameters."""
