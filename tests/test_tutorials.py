@@ -75,6 +75,10 @@ def test_notebook_is_its_source_executed(path):
         assert after is not None and after.cell_type == "markdown" and after.source.startswith("*"), \
             f"figure in cell {i} has no caption cell after it"
     assert path.with_suffix(".ipynb").stat().st_size < MAX_NOTEBOOK_BYTES
+    if path.stem in NEEDS_IMDB:                               # rendered on the real reviews
+        printed = "".join(o.get("text", "") for c in code for o in c.outputs)
+        assert "IMDB archive not available" not in printed, \
+            "rendered without IMDB_PATH: run IMDB_PATH=... make tutorials"
 
 
 @pytest.mark.slow
