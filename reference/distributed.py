@@ -113,8 +113,9 @@ def session(prog: str, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT):
     """Join torchrun's process group for the ``with`` block (nothing to join alone) and yield
     :class:`Ranks`.  On CUDA each process takes GPU ``LOCAL_RANK``.  A collective that fails
     because another rank died or stopped answering ends the command with one line on stderr
-    (``PROG: error: rank R of N: ...``) and exit status 1; the process group is torn down
-    either way."""
+    (``PROG: error: rank R of N: ...``) and exit status 1 at once (``os._exit``: a process
+    group that lost a peer cannot be torn down without a deadlock in gloo); otherwise the
+    process group is torn down when the block ends."""
     ranks = from_env()
     if ranks.size == 1:
         yield ranks
@@ -132,7 +133,13 @@ def session(prog: str, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT):
         print(f"{prog}: error: rank {ranks.rank} of {ranks.size}: lost the other ranks "
               f"({_first_line(e)}); torchrun's report names the rank that failed",
               file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+        # A process group that lost a peer cannot be torn down: freeing it (here, or when the
+        # DDP model and the exception's frames go) makes gloo's destructor join a worker thread
+        # that waits for the GIL this thread holds, a deadlock (seen in 1 of 5 runs of
+        # tests/test_distributed.py's hung-rank test).  Every file this process wrote is already
+        # atomic and complete, so leave at once; torchrun reports the exit status.
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
