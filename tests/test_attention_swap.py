@@ -2,7 +2,8 @@
 real reviews (a property test, float64); the distillation trains the swapped layers' query/key
 projections only and lowers its loss; the experiment command runs end to end at a tiny size
 (synthetic aclImdb, tiny random BERT) with its JSON fields, a cache entry per variant that a
-second run reuses, and one-line errors; the speed bench runs; tutorial 04 shows the committed table."""
+second run reuses, and one-line errors; the speed bench runs; tutorial 04 shows the committed
+table."""
 from __future__ import annotations
 
 import copy
