@@ -20,6 +20,7 @@ but stuck.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import sys
@@ -142,7 +143,17 @@ def session(prog: str, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT):
         os._exit(1)
     finally:
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+            close_group()
+
+
+def close_group() -> None:
+    """Destroy the process group once nothing holds it.  A DistributedDataParallel model keeps
+    the group alive through its reducer, and DDP's hooks put the model in reference cycles
+    that only the garbage collector frees: collect them first, so that the group goes here and
+    not at interpreter exit, where its threads may still run (the likely cause of a rank that
+    aborted once in CI with "terminate called without an active exception")."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def lost_rank(e: BaseException) -> bool:

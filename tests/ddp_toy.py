@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from reference import train
-from reference.distributed import SINGLE, Ranks, rank_seed
+from reference.distributed import SINGLE, Ranks, close_group, rank_seed
 from reference.model import GRUHead
 from tests.test_train import splits, toy_data
 
@@ -31,7 +31,7 @@ def fit_worker(rank, size, port, out):
         histories[dropout] = fit_toy(Path(out) / f"ddp{dropout}", dropout, ranks)
     if rank == 0:
         (Path(out) / "histories.json").write_text(json.dumps(histories))
-    dist.destroy_process_group()
+    close_group()
 
 
 def toy_head(dropout: float) -> tuple[GRUHead, dict]:
