@@ -21,13 +21,8 @@ of each entry (:func:`scratch.features.extract_together`): the same cache, tenso
 rank 0 holds the entry's lock for the whole job, so the rule becomes one job (or one process)
 per entry.  Each rank runs the encoder on ``OMP_NUM_THREADS`` threads (torchrun sets 1).
 
-What a failed run leaves behind.  An entry folder survives a failure only when it holds at
-least one finished shard: then ``plan.json`` and the shards make the next run resume.  A run
-that fails before its first shard (an encoder crash, Ctrl-C, SIGTERM through
-:func:`reference.cli.run`) removes the folder it made, ``plan.json`` and ``.lock`` included,
-before it lets go of the lock; a waiting writer then sees that its lock file is gone and
-starts over.  Temporary files of a failed run are removed either way.  Only SIGKILL (or a
-power cut) can leave a shard-less entry, which the next run of the same texts simply fills.
+What a failed run leaves behind (only entries with a finished shard survive, to resume): see
+:mod:`scratch.features`, which writes the entries for both pipelines.
 """
 from __future__ import annotations
 
