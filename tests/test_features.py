@@ -73,17 +73,22 @@ def test_stale_caches_are_never_used(tmp_path):
     assert Fe.extract_features(enc, TEXTS, tmp_path, autocast=False, progress=False).folder != base
 
 
+def crash_after(n_batches: int, error: BaseException):
+    """An ``Fe._encode`` that encodes ``n_batches`` batches, then raises ``error``."""
+    real, calls = Fe._encode, []
+
+    def encode(*a, **k):
+        if len(calls) == n_batches:
+            raise error
+        calls.append(1)
+        return real(*a, **k)
+    return encode
+
+
 def test_interrupted_extraction_resumes_and_matches_a_clean_run(tmp_path, monkeypatch):
     enc = tiny_encoder()
-    real_encode, calls = Fe._encode, []
-
-    def failing(*a, **k):
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        calls.append(1)
-        return real_encode(*a, **k)
-
-    monkeypatch.setattr(Fe, "_encode", failing)
+    real_encode = Fe._encode
+    monkeypatch.setattr(Fe, "_encode", crash_after(3, KeyboardInterrupt("simulated interruption")))
     kw = dict(batch_tokens=10**6, shard_size=5, autocast=False, progress=False)  # 1 batch/shard
     with pytest.raises(KeyboardInterrupt):
         Fe.extract_features(enc, TEXTS, tmp_path / "c", **kw)
@@ -93,7 +98,7 @@ def test_interrupted_extraction_resumes_and_matches_a_clean_run(tmp_path, monkey
     with pytest.raises(FileNotFoundError, match="not complete"):
         Fe.FeatureStore(folder)
 
-    calls.clear()
+    calls = []
     monkeypatch.setattr(Fe, "_encode", lambda *a, **k: (calls.append(1), real_encode(*a, **k))[1])
     resumed = Fe.extract_features(enc, TEXTS, tmp_path / "c", **kw)
     assert len(calls) == 2                                      # only the 2 missing shards of 5
@@ -166,15 +171,8 @@ def test_a_run_that_fails_before_its_first_shard_leaves_no_entry(tmp_path, monke
 def test_a_failed_run_keeps_its_finished_shards_and_says_so_on_resume(tmp_path, monkeypatch,
                                                                         caplog):
     enc = tiny_encoder()
-    real, calls = Fe._encode, []
-
-    def crash_at_shard_4(*a, **k):
-        if len(calls) == 3:
-            raise RuntimeError("encoder crashed")
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(Fe, "_encode", crash_at_shard_4)
+    real = Fe._encode
+    monkeypatch.setattr(Fe, "_encode", crash_after(3, RuntimeError("encoder crashed")))  # shard 4
     kw = dict(batch_tokens=10**6, shard_size=5, autocast=False, progress=False)
     with pytest.raises(RuntimeError):
         Fe.extract_features(enc, TEXTS, tmp_path, **kw)
@@ -241,15 +239,8 @@ def test_features_cli_shard_size_lets_a_small_subset_resume(tmp_path, monkeypatc
     argv = ["--data", str(tmp_path / "data"), "--encoder", str(enc), "--cache", str(tmp_path / "c"),
             "--limit-train", "6", "--limit-test", "4", "--shard-size", "2", "--max-length", "32",
             "--batch-tokens", "64", "--device", "cpu", "--no-autocast", "--no-progress"]
-    real, calls = Fe._encode, []
-
-    def interrupted(*a, **k):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(Fe, "_encode", interrupted)
+    real = Fe._encode
+    monkeypatch.setattr(Fe, "_encode", crash_after(2, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         Fe.main(argv)
     (entry,) = (tmp_path / "c").iterdir()
