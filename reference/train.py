@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,31 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
     return total / seen, correct / seen
 
 
+def denormals_flushed() -> bool:
+    """Whether this thread's CPU flushes denormal floats to zero (probed: torch has no getter)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return float(torch.tensor([tiny / 4]) * torch.tensor([1.0])) == 0.0
+
+
+@contextmanager
+def flush_denormals():
+    """Flush denormal floats to zero inside the block, then restore the previous setting.
+
+    Backpropagation through a long review is the vanishing gradient made literal: the gradient
+    reaching the first tokens underflows below float32's smallest normal number (1.2e-38), and
+    x86 CPUs compute on such denormal numbers many times slower.  Measured on the MPNet
+    features (128 reviews of 511 tokens, 768 wide, one thread, untrained head): 14% of the
+    input gradient's entries are denormal (median 5e-24), and the head's backward takes 86 s
+    unflushed against 5 s flushed; the forward, 4 s, is unchanged.  Flushing changes only
+    numbers below 1.2e-38 (2.2e-308 in float64), which round away against the weights."""
+    before = denormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
 def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_size: int = 128,
         seed: int = 3407, lr: float = 1e-3, device="cpu", state: dict | None = None,
         config: dict | None = None, progress: bool = False, log=print,
@@ -134,7 +160,17 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
     ``ranks`` of a torchrun job: every rank calls this with the same arguments (``state`` too)
     and trains ``head`` in DistributedDataParallel (``batch_size`` is the global batch); rank
     0 writes the files and logs.  The resume state holds every rank's generator
-    (``rng_ranks``) beside rank 0's (``rng``, which a one-process resume uses)."""
+    (``rng_ranks``) beside rank 0's (``rng``, which a one-process resume uses).
+
+    Denormal floats are flushed to zero while it trains (:func:`flush_denormals`)."""
+    with flush_denormals():
+        return _fit(head, train, valid, out, epochs=epochs, batch_size=batch_size, seed=seed,
+                    lr=lr, device=device, state=state, config=config, progress=progress,
+                    log=log, ranks=ranks)
+
+
+def _fit(head, train, valid, out, *, epochs, batch_size, seed, lr, device, state, config,
+         progress, log, ranks) -> list[dict]:
     optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:

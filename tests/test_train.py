@@ -99,6 +99,34 @@ def test_fit_learns_saves_best_and_is_deterministic(tmp_path):
     assert not list((tmp_path / "a").glob(".*tmp*"))        # atomic writes leave no temp files
 
 
+def test_fit_trains_with_denormals_flushed_and_restores_the_setting(tmp_path, monkeypatch):
+    """The long-review backward underflows into denormals (slow on x86): fit flushes them while
+    it trains and evaluates, and leaves the process as it found it, even when it fails."""
+    seen = []
+
+    def probe(*args, **kwargs):
+        seen.append(train.denormals_flushed())
+        return 0.5, 0.5
+
+    monkeypatch.setattr(train, "run_epoch", probe)
+    store, labels = toy_data()
+    tr, va = splits(store, labels)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not train.denormals_flushed() and float(torch.tensor([tiny / 4]) * 1.0) > 0
+    fit(new_head(), tr, va, tmp_path, epochs=2, batch_size=8, log=str)
+    assert seen == [True, True, True, True]                 # train and valid, two epochs
+    assert not train.denormals_flushed()
+
+    def fail(*args, **kwargs):
+        assert train.denormals_flushed()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_epoch", fail)
+    with pytest.raises(KeyboardInterrupt):
+        fit(new_head(), tr, va, tmp_path / "b", epochs=1, batch_size=8, log=str)
+    assert not train.denormals_flushed()
+
+
 def test_resume_gives_the_uninterrupted_run(tmp_path):
     store, labels = toy_data()
     tr, va = splits(store, labels)
