@@ -148,6 +148,7 @@ def flush_denormals():
         torch.set_flush_denormal(before)
 
 
+@flush_denormals()
 def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_size: int = 128,
         seed: int = 3407, lr: float = 1e-3, device="cpu", state: dict | None = None,
         config: dict | None = None, progress: bool = False, log=print,
@@ -162,15 +163,7 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
     0 writes the files and logs.  The resume state holds every rank's generator
     (``rng_ranks``) beside rank 0's (``rng``, which a one-process resume uses).
 
-    Denormal floats are flushed to zero while it trains (:func:`flush_denormals`)."""
-    with flush_denormals():
-        return _fit(head, train, valid, out, epochs=epochs, batch_size=batch_size, seed=seed,
-                    lr=lr, device=device, state=state, config=config, progress=progress,
-                    log=log, ranks=ranks)
-
-
-def _fit(head, train, valid, out, *, epochs, batch_size, seed, lr, device, state, config,
-         progress, log, ranks) -> list[dict]:
+    Denormal floats are flushed to zero while it runs (:func:`flush_denormals`)."""
     optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:
