@@ -95,3 +95,22 @@ def test_tutorial_runs_in_fast_mode(path, tmp_path, request):
     pngs = sorted(tmp_path.glob("*.png"))
     assert all(p.stat().st_size > 5000 for p in pngs)
     assert len(pngs) == len(image_cells(notebook(path))), [p.name for p in pngs]
+
+
+def test_imdb_tutorial_shows_the_committed_full_runs():
+    """Tutorial 05 section 6 prints every committed full run (results/imdb_runs.json) and, when
+    committed, the MPNet epoch curve (results/imdb_mpnet_epochs.json): a results file updated
+    without re-rendering the notebook fails here."""
+    import json
+
+    runs = json.loads((ROOT / "results/imdb_runs.json").read_text())["runs"]
+    assert any(r["encoder"] == "all-mpnet-base-v2" for r in runs)
+    code = [c for c in notebook(ROOT / "tutorials/05_imdb.py").cells if c.cell_type == "code"]
+    printed = "".join(o.get("text", "") for c in code for o in c.outputs)
+    for r in runs:
+        row = [line for line in printed.splitlines() if r["encoder"] in line]
+        assert row and f"{r['test_acc']:.4g}" in row[0], f"{r['encoder']}: run make tutorials"
+    curve_file = ROOT / "results/imdb_mpnet_epochs.json"
+    if curve_file.exists():
+        curve = json.loads(curve_file.read_text())
+        assert f"test accuracy {curve['test_acc']:.2%}" in printed, "run make tutorials"
