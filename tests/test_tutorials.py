@@ -40,6 +40,11 @@ def notebook(path: Path):
     return nbformat.read(nb_path, as_version=4)
 
 
+def printed_text(nb) -> str:
+    """Everything the notebook's code cells printed, in order."""
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
 def image_cells(nb) -> list[int]:
     return [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
             and any("image/png" in o.get("data", {}) for o in c.outputs)]
@@ -76,8 +81,7 @@ def test_notebook_is_its_source_executed(path):
             f"figure in cell {i} has no caption cell after it"
     assert path.with_suffix(".ipynb").stat().st_size < MAX_NOTEBOOK_BYTES
     if path.stem in NEEDS_IMDB:                               # rendered on the real reviews
-        printed = "".join(o.get("text", "") for c in code for o in c.outputs)
-        assert "IMDB archive not available" not in printed, \
+        assert "IMDB archive not available" not in printed_text(nb), \
             "rendered without IMDB_PATH: run IMDB_PATH=... make tutorials"
 
 
@@ -105,8 +109,7 @@ def test_imdb_tutorial_shows_the_committed_full_runs():
 
     runs = json.loads((ROOT / "results/imdb_runs.json").read_text())["runs"]
     assert any(r["encoder"] == "all-mpnet-base-v2" for r in runs)
-    code = [c for c in notebook(ROOT / "tutorials/05_imdb.py").cells if c.cell_type == "code"]
-    printed = "".join(o.get("text", "") for c in code for o in c.outputs)
+    printed = printed_text(notebook(ROOT / "tutorials/05_imdb.py"))
     for r in runs:
         row = [line for line in printed.splitlines() if r["encoder"] in line]
         assert row and f"{r['test_acc']:.4g}" in row[0], f"{r['encoder']}: run make tutorials"
