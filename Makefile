@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test tutorials install clean
+.PHONY: demo test lint tutorials install clean
 
 install: $(STAMP)
 
@@ -22,10 +22,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m reference.compare --threads 1
-	$(PY) -m reference.demo
+	$(PY) -m reference.pipeline.demo
 
+# ruff first (the lint is part of the suite), then every test, spread over the cores
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m ruff check .
+	$(PY) -m pytest -n auto
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # execute every tutorial (tutorials/NN_*.py) and write its notebook beside it, outputs included;
 # IMDB_PATH names the archive (tutorials 4-6 use real reviews; without it they say so)

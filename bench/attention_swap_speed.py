@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.attention import _fixed_mmap_threshold, peak_extra_bytes  # noqa: E402
 from reference.bert_attention import swap_attention  # noqa: E402
-from reference.encoders import load_encoder  # noqa: E402
+from reference.pipeline.encoders import load_encoder  # noqa: E402
 from reference.timing import bench_threads, pin_threads  # noqa: E402
 from scratch.bert import BertEncoder  # noqa: E402
 from scratch.bert_folder import BertConfig, read_weights  # noqa: E402

@@ -35,7 +35,7 @@ torch.set_num_threads(THREADS)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.bert_attention import swap_attention  # noqa: E402
-from reference.encoders import load_encoder  # noqa: E402
+from reference.pipeline.encoders import load_encoder  # noqa: E402
 from scratch.bert import BertEncoder  # noqa: E402
 
 VARIANTS = {"softmax": {}, "efficient": dict(attention="efficient"),

@@ -6,15 +6,15 @@ wall time of each stage (stage e of ``bench/gpu_check.sh``).
         [--device cuda|cpu] [--epochs 2] [--batch-size 128] [--batch-tokens 65536]
         [--seed 3407] [--json PATH] [--tiny]
 
-Exactly the reference pipeline's recipe (:mod:`reference.train`): the same 17,500 / 7,500
-split of the train reviews (seed 3407, the reviews in :func:`reference.data.load_imdb`'s order),
+Exactly the reference pipeline's recipe (:mod:`reference.pipeline.train`): the same 17,500 / 7,500
+split of the train reviews (seed 3407, the reviews in :func:`reference.pipeline.data.load_imdb`'s order),
 ``GRUHead(384, 256, 1, 2, bidirectional, 0.25)`` seeded with ``torch.manual_seed(seed)``, Adam,
 ``BCEWithLogits``, length-bucketed batches of 128, the best-validation-loss epoch evaluated on
-all 25,000 test reviews, through :func:`reference.train.fit` and :func:`reference.train.run_epoch`.
+all 25,000 test reviews, through :func:`reference.pipeline.train.fit` and :func:`reference.pipeline.train.run_epoch`.
 
-What differs from ``python -m reference.train`` is where the features live: the encoder runs
+What differs from ``python -m reference.pipeline.train`` is where the features live: the encoder runs
 once per split (length-sorted batches of at most ``--batch-tokens`` tokens, bf16 autocast where
-the device has it, as :mod:`reference.features`) and the features stay on the device in one
+the device has it, as :mod:`reference.pipeline.features`) and the features stay on the device in one
 flat float16 tensor (:class:`DeviceFeatureStore`, about 10 GB for both splits at 512 tokens),
 not in the on-disk cache.  The encoder's weights are the travelling float16 copy, computed in
 float32 (``model.float()``) under the autocast.  ``--tiny``: 48 train / 24 test reviews
@@ -36,16 +36,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_travel import TravelError, load_tokens  # noqa: E402
-from reference import checkpoint as ckpt  # noqa: E402
-from reference.data import stratified_subset, train_valid_split  # noqa: E402
-from reference.encoders import EncoderError, bf16_supported, load_encoder  # noqa: E402
-from reference.features import token_batches  # noqa: E402
 from reference.model import GRUHead  # noqa: E402
-from reference.train import VALID_FRACTION, Split, fit, run_epoch  # noqa: E402
+from reference.pipeline import checkpoint as ckpt  # noqa: E402
+from reference.pipeline.data import stratified_subset, train_valid_split  # noqa: E402
+from reference.pipeline.encoders import EncoderError, bf16_supported, load_encoder  # noqa: E402
+from reference.pipeline.features import token_batches  # noqa: E402
+from reference.pipeline.train import VALID_FRACTION, Split, fit, run_epoch  # noqa: E402
 
 
 class DeviceFeatureStore:
-    """:mod:`reference.train`'s feature-store interface (``lengths``, ``batch(indices)``) over
+    """:mod:`reference.pipeline.train`'s feature-store interface (``lengths``, ``batch(indices)``) over
     one flat (tokens, H) float16 tensor on the device: review i is rows
     ``offsets[i] : offsets[i] + lengths[i]``; batches are gathered there, never via the host."""
 
@@ -58,7 +58,7 @@ class DeviceFeatureStore:
 
     def batch(self, indices, dtype=torch.float32):
         """Zero-padded ``x`` (B, L_max, H) on the device and ``lengths`` (B,) int64 (host), as
-        :meth:`reference.features.FeatureStore.batch`."""
+        :meth:`reference.pipeline.features.FeatureStore.batch`."""
         idx = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[idx]
         t = np.arange(int(lengths.max()))

@@ -6,10 +6,10 @@ working tree that travels (with the carried, git-ignored folders) may hold 64 Mi
 
 * the encoder (``--encoder``, default the packaged all-MiniLM-L6-v2) as a model folder whose
   weights are **float16** safetensors (45 MB instead of 91 MB), with its ``config.json`` and
-  tokenizer files: ``reference.encoders.load_encoder(FOLDER)`` loads it like any folder;
+  tokenizer files: ``reference.pipeline.encoders.load_encoder(FOLDER)`` loads it like any folder;
 * the IMDB reviews as **token ids**, tokenized here exactly as the reference pipeline does
-  (:func:`reference.data.tokenize` with the encoder's tokenizer, ``[CLS] ... [SEP]``, truncated
-  to ``--max-length``), in :func:`reference.data.load_imdb`'s order (so seed 3407's split is
+  (:func:`reference.pipeline.data.tokenize` with the encoder's tokenizer, ``[CLS] ... [SEP]``, truncated
+  to ``--max-length``), in :func:`reference.pipeline.data.load_imdb`'s order (so seed 3407's split is
   the same reviews as on the CPU): per split the ids of all reviews concatenated (uint16: the
   vocabulary has 30,522 ids), their lengths and labels, in one compressed ``.npz``.
 
@@ -80,9 +80,9 @@ def convert_encoder(source, out) -> Path:
 
 
 def pack_tokens(data: dict, tokenizer, max_length: int, out, encoder_name: str = "") -> dict:
-    """Tokenize ``data`` ({split: reference.data.Reviews}) and write the compressed ``.npz``;
+    """Tokenize ``data`` ({split: reference.pipeline.data.Reviews}) and write the compressed ``.npz``;
     returns its metadata."""
-    from reference.data import tokenize
+    from reference.pipeline.data import tokenize
 
     arrays, meta = {}, {"max_length": max_length, "encoder": encoder_name,
                         "vocab_size": len(tokenizer), "splits": {}}
@@ -165,8 +165,8 @@ def size_report(carried) -> int:
 
 
 def main(argv=None) -> int:
-    from reference.data import ImdbError, find_imdb, load_imdb, stratified_subset
-    from reference.encoders import EncoderError, load_encoder, resolve
+    from reference.pipeline.data import ImdbError, find_imdb, load_imdb, stratified_subset
+    from reference.pipeline.encoders import EncoderError, load_encoder, resolve
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=".gpu", help="folder to write (default %(default)s)")

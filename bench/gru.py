@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.gru import run_packed, torch_gru_like  # noqa: E402
-from reference.timing import best_time, bench_threads, pin_threads  # noqa: E402
+from reference.timing import bench_threads, best_time, pin_threads  # noqa: E402
 from scratch import gru as gru_module  # noqa: E402
 from scratch.backend import get_xp, to_numpy  # noqa: E402
 from scratch.gru import GRU  # noqa: E402

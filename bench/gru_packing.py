@@ -7,7 +7,7 @@
 Rows: ``padded`` (nn.GRU over the padded batch: fast but wrong for padded reviews),
 ``packed`` (torch's packed path: exact, slow on CPU), ``fast exact`` (reference.model.PackedGRU:
 exact, the padded kernel).  Two length patterns: ``bucketed`` (lengths within 3% of --steps, as
-reference.data.bucket_batches gives) and ``spread`` (lengths uniform in [steps/4, steps]).
+reference.pipeline.data.bucket_batches gives) and ``spread`` (lengths uniform in [steps/4, steps]).
 The largest |fast - packed| over logits and gradients is printed too.  Wall and CPU seconds are
 both reported (CPU time, summed over threads, is the steadier one on a shared machine).
 Threads: ``BENCH_THREADS`` (default 1), as the other benchmarks.
@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.model import GRUHead  # noqa: E402
-from reference.timing import best_time, bench_threads, pin_threads  # noqa: E402
+from reference.timing import bench_threads, best_time, pin_threads  # noqa: E402
 
 THREADS = pin_threads(bench_threads())
 

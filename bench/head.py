@@ -6,10 +6,10 @@
 
 An epoch-like loop over ``--batches`` batches of cached-feature-shaped random data, float32:
 batch b has T_b steps drawn from ``--time`` (lo:hi), review lengths either ``bucketed``
-(within 3% of T_b, as reference.data.bucket_batches gives) or ``spread`` (uniform in
+(within 3% of T_b, as reference.pipeline.data.bucket_batches gives) or ``spread`` (uniform in
 [T_b/4, T_b]), features zero past each length (as the feature cache pads them).  One training
 step = forward (dropout on), BCEWithLogits (sum / B), backward, Adam: scratch's
-``head.loss_and_grads`` + ``Adam.step``, the reference's ``reference.train.run_epoch`` body.
+``head.loss_and_grads`` + ``Adam.step``, the reference's ``reference.pipeline.train.run_epoch`` body.
 Both sides start from the same weights; each draws its own dropout masks.  The two sides
 alternate batch by batch, so load from other jobs on the machine falls on both alike; the
 ratio of their summed times is the number to read (wall and CPU seconds are both reported).

@@ -8,8 +8,8 @@
 # Environment: IMDB_PATH (archive or aclImdb folder; default ../shared/data/imdb/...),
 # OUT (default runs/imdb_full), CACHE (feature cache root, default .cache/features),
 # ENCODER (default minilm), PY (default .venv/bin/python).  Extra arguments go to
-# reference.train (e.g. --resume after an interruption).  Features already in CACHE are
-# reused; if another process is still extracting them, reference.train waits for it.
+# reference.pipeline.train (e.g. --resume after an interruption).  Features already in CACHE are
+# reused; if another process is still extracting them, reference.pipeline.train waits for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -20,10 +20,10 @@ ENCODER="${ENCODER:-minilm}"
 PY="${PY:-.venv/bin/python}"
 
 echo "start $(date -u +%FT%TZ) on $(nproc) cores: $DATA -> $OUT (cache $CACHE)"
-"$PY" -m reference.train --data "$DATA" --encoder "$ENCODER" --epochs 2 --batch-size 128 \
+"$PY" -m reference.pipeline.train --data "$DATA" --encoder "$ENCODER" --epochs 2 --batch-size 128 \
     --max-length 512 --out "$OUT" --cache "$CACHE" --device cpu --seed 3407 "$@"
 echo "cache size: $(du -sh "$CACHE" | cut -f1) ($CACHE)"
-"$PY" -m reference.predict --checkpoint "$OUT" \
+"$PY" -m reference.pipeline.predict --checkpoint "$OUT" \
     "This film is terrible, the worst two hours of my life." \
     "This film is great, I loved every minute of it."
 "$PY" - "$OUT/metrics.json" <<'PYEOF'

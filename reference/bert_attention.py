@@ -101,7 +101,7 @@ def swap_attention(model, attention: str = "softmax", *, swap_layers=None,
     """Make ``model`` (a transformers BertModel) run ``attention`` in the layers ``swap_layers``
     selects (None = all, int = top k, set = indices); ``"softmax"`` restores SDPA everywhere
     and removes ``config.swapped_attention``, so the config (and with it the feature cache's
-    key, :func:`reference.features.encoder_fingerprint`) is the untouched model's again.
+    key, :func:`reference.pipeline.features.encoder_fingerprint`) is the untouched model's again.
     Returns the model (changed in place)."""
     if attention == "softmax":
         if hasattr(model.config, CONFIG_ATTR):

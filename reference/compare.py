@@ -189,7 +189,7 @@ DEMO_SUBSET = dict(limit_train=2000, max_length=128, seed=3407)     # make demo'
 
 def _real_reviews(n: int, split: str = "test"):
     """The first ``n`` reviews of ``split`` (the archive from $IMDB_PATH)."""
-    from .data import find_imdb, load_imdb
+    from .pipeline.data import find_imdb, load_imdb
 
     return load_imdb(find_imdb(None), splits=(split,))[split].texts[:n]
 
@@ -200,11 +200,11 @@ def encoder_rows(repeat: int = 3, n: int = 8, max_length: int = 128) -> list[Row
     right-padded, masked): :class:`scratch.bert.BertEncoder` against transformers' BertModel
     (float32 and float64), and two swapped attentions against :mod:`reference.bert_attention`."""
     from scratch.bert import BertEncoder
-    from scratch.bert_tokenizer import pad_batch
+    from scratch.pipeline.tokenizer import pad_batch
 
     from .bert_attention import swap_attention
-    from .data import tokenize
-    from .encoders import load_encoder
+    from .pipeline.data import tokenize
+    from .pipeline.encoders import load_encoder
 
     ref = load_encoder("minilm")                                   # BertModel, frozen, eval
     ids, mask = pad_batch(tokenize(ref.tokenizer, _real_reviews(n), max_length))   # (n, T)
@@ -304,14 +304,14 @@ def sentiment_rows(repeat: int = 3) -> list[Row]:
 def _epoch_row() -> Row:
     """One training epoch on the demo subset's cached MiniLM features, from the same weights,
     dropout off: both sides' final weights compared (timed once each)."""
-    from scratch import train as strain
-    from scratch.features import FeatureStore
     from scratch.optim import Adam
+    from scratch.pipeline import train as strain
+    from scratch.pipeline.features import FeatureStore
 
-    from . import train as rtrain
-    from .data import find_imdb, load_imdb, stratified_subset, train_valid_split
-    from .encoders import load_encoder
-    from .features import extract_features
+    from .pipeline import train as rtrain
+    from .pipeline.data import find_imdb, load_imdb, stratified_subset, train_valid_split
+    from .pipeline.encoders import load_encoder
+    from .pipeline.features import extract_features
 
     d = DEMO_SUBSET
     reviews = load_imdb(find_imdb(None), splits=("train",))["train"]

@@ -24,7 +24,7 @@ kernel: per layer, the forward direction runs over the padded batch (it is causa
 at ``t < L_i`` never see the padding) and the reverse direction runs forward over each review's
 real tokens reversed in place (``x[i, L_i-1-t]`` for ``t < L_i``; the padding stays at the tail,
 where it is never read back).  Final states are read at ``t = L_i - 1`` in each direction's own
-time order.  With length-bucketed batches (:func:`reference.data.bucket_batches`) the wasted
+time order.  With length-bucketed batches (:func:`reference.pipeline.data.bucket_batches`) the wasted
 work on the tail is small.
 
 :class:`GRUHead` is the part after BERT (``rnn``, ``dropout``, ``out``): it trains on cached

@@ -123,7 +123,7 @@ class AttentionChoice:
 
     @classmethod
     def make(cls, num_layers: int, attention="softmax", swap_layers=None,
-             normalization="softmax", alpha=1.0, eps=1e-6) -> "AttentionChoice":
+             normalization="softmax", alpha=1.0, eps=1e-6) -> AttentionChoice:
         if attention not in ATTENTIONS:
             raise BertError(f"unknown attention {attention!r}: use one of {ATTENTIONS}")
         if normalization not in NORMALIZATIONS:
@@ -197,7 +197,7 @@ class BertEncoder:
     @classmethod
     def from_pretrained(cls, folder, dtype="float32", attention="softmax", *,
                         swap_layers=None, normalization="softmax", alpha=1.0, eps=1e-6,
-                        backend=None) -> "BertEncoder":
+                        backend=None) -> BertEncoder:
         """Load a BERT folder (``config.json`` + ``model.safetensors``).
 
         ``dtype``: float32 or float64 (the stored weights are cast).  ``attention``:
@@ -218,7 +218,7 @@ class BertEncoder:
         return cls(cfg, read_weights(folder, cfg), dt, choice, get_xp(backend))
 
     def with_attention(self, attention="softmax", *, swap_layers=None, normalization="softmax",
-                       alpha=1.0, eps=1e-6) -> "BertEncoder":
+                       alpha=1.0, eps=1e-6) -> BertEncoder:
         """The same weights (shared, not copied) with another attention choice."""
         other = object.__new__(BertEncoder)
         other.__dict__ = dict(self.__dict__)

@@ -44,7 +44,7 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "BertConfig":
+    def from_folder(cls, folder: Path) -> BertConfig:
         path = Path(folder) / CONFIG
         try:
             raw = json.loads(path.read_text())

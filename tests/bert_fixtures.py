@@ -7,9 +7,9 @@ import torch
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
-from scratch.bert_tokenizer import pad_batch as pad
-from reference.data import load_imdb, tokenize
-from reference.encoders import minilm_path
+from reference.pipeline.data import load_imdb, tokenize
+from reference.pipeline.encoders import minilm_path
+from scratch.pipeline.tokenizer import pad_batch as pad
 
 hf_logging.set_verbosity_error()    # MiniLM's unused pooler weights: no load report
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from reference import train
-from reference.distributed import SINGLE, Ranks, close_group, rank_seed
 from reference.model import GRUHead
+from reference.pipeline import train
+from reference.pipeline.distributed import SINGLE, Ranks, close_group, rank_seed
 from tests.test_train import splits, toy_data
 
 

@@ -1,5 +1,5 @@
-"""``torchrun ... -m tests.dist_crash features|train ARGS``: ``python -m reference.features`` or
-``reference.train`` with ARGS, except that rank ``$CRASH_RANK`` (default 1) dies in the middle,
+"""``torchrun ... -m tests.dist_crash features|train ARGS``: ``python -m reference.pipeline.features`` or
+``reference.pipeline.train`` with ARGS, except that rank ``$CRASH_RANK`` (default 1) dies in the middle,
 as a worker killed by the kernel would (``os._exit(3)``: no clean-up, no message): in its first
 encoder batch (features) or its first training batch (train).  With ``CRASH_MODE=hang`` it
 sleeps there instead, alive but silent.  For tests/test_distributed.py."""
@@ -9,9 +9,8 @@ import os
 import sys
 import time
 
-from reference import cli
-from reference import features as Fe
-from reference import train
+from reference.pipeline import cli, train
+from reference.pipeline import features as Fe
 
 
 def _dies(real):
@@ -28,7 +27,7 @@ def main() -> int:
     command, argv = sys.argv[1], sys.argv[2:]
     if command == "features":
         Fe._encode = _dies(Fe._encode)
-        return cli.run(lambda: Fe.main(argv), "python -m reference.features")
+        return cli.run(lambda: Fe.main(argv), "python -m reference.pipeline.features")
     real_epoch = train.run_epoch
 
     def run_epoch(head, split, batch_size, optimizer=None, *args, **kwargs):
@@ -37,7 +36,7 @@ def main() -> int:
         return real_epoch(head, split, batch_size, optimizer, *args, **kwargs)
 
     train.run_epoch = run_epoch
-    return cli.run(lambda: train.main(argv), "python -m reference.train")
+    return cli.run(lambda: train.main(argv), "python -m reference.pipeline.train")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from reference.encoders import Encoder, minilm_path
+from reference.pipeline.encoders import Encoder, minilm_path
 
 POS_WORDS = "great wonderful superb moving brilliant loved".split()
 NEG_WORDS = "awful boring dull terrible waste hated".split()
@@ -74,9 +74,9 @@ def save_tiny_encoder(folder: Path, seed: int = 0, hidden: int = 16) -> Path:
 
 def save_tiny_checkpoint(folder: Path, encoder_folder: Path, hidden: int = 16, seed: int = 0,
                          max_length: int = 32) -> Path:
-    """A reference.train-style checkpoint of a random head for ``encoder_folder``'s features."""
-    from reference import checkpoint as ckpt
+    """A reference.pipeline.train-style checkpoint of a random head for ``encoder_folder``'s features."""
     from reference.model import GRUHead
+    from reference.pipeline import checkpoint as ckpt
 
     model = dict(emb_dim=hidden, hidden_dim=5, output_dim=1, n_layers=2, bidirectional=True,
                  dropout=0.25)

@@ -18,14 +18,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reference import attention_swap as AS
 from reference.bert_attention import swap_attention
-from reference.data import load_imdb, tokenize
-from reference.distill import distill, layer_mse
-from reference.encoders import Encoder, load_encoder, minilm_path
-from reference.features import encoder_fingerprint
+from reference.pipeline import attention_swap as AS
+from reference.pipeline.data import load_imdb, tokenize
+from reference.pipeline.distill import distill, layer_mse
+from reference.pipeline.encoders import Encoder, load_encoder, minilm_path
+from reference.pipeline.features import encoder_fingerprint
 from scratch.bert import BertEncoder
-from scratch.bert_tokenizer import pad_batch
+from scratch.pipeline.tokenizer import pad_batch
 from tests.bert_fixtures import minilm_torch, random_bert, rel_err, torch_hidden
 from tests.imdb_fixtures import make_tree, tokenizer
 
@@ -257,7 +257,7 @@ def test_bad_input_is_one_line(tiny_setup, capsys, extra, message):
 
 
 def test_help():
-    r = subprocess.run([sys.executable, "-m", "reference.attention_swap", "--help"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "reference.pipeline.attention_swap", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--distill-steps" in r.stdout and "topK" in r.stdout
 

@@ -22,14 +22,13 @@ from safetensors.numpy import load_file, save_file
 from scipy.special import ndtr
 from transformers.activations import ACT2FN
 
-from reference.data import load_imdb, tokenize
-from reference.encoders import load_encoder, minilm_path
+from reference.pipeline.data import load_imdb, tokenize
+from reference.pipeline.encoders import load_encoder, minilm_path
 from scratch.activations import ACTIVATIONS, gelu_exact, gelu_float32
 from scratch.backend import to_numpy
 from scratch.bert import BertEncoder, BertError, swapped_layers
-from scratch.bert_tokenizer import BertTokenizer, pad_batch
-from tests.bert_fixtures import (minilm_torch, random_bert, rel_err, review_batches,
-                                 torch_hidden)
+from scratch.pipeline.tokenizer import BertTokenizer, pad_batch
+from tests.bert_fixtures import minilm_torch, random_bert, rel_err, review_batches, torch_hidden
 from tests.helpers import CUPY, on, tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,7 +371,7 @@ def test_scratch_bert_never_imports_torch(minilm):
         "import sys\n"
         "sys.modules['torch'] = None   # any 'import torch' now raises ImportError\n"
         "from scratch.bert import BertEncoder\n"
-        "from scratch.bert_tokenizer import BertTokenizer\n"
+        "from scratch.pipeline.tokenizer import BertTokenizer\n"
         "folder = sys.argv[1]\n"
         "ids, mask = BertTokenizer.from_pretrained(folder)(['A torch-free sentence.'])\n"
         "h = BertEncoder.from_pretrained(folder)(ids, mask)\n"

@@ -12,11 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference.bert_attention import NAME, key_mask, swap_attention, top_layers
-from reference.encoders import load_encoder, minilm_path
+from reference.pipeline.encoders import load_encoder, minilm_path
 from scratch.backend import to_numpy
 from scratch.bert import BertEncoder
-from tests.bert_fixtures import (minilm_torch, random_bert, rel_err, review_batches,
-                                 torch_hidden)
+from tests.bert_fixtures import minilm_torch, random_bert, rel_err, review_batches, torch_hidden
 
 VARIANTS = [dict(attention="efficient", normalization="softmax"),
             dict(attention="efficient", normalization="scaling"),

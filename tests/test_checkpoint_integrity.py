@@ -1,7 +1,7 @@
-"""Checkpoints refuse to load when damaged (issue 10), and reference.predict reads reviews from
+"""Checkpoints refuse to load when damaged (issue 10), and reference.pipeline.predict reads reviews from
 files and standard input, in batches, quietly.
 
-A damaged checkpoint is a :class:`CheckpointError` naming the file, and ``reference.predict``
+A damaged checkpoint is a :class:`CheckpointError` naming the file, and ``reference.pipeline.predict``
 turns it into one line and exit status 2 before any encoder is loaded.  The checksum (the
 sha256 of model.safetensors, in config.json) catches changed bytes; the other checks catch
 damage that came with a matching checksum (a file stamped or trained that way)."""
@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import save as st_save
 
-from reference import checkpoint as ckpt
-from reference import encoders, predict
-from reference.train import fit
+from reference.pipeline import checkpoint as ckpt
+from reference.pipeline import encoders, predict
+from reference.pipeline.train import fit
 from tests.imdb_fixtures import save_tiny_checkpoint, save_tiny_encoder
 from tests.test_train import new_head, splits, strip_times, toy_data
 
@@ -107,7 +106,7 @@ DAMAGE = [
     ("bad JSON", lambda f: (f / ckpt.CONFIG).write_text('{"model": {"emb_dim": 16,'), r"config.json: not valid JSON \(Expecting"),
     ("JSON not an object", lambda f: (f / ckpt.CONFIG).write_text("[1, 2]"), r"config.json: not a JSON object"),
     ("binary config", lambda f: (f / ckpt.CONFIG).write_bytes(b"\xff\xfe\x00garbage"), r"config.json: not valid JSON"),
-    ("no checksum (old checkpoint)", edit_config(lambda c: c.pop(ckpt.CHECKSUM)), r"config.json: no valid weights_sha256 .*python -m reference.checkpoint stamp"),
+    ("no checksum (old checkpoint)", edit_config(lambda c: c.pop(ckpt.CHECKSUM)), r"config.json: no valid weights_sha256 .*python -m reference.pipeline.checkpoint stamp"),
     ("checksum not hex", edit_config(lambda c: c.update({ckpt.CHECKSUM: "abc"})), r"no valid weights_sha256"),
     ("model argument of the wrong type", edit_config(lambda c: c["model"].update(hidden_dim="5")), r"config.json: model argument hidden_dim='5' is not valid"),
     ("model arguments missing", edit_config(lambda c: c["model"].pop("n_layers")), r"config.json: model arguments \['n_layers'\] missing"),
@@ -211,7 +210,7 @@ def test_fit_stops_on_a_diverged_loss_before_saving_it(tmp_path):
     assert not (tmp_path / ckpt.WEIGHTS).exists()
 
 
-# --- reference.predict: files, standard input, batches, quiet -------------------------------------
+# --- reference.pipeline.predict: files, standard input, batches, quiet -------------------------------------
 
 TEXTS = ["a great film", "an awful, boring film that I hated from start to end " * 3,
          "ok", "word " * 700, "brilliant", "dull dull dull"]
@@ -239,7 +238,7 @@ def test_a_review_longer_than_the_argument_limit_scores_from_stdin(good):
     and scores through --file -, with the echo shortened and nothing at all on stderr (no
     weight-loading bar, no tokenizer warning about its length)."""
     long_review = "This film is great, I loved every minute of it. " * 4000    # 196 KB
-    cmd = [sys.executable, "-m", "reference.predict", "--checkpoint", str(good)]
+    cmd = [sys.executable, "-m", "reference.pipeline.predict", "--checkpoint", str(good)]
     with pytest.raises(OSError, match="Argument list too long"):
         subprocess.run([*cmd, long_review], cwd=ROOT, capture_output=True)
     r = subprocess.run([*cmd, "--file", "-", "a short one"], cwd=ROOT, capture_output=True,

@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from reference import cli, demo, encoders, features, predict, train
-from scratch import data, encoder_names   # data loading and encoder names live there
+from reference.pipeline import cli, demo, encoders, features, predict, train
+from scratch.pipeline import data, encoder_names  # data loading and encoder names live there
 from tests.imdb_fixtures import make_archive, make_tree, save_tiny_checkpoint, save_tiny_encoder
 
 
@@ -203,7 +203,7 @@ def test_demo_without_any_data_says_how_to_get_it(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(data.find_imdb, "__defaults__", (None, False, tmp_path / "dl"))
     assert demo.main([]) == 0
     out = capsys.readouterr()
-    assert "IMDB demo skipped" in out.out and "python -m reference.data --download" in out.out
+    assert "IMDB demo skipped" in out.out and "python -m reference.pipeline.data --download" in out.out
     assert out.err == "" and files_under(tmp_path) == []
 
 
@@ -227,7 +227,7 @@ def test_run_ends_on_sigterm_like_ctrl_c_with_one_line(capsys, caplog):
     cleaned = []
 
     def main():
-        logging.getLogger("reference.features").info("resuming: 1 of 2 shards done")
+        logging.getLogger("reference.pipeline.features").info("resuming: 1 of 2 shards done")
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(10)
@@ -253,6 +253,6 @@ def test_encoder_auto_explains_its_choice_only_when_the_checks_pass(tmp_path, mo
     assert capsys.readouterr().err == ("prog: error: --max-length must be in 2..512 "
                                        "(minilm's positions), got 600\n")
     assert not caplog.records
-    with caplog.at_level("WARNING", logger="scratch.encoder_names"):
+    with caplog.at_level("WARNING", logger="scratch.pipeline.encoder_names"):
         assert cli.check_encoder(p, "auto", 128).name == "minilm"
     assert any("using the packaged all-MiniLM-L6-v2" in m for m in caplog.messages)

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from reference import data as D
+from reference.pipeline import data as D
 from tests.imdb_fixtures import make_archive, make_tree, tokenizer, tree_files
 
 

@@ -2,7 +2,7 @@
 
 In one process, torch-free: how the shards are dealt to the ranks, how a global batch is
 sliced, and the protocol by which the ranks of a job write one cache entry
-(:func:`scratch.features.extract_together`), threads standing in for the ranks.  With
+(:func:`scratch.pipeline.ranks.extract_together`), threads standing in for the ranks.  With
 torch.multiprocessing (3 processes, gloo): ``fit`` under DistributedDataParallel follows the
 one-process ``fit``.  Under torchrun (2 processes, gloo on the loopback interface, a tiny
 synthetic archive and a tiny random encoder): both commands give the one-process results, the
@@ -28,12 +28,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from reference import checkpoint as ckpt
-from reference import features as Fe
-from reference import train
-from reference.distributed import Ranks
-from scratch import feature_ranks as fr
-from scratch import features as sf
+from reference.pipeline import checkpoint as ckpt
+from reference.pipeline import features as Fe
+from reference.pipeline import train
+from reference.pipeline.distributed import Ranks
+from scratch.pipeline import features as sf
+from scratch.pipeline import ranks as fr
 from tests.ddp_toy import batch_gradients, fit_toy, fit_worker
 from tests.imdb_fixtures import review, save_tiny_encoder
 from tests.test_train import strip_times
@@ -138,7 +138,7 @@ class Encoder:
 
 def write(folder, encode, ranks=None, **kw):
     kw = dict(key="k", meta=META, batch_tokens=40, shard_size=4, progress=False) | kw
-    return sf.extract(folder, IDS, encode, ranks=ranks, **kw)
+    return fr.extract(folder, IDS, encode, ranks=ranks, **kw)
 
 
 def assert_same_entry(a: Path, b: Path) -> None:
@@ -170,11 +170,11 @@ def test_ranks_write_the_one_process_entry_each_shard_once(tmp_path, size):
 
 def test_a_job_with_fewer_shards_than_ranks_says_so(tmp_path, caplog):
     enc = Encoder()
-    with caplog.at_level("INFO", logger="scratch.feature_ranks"):
+    with caplog.at_level("INFO", logger="scratch.pipeline.ranks"):
         ThreadGroup(3).run(lambda ranks: write(tmp_path / "job", enc, ranks, shard_size=10))
     assert "shards to write for 3 ranks" not in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="scratch.feature_ranks"):
+    with caplog.at_level("INFO", logger="scratch.pipeline.ranks"):
         ThreadGroup(3).run(lambda ranks: write(tmp_path / "big", enc, ranks, shard_size=20))
     assert "features: 2 shards to write for 3 ranks, 1 of them idle" in caplog.text
     write(tmp_path / "one", Encoder(), shard_size=20)
@@ -260,7 +260,7 @@ def test_shards_without_a_plan_are_not_trusted(tmp_path, caplog):
     write(folder, Encoder(), shard_size=5)
     for name in ("index.json", "plan.json"):
         (folder / name).unlink()
-    with caplog.at_level("INFO", logger="scratch.features"):
+    with caplog.at_level("INFO", logger="scratch.pipeline.features"):
         write(folder, Encoder())
     assert any("cut for another plan (no plan.json)" in m for m in caplog.messages)
     assert_same_entry(tmp_path / "one", folder)
@@ -380,7 +380,7 @@ def test_torchrun_features_write_the_one_process_cache(world, one_process_cache,
     train_entry = tmp_path / "cache" / one_process_cache[24].name
     err = tmp_path / "stderr.txt"
     with sf.writer_lock(train_entry), open(err, "w") as err_file:
-        job = subprocess.Popen(torchrun_cmd("reference.features",
+        job = subprocess.Popen(torchrun_cmd("reference.pipeline.features",
                                             [*features_args(world, tmp_path / "cache"),
                                              "--dist-timeout", "120"]),
                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=err_file,
@@ -403,10 +403,10 @@ def test_torchrun_features_write_the_one_process_cache(world, one_process_cache,
 def test_torchrun_train_follows_one_process_and_resumes(world, tmp_path):
     """Dropout 0, global batch 4: 17 train reviews make a last batch of one, so rank 1 has an
     empty slice there.  One epoch, then ``--resume`` to two: the losses and accuracies are
-    the one-process run's up to float32 rounding (see reference.train), and so is the test."""
+    the one-process run's up to float32 rounding (see reference.pipeline.train), and so is the test."""
     two = tmp_path / "two"
     for epochs, extra in ((1, []), (2, ["--resume"])):
-        done = torchrun("reference.train", [*train_args(world, tmp_path / "cache", two, epochs),
+        done = torchrun("reference.pipeline.train", [*train_args(world, tmp_path / "cache", two, epochs),
                                             *extra, "--dist-timeout", "120"])
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count(f"epoch {epochs}: train loss") == 1          # rank 0 logs
@@ -462,6 +462,6 @@ def test_a_hung_rank_ends_the_run_after_the_timeout(world, tmp_path):
                                          "--dist-timeout", "10"], timeout=300, CRASH_MODE="hang")
     took = time.monotonic() - t0
     assert done.returncode != 0 and took < 150, (took, done.stderr[-3000:])
-    assert re.search(r"python -m reference.train: error: rank 0 of 2: lost the other ranks "
+    assert re.search(r"python -m reference.pipeline.train: error: rank 0 of 2: lost the other ranks "
                      r"\(.*[Tt]imed out", done.stderr), done.stderr[-3000:]
     assert not (tmp_path / "out" / ckpt.METRICS).exists()

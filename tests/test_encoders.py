@@ -1,7 +1,6 @@
 """Encoder resolution and the tokenizer-vocabulary guard."""
 import dataclasses
 import logging
-
 from pathlib import Path
 
 import pytest
@@ -10,10 +9,10 @@ from safetensors.torch import load_file, save_file
 from transformers import BertModel, BertTokenizerFast, MPNetConfig, MPNetModel, MPNetTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from reference import encoders as E
-from reference import install as I
-from scratch import encoder_names as names
 from reference.model import BERTGRUSentiment, count_parameters, freeze_bert
+from reference.pipeline import encoders as E
+from reference.pipeline import install as I
+from scratch.pipeline import encoder_names as names
 from tests.imdb_fixtures import tiny_encoder, tokenizer
 
 
@@ -38,7 +37,7 @@ def test_wrong_casing_is_refused():
 
 def test_auto_falls_back_to_minilm_with_one_log_line(monkeypatch, caplog):
     monkeypatch.setattr(names, "local_bert_base", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="scratch.encoder_names"):
+    with caplog.at_level(logging.WARNING, logger="scratch.pipeline.encoder_names"):
         name, path = E.resolve("auto")
     assert name == E.MINILM and path == E.minilm_path()
     assert len([r for r in caplog.records if "using the packaged all-MiniLM-L6-v2" in r.message]) == 1
@@ -148,7 +147,7 @@ def test_unsupported_model_type_and_missing_config_are_clear_errors(tmp_path):
 
 def test_mpnet_not_installed_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(names, "HOME", tmp_path)
-    with pytest.raises(E.EncoderError, match="python -m reference.encoders install mpnet"):
+    with pytest.raises(E.EncoderError, match="python -m reference.pipeline.encoders install mpnet"):
         E.resolve("mpnet")
 
 
@@ -161,7 +160,7 @@ def mpnet_parameters(c) -> int:
 
 
 @pytest.mark.skipif(I.installed(I.MPNET) is None,
-                    reason="mpnet is not installed (python -m reference.encoders install mpnet; "
+                    reason="mpnet is not installed (python -m reference.pipeline.encoders install mpnet; "
                            "400 MB, too large for CI)")
 def test_real_mpnet_loads_and_counts_as_the_assignments_model():
     enc = E.load_encoder("mpnet")
@@ -176,8 +175,8 @@ def test_real_mpnet_loads_and_counts_as_the_assignments_model():
 def test_mpnet_features_do_not_depend_on_the_padding(tmp_path):
     """A review's features alone and inside a right-padded batch (MPNet pads with id 1 and
     derives its positions from the non-pad tokens)."""
-    from reference.data import tokenize
-    from reference.features import _encode
+    from reference.pipeline.data import tokenize
+    from reference.pipeline.features import _encode
 
     enc = E.load_encoder(str(tiny_mpnet_folder(tmp_path / "mpnet")))
     short, long = tokenize(enc.tokenizer, ["A fine film.", "A long, slow and dull film " * 9])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from reference import features as Fe
+from reference.pipeline import features as Fe
 from tests.imdb_fixtures import review, tiny_encoder
 
 TEXTS = [review(i, i % 2 == 0) * (1 + i % 5) for i in range(23)]
@@ -180,7 +180,7 @@ def test_a_failed_run_keeps_its_finished_shards_and_says_so_on_resume(tmp_path, 
     assert sorted(p.name for p in folder.iterdir()) == [
         ".lock", "plan.json", *(f"shard_{i:05d}.safetensors" for i in range(3))]
     monkeypatch.setattr(Fe, "_encode", real)
-    with caplog.at_level("INFO", logger="scratch.features"):
+    with caplog.at_level("INFO", logger="scratch.pipeline.features"):
         Fe.extract_features(enc, TEXTS, tmp_path, **kw)
     assert "features: resuming: 3 of 5 shards done" in caplog.messages
 
@@ -247,7 +247,7 @@ def test_features_cli_shard_size_lets_a_small_subset_resume(tmp_path, monkeypatc
     assert len(list(entry.glob("shard_*"))) >= 1 and not (entry / "index.json").exists()
     assert json.loads((entry / "plan.json").read_text())["shard_size"] == 2
     monkeypatch.setattr(Fe, "_encode", real)
-    with caplog.at_level("INFO", logger="scratch.features"):
+    with caplog.at_level("INFO", logger="scratch.pipeline.features"):
         assert Fe.main(argv) == 0
     assert any(re.fullmatch(r"train: resuming: \d of 3 shards done", m) for m in caplog.messages)
     out = capsys.readouterr().out

@@ -18,10 +18,11 @@ import torch
 from safetensors.numpy import load_file
 
 from bench.gpu_assignment import DeviceFeatureStore, encode
-from bench.gpu_travel import ENCODER_DIR, TOKENS, TravelError, load_tokens, main as travel_main
-from reference.data import load_imdb, tokenize
-from reference.encoders import load_encoder, minilm_path
-from reference.features import _encode, token_batches
+from bench.gpu_travel import ENCODER_DIR, TOKENS, TravelError, load_tokens
+from bench.gpu_travel import main as travel_main
+from reference.pipeline.data import load_imdb, tokenize
+from reference.pipeline.encoders import load_encoder, minilm_path
+from reference.pipeline.features import _encode, token_batches
 from scratch.backend import cupy_usable
 
 from .imdb_fixtures import make_archive, tree_files
@@ -90,7 +91,7 @@ def test_damaged_token_file_is_a_one_line_error(travel, tmp_path):
 
 
 def test_device_store_holds_exactly_the_reference_encoders_features(travel):
-    """encode() (one flat float16 tensor, length-sorted batches) == reference.features._encode
+    """encode() (one flat float16 tensor, length-sorted batches) == reference.pipeline.features._encode
     on the same batches, bit for bit; batch() == the zero-padded stack of those features."""
     _, out = travel
     data, _ = load_tokens(out / TOKENS)

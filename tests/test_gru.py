@@ -17,8 +17,8 @@ from scratch.backend import to_numpy
 from scratch.gru import GRU
 from scratch.gru_cell import gru_cell_backward, gru_cell_forward
 
-from .helpers import assert_close as shared_assert_close
 from .helpers import CUPY, central_differences, dtypes, on, seeds, tol
+from .helpers import assert_close as shared_assert_close
 
 
 @st.composite

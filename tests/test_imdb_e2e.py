@@ -1,7 +1,7 @@
-"""End to end on the real IMDB archive: ``python -m reference.train`` with the packaged MiniLM
-encoder on a stratified subset sized for CI, then ``reference.predict`` on its checkpoint; and
-the scratch pipeline against it on the same reviews: ``scratch.predict`` of the reference
-checkpoint, and ``scratch.train`` from the same initial weights.
+"""End to end on the real IMDB archive: ``python -m reference.pipeline.train`` with the packaged MiniLM
+encoder on a stratified subset sized for CI, then ``reference.pipeline.predict`` on its checkpoint; and
+the scratch pipeline against it on the same reviews: ``scratch.pipeline.predict`` of the reference
+checkpoint, and ``scratch.pipeline.train`` from the same initial weights.
 
 Sizes (measured on this project's 2-core CI machine, see the README): 2,000 train reviews
 (1,400 train / 600 valid) and 1,000 test reviews, the first 128 tokens of each, 2 epochs,
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from reference import checkpoint as rckpt
-from reference import predict, train
-from reference.data import find_imdb, load_imdb, stratified_subset
 from reference.model import GRUHead
-from scratch import predict as spredict
-from scratch import train as strain
+from reference.pipeline import checkpoint as rckpt
+from reference.pipeline import predict, train
+from reference.pipeline.data import find_imdb, load_imdb, stratified_subset
+from scratch.pipeline import predict as spredict
+from scratch.pipeline import train as strain
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ["--encoder", "minilm", "--limit-train", "2000", "--limit-test", "1000",
@@ -37,7 +37,7 @@ FLOOR = 0.68
 
 @pytest.fixture(scope="module")
 def reference_run(imdb_path, tmp_path_factory):
-    """reference.train on the CI subset: (checkpoint folder, metrics)."""
+    """reference.pipeline.train on the CI subset: (checkpoint folder, metrics)."""
     out = tmp_path_factory.mktemp("imdb") / "run"
     assert train.main(["--data", str(imdb_path), "--out", str(out), "--device", "cpu",
                        "--cache", str(ROOT / ".cache/features"), "--no-progress", *SUBSET]) == 0
@@ -79,12 +79,12 @@ def test_scratch_scores_the_reference_checkpoint_like_the_reference(reference_ru
 @pytest.mark.imdb
 @pytest.mark.slow
 def test_scratch_training_reaches_the_reference_accuracy(reference_run, imdb_path, tmp_path):
-    """scratch.train on the same subset, from the same initial weights (the reference's
+    """scratch.pipeline.train on the same subset, from the same initial weights (the reference's
     torch-seeded init, passed with --init), same split, batches and recipe; only the dropout
     masks differ (NumPy's generator, not torch's).  Test accuracy within 1.5 points."""
     _, ref = reference_run
     model = ref["config"]["model"]
-    torch.manual_seed(3407)                                     # as reference.train does
+    torch.manual_seed(3407)                                     # as reference.pipeline.train does
     rckpt.save_weights(tmp_path / "init", GRUHead(**model), {"encoder": "minilm", "model": model})
     out = tmp_path / "scratch"
     assert strain.main(["--data", str(imdb_path), "--out", str(out), "--init",
@@ -99,7 +99,7 @@ def test_scratch_training_reaches_the_reference_accuracy(reference_run, imdb_pat
 @pytest.mark.slow
 def test_demo_shows_both_pipelines_side_by_side(reference_run, capsys):
     """make demo's last table: each sentence scored by both pipelines on the same checkpoint."""
-    from reference import demo
+    from reference.pipeline import demo
 
     out, _ = reference_run
     model, tok, config = predict.load_model(out)

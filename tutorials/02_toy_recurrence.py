@@ -31,11 +31,11 @@
 import numpy as np
 import torch
 from torch import nn
+from tutorial_kit import pick, plt, show, table
 
 from reference.recurrence import AlternatingRNN as TorchRNN
 from reference.timing import pin_threads
 from scratch.recurrence import AlternatingRNN, closed_form, even_beats_odd
-from tutorial_kit import pick, plt, show, table
 
 pin_threads(1)                 # small models: one thread is fastest on a shared machine
 x = np.array([[0.3, 0.5, 0.1, 0.2, 0.4, 0.35]])       # even steps: 0.5+0.2+0.35 = 1.05 > 0.8

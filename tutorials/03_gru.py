@@ -36,11 +36,11 @@
 # %%
 import numpy as np
 import torch
+from tutorial_kit import pick, plt, show
 
 from reference.gru import run_packed, torch_forward_backward
 from scratch.gru import GRU
 from scratch.gru_cell import gru_cell_backward, gru_cell_forward
-from tutorial_kit import pick, plt, show
 
 rng = np.random.default_rng(0)
 

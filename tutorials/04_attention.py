@@ -31,11 +31,11 @@
 # %%
 import numpy as np
 import torch
+from tutorial_kit import pick, plt, results, show, table
 
 from reference import attention as R
 from reference.timing import best_time, pin_threads
 from scratch import attention as A
-from tutorial_kit import pick, plt, results, show, table
 
 pin_threads(1)
 rng = np.random.default_rng(0)
@@ -225,9 +225,10 @@ show(fig, "04_feature_map")
 # same weights, 1 = disjoint).
 
 # %%
-from reference.data import tokenize  # noqa: E402
-from reference.encoders import load_encoder  # noqa: E402
 from tutorial_kit import imdb  # noqa: E402
+
+from reference.pipeline.data import tokenize  # noqa: E402
+from reference.pipeline.encoders import load_encoder  # noqa: E402
 
 enc = load_encoder("minilm")
 reviews = imdb(("test",))
@@ -353,7 +354,7 @@ print(f"layer {layer}, head {head}: peak softmax {peak(maps[layer]['softmax'])[h
 # The numbers were measured once and committed (`results/`); re-run them with
 #
 # ```bash
-# python -m reference.attention_swap --data PATH             # accuracy, cosine, distillation
+# python -m reference.pipeline.attention_swap --data PATH             # accuracy, cosine, distillation
 # .venv/bin/python bench/attention_swap_speed.py --out results  # time and memory vs length
 # ```
 
@@ -426,7 +427,7 @@ show(fig, "04_swap_accuracy")
 #
 # The swapped layers keep BERT's values, output projections and feed-forward weights; what
 # no longer fits is *where each token looks*, which the query and key projections decide.  So
-# [`reference/distill.py`](../reference/distill.py) retrains only `W_q, b_q, W_k, b_k` of the
+# [`reference/pipeline/distill.py`](../reference/distill.py) retrains only `W_q, b_q, W_k, b_k` of the
 # swapped layers (everything else frozen) to make every swapped layer's output match the
 # softmax encoder's (masked mean squared error, Adam), on the head's training reviews only (the
 # loss is reported on held-out validation reviews it never trained on).  Which rows are

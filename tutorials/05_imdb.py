@@ -40,15 +40,15 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import BertConfig, BertModel
-
-from reference.data import stratified_subset, tokenize, train_valid_split
-from reference.encoders import load_encoder
-from reference.features import extract_features
-from reference.model import BERTGRUSentiment, GRUHead, count_parameters, freeze_bert
-from reference.timing import best_time, pin_threads
-from reference.train import Split, fit, run_epoch
-from scratch.bert_tokenizer import pad_batch as pad
 from tutorial_kit import OUT, ROOT, imdb, pick, plt, results, show, table
+
+from reference.model import BERTGRUSentiment, GRUHead, count_parameters, freeze_bert
+from reference.pipeline.data import stratified_subset, tokenize, train_valid_split
+from reference.pipeline.encoders import load_encoder
+from reference.pipeline.features import extract_features
+from reference.pipeline.train import Split, fit, run_epoch
+from reference.timing import best_time, pin_threads
+from scratch.pipeline.tokenizer import pad_batch as pad
 
 pin_threads(1)                   # a shared machine: one thread is faster than two that fight
 torch.manual_seed(0)
@@ -112,7 +112,7 @@ assert torch.allclose(y_fast, y_ref, atol=1e-5)
 # ## 3. Why the encoder's output is cached
 # The encoder is frozen: a review's token vectors are the same in every epoch.  The
 # assignment recomputed them anyway, every batch of every epoch.  Computing them once and
-# storing them (`reference.features`: float16 safetensors shards) makes every epoch cost only
+# storing them (`reference.pipeline.features`: float16 safetensors shards) makes every epoch cost only
 # the GRU, and lets validation, test and later runs reuse them.  The price is disk space:
 # about tokens x hidden x 2 bytes, e.g. 25,000 reviews x ~275 tokens x 384 x 2 B = 5.3 GB per
 # split for MiniLM (2x that for bert-base, hidden 768).  Timing one batch of reviews, and
@@ -142,8 +142,8 @@ print(f"MiniLM forward {t_enc:.2f} s, head forward+backward {t_head:.2f} s: cach
 # ## 4. A short training
 # A stratified subset of the real IMDB reviews (split 70/30 into train and validation) and a
 # stratified subset of the test reviews, each review cut to its first `max_length` tokens.
-# Features go through the cache (`reference.features.extract_features`); the loop is
-# `reference.train.fit`, the one `python -m reference.train` uses: Adam, BCE with logits,
+# Features go through the cache (`reference.pipeline.features.extract_features`); the loop is
+# `reference.pipeline.train.fit`, the one `python -m reference.pipeline.train` uses: Adam, BCE with logits,
 # length-bucketed batches, the exact packed GRU, the best validation loss checkpointed.
 
 # %%
@@ -319,7 +319,7 @@ print(f"padding: {np.mean([len(test_ids[i]) for i in order]):.0f} real tokens pe
 # the last batch is smaller, its reviews weigh more: with the real test set (25,000 reviews,
 # batches of 128) the last batch has 40 reviews, and each of them counts
 # `25000 / (196 x 40) = 3.2` times as much as a review in a full batch.  The true accuracy is
-# `#correct / N` (what `reference.train.run_epoch` reports).  On this head's right and wrong
+# `#correct / N` (what `reference.pipeline.train.run_epoch` reports).  On this head's right and wrong
 # verdicts (both fixes), the difference between the two for several batch sizes: in the order
 # used above, and its spread over many random orders (the error depends only on which reviews
 # land in the short last batch).
@@ -381,7 +381,7 @@ show(fig, "05_batch_means")
 # reports 91.21% test accuracy with bert-base-uncased.
 #
 # MiniLM (6 layers, hidden 384) is what ships with this project; MPNet (all-mpnet-base-v2,
-# bert-base's size: 12 layers, hidden 768, installed by `python -m reference.encoders install
+# bert-base's size: 12 layers, hidden 768, installed by `python -m reference.pipeline.encoders install
 # mpnet`) is the closest offline stand-in for bert-base-uncased.  Same head, same recipe, same
 # split: the encoder alone moves the accuracy.
 
@@ -436,7 +436,7 @@ else:
 # the same names (`rnn.*`, `out.*`), so a head checkpoint loads into it.
 
 # %%
-from reference.predict import predict_sentiment  # noqa: E402
+from reference.pipeline.predict import predict_sentiment  # noqa: E402
 
 for s in ("This film is terrible", "This film is great"):
     print(f"{s!r}: P(positive) = {predict_sentiment(fixed, enc.tokenizer, s, MAX_LENGTH):.3f}")

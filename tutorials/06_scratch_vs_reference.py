@@ -18,7 +18,7 @@
 #   `reference.model.GRUHead` with `torch.optim.Adam`, from the same weights with the same
 #   dropout masks;
 # * that a checkpoint written by either side loads into the other
-#   ([`scratch/checkpoint.py`](../scratch/checkpoint.py)), with the same predictions.
+#   ([`scratch/pipeline/checkpoint.py`](../scratch/checkpoint.py)), with the same predictions.
 
 # %%
 import tempfile
@@ -26,18 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from reference import checkpoint as ref_ckpt
-from reference.data import tokenize
-from reference.encoders import load_encoder
-from reference.model import GRUHead
-from reference.timing import best_time, pin_threads
-from scratch import checkpoint as scratch_ckpt
-from scratch.bert import BertEncoder
-from scratch.bert_tokenizer import pad_batch as pad
-from scratch.optim import Adam
-from scratch.sentiment import SentimentHead
 from tutorial_kit import imdb, pick, plt, show, table
+
+from reference.model import GRUHead
+from reference.pipeline import checkpoint as ref_ckpt
+from reference.pipeline.data import tokenize
+from reference.pipeline.encoders import load_encoder
+from reference.timing import best_time, pin_threads
+from scratch.bert import BertEncoder
+from scratch.optim import Adam
+from scratch.pipeline import checkpoint as scratch_ckpt
+from scratch.pipeline.tokenizer import pad_batch as pad
+from scratch.sentiment import SentimentHead
 
 pin_threads(1)                          # one thread per side: a fair comparison
 
@@ -144,8 +144,8 @@ show(fig, "06_training_side_by_side")
 # level of float64 rounding (an exact 0 is drawn at the bottom edge; the table has every value).*
 #
 # ## 3. Checkpoints cross over
-# `reference.train` writes a checkpoint folder (`config.json` with the head's arguments and the
-# weights' sha256, `model.safetensors`).  `scratch.checkpoint` reads and writes the same format
+# `reference.pipeline.train` writes a checkpoint folder (`config.json` with the head's arguments and the
+# weights' sha256, `model.safetensors`).  `scratch.pipeline.checkpoint` reads and writes the same format
 # without torch.  The torch head trained above goes to a folder, comes back as a scratch head;
 # the scratch head goes the other way; the logits (before the sigmoid) are compared.
 

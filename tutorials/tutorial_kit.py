@@ -4,7 +4,7 @@
   through the same code: a tutorial writes ``pick(full, fast)`` wherever a size is chosen.
 * Figures are saved as PNG under ``$TUTORIAL_OUT`` (default ``tutorials/_build/``) and, inside
   a notebook, shown inline (``make tutorials`` executes the notebooks; a script run only saves).
-* ``imdb()`` finds the archive through ``IMDB_PATH`` (``reference.data.find_imdb``) and says in
+* ``imdb()`` finds the archive through ``IMDB_PATH`` (``reference.pipeline.data.find_imdb``) and says in
   one line what happens instead when it is missing.
 
 Tutorials import this module as ``tutorial_kit``: a script run puts ``tutorials/`` on
@@ -72,7 +72,7 @@ def table(rows, columns=None, floatfmt="{:.4g}") -> str:
 
 def imdb(splits=("train", "test")):
     """``{split: Reviews}`` from the archive ``IMDB_PATH`` names, or None (saying so) without it."""
-    from reference.data import ImdbError, find_imdb, load_imdb
+    from reference.pipeline.data import ImdbError, find_imdb, load_imdb
 
     try:
         path = find_imdb()

@@ -20,7 +20,7 @@ shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` an entry i
 complete.  One writer per entry at a time (an ``flock`` on ``<entry>/.lock``): a second process
 asking for the same features waits for the first and then reads its entry.
 
-Many processes, one entry (:mod:`scratch.feature_ranks`, for ``torchrun``): the ranks of one
+Many processes, one entry (:mod:`scratch.pipeline.ranks`, for ``torchrun``): the ranks of one
 job divide the very same shard plan among themselves, balanced by tokens, so the entry is the
 one a single process writes, shard for shard.  The one-writer rule then
 reads "one job per entry": rank 0 holds the lock for the whole job, from before the plan is
@@ -32,12 +32,12 @@ be one shared filesystem whose ``flock`` reaches every machine (NFSv4, Lustre, .
 What a failed run leaves behind.  An entry folder survives a failure only when it holds at
 least one finished shard: then ``plan.json`` and the shards make the next run resume.  A run
 that fails before its first shard (an encoder crash, Ctrl-C, SIGTERM through
-:func:`reference.cli.run`) removes the folder it made, ``plan.json`` and ``.lock`` included,
+:func:`reference.pipeline.cli.run`) removes the folder it made, ``plan.json`` and ``.lock`` included,
 before it lets go of the lock; a waiting writer then sees that its lock file is gone and
 starts over.  Temporary files of a failed run are removed either way.  Only SIGKILL (or a
 power cut) can leave a shard-less entry, which the next run of the same texts simply fills.
 
-Finding an entry.  Each pipeline names its entries by its own key (``reference.features``
+Finding an entry.  Each pipeline names its entries by its own key (``reference.pipeline.features``
 hashes the torch model's weights and config); every entry's ``index.json`` also carries a
 :func:`portable_key` (the encoder folder's files, ``max_length`` and the token ids), which
 either pipeline computes without the other's libraries: :func:`find_entry` looks entries up
@@ -122,14 +122,8 @@ def token_batches(sorted_lengths, batch_tokens: int):
         start = stop
 
 
-def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16_384,
-            shard_size: int = 2_048, progress: bool = True, desc: str = "features",
-            ranks=None) -> FeatureStore:
-    """The entry ``folder`` of ``ids`` (token id arrays): read if complete, else written with
-    ``encode`` (see :func:`write_entry`), resuming a partial one; one writer at a time.
-    ``ranks``: the processes of one torchrun job (:class:`scratch.feature_ranks.Ranks`), which
-    write the entry together (:func:`scratch.feature_ranks.extract_together`); None or a
-    single rank: this process alone."""
+def check_extract(ids, batch_tokens: int, shard_size: int) -> None:
+    """The arguments every extraction checks first (one process or many)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not len(ids):
@@ -137,13 +131,16 @@ def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16
     if batch_tokens < (longest := max(len(a) for a in ids)):
         raise ValueError(f"batch_tokens {batch_tokens} is smaller than the longest review "
                          f"({longest} tokens)")
-    folder = Path(folder)
-    if ranks is not None and ranks.size > 1:
-        from .feature_ranks import extract_together
 
-        return extract_together(folder, ids, encode, ranks, key=key, meta=meta,
-                                batch_tokens=batch_tokens, shard_size=shard_size,
-                                progress=progress, desc=desc)
+
+def extract(folder, ids, encode, *, key: str, meta: dict, batch_tokens: int = 16_384,
+            shard_size: int = 2_048, progress: bool = True, desc: str = "features") -> FeatureStore:
+    """The entry ``folder`` of ``ids`` (token id arrays), by this process alone: read if
+    complete, else written with ``encode`` (see :func:`write_entry`), resuming a partial one;
+    one writer at a time.  The ranks of a torchrun job write one entry together through
+    :func:`scratch.pipeline.ranks.extract`."""
+    check_extract(ids, batch_tokens, shard_size)
+    folder = Path(folder)
     if (folder / "index.json").exists():
         return FeatureStore(folder)
     with writer_lock(folder, desc) as waited:       # one writer per entry; others wait here
@@ -242,7 +239,7 @@ class Plan:
     shards: list                         # of (k,) int64 review positions
 
     @classmethod
-    def of(cls, ids, key: str, shard_size: int) -> "Plan":
+    def of(cls, ids, key: str, shard_size: int) -> Plan:
         lengths = np.array([len(a) for a in ids])
         order = np.argsort(lengths, kind="stable")
         return cls(key, shard_size, lengths,

@@ -1,14 +1,28 @@
-"""The IMDB data for the reference pipeline: :mod:`scratch.data` (torch-free: load, download,
-split, bucket) plus tokenization with a Hugging Face tokenizer, and ``python -m reference.data``.
+"""The IMDB data for the reference pipeline: :mod:`scratch.pipeline.data` (torch-free: load, download,
+split, bucket) plus tokenization with a Hugging Face tokenizer, and ``python -m reference.pipeline.data``.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from scratch.data import (DEFAULT_CACHE, HOW_TO_GET, IMDB_SHA256, IMDB_URL, LABELS,  # noqa: F401
-                          MEMBER, SPLITS, ImdbError, Reviews, bucket_batches, download_imdb,
-                          find_imdb, load_imdb, sha256_file, stratified_subset,
-                          train_valid_split)
+from scratch.pipeline.data import (  # noqa: F401
+    DEFAULT_CACHE,
+    HOW_TO_GET,
+    IMDB_SHA256,
+    IMDB_URL,
+    LABELS,
+    MEMBER,
+    SPLITS,
+    ImdbError,
+    Reviews,
+    bucket_batches,
+    download_imdb,
+    find_imdb,
+    load_imdb,
+    sha256_file,
+    stratified_subset,
+    train_valid_split,
+)
 
 
 def tokenize(tokenizer, texts, max_length: int = 512) -> list[np.ndarray]:
@@ -21,9 +35,9 @@ def tokenize(tokenizer, texts, max_length: int = 512) -> list[np.ndarray]:
 
 
 def main(argv=None) -> int:
-    from . import cli
+    from scratch.pipeline import cli
 
-    p = cli.Parser(prog="python -m reference.data",
+    p = cli.Parser(prog="python -m reference.pipeline.data",
                    description="Find, download or summarise the IMDB data.")
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH or the cache)")
     p.add_argument("--download", action="store_true", help=f"download {IMDB_URL} if missing")

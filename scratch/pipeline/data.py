@@ -8,7 +8,7 @@ nothing extracted); other members (``train/unsup``, ``*.feat``, ``imdb.vocab``, 
 Without a local copy :func:`download_imdb` fetches Stanford's ``aclImdb_v1.tar.gz`` into a
 cache directory with a progress bar, resumes an interrupted download, checks the sha256, and
 only then moves the file to its final name.  Tokenization is each pipeline's own
-(:func:`reference.data.tokenize`, :mod:`scratch.bert_tokenizer`).
+(:func:`reference.pipeline.data.tokenize`, :mod:`scratch.pipeline.tokenizer`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ SPLITS, LABELS = ("train", "test"), ("neg", "pos")
 MEMBER = re.compile(r"^(?:\./)?aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 HOW_TO_GET = (
     "The IMDB data was not found. Pass --data PATH (an aclImdb directory or .tar.gz), set "
-    f"IMDB_PATH, or download it: python -m reference.data --download (fetches {IMDB_URL}).")
+    f"IMDB_PATH, or download it: python -m reference.pipeline.data --download (fetches {IMDB_URL}).")
 
 
 class ImdbError(ValueError):
@@ -50,7 +50,7 @@ class Reviews:
     def __len__(self):
         return len(self.texts)
 
-    def subset(self, idx) -> "Reviews":
+    def subset(self, idx) -> Reviews:
         idx = np.asarray(idx, dtype=np.int64)
         return Reviews([self.texts[i] for i in idx], self.labels[idx], [self.names[i] for i in idx])
 

@@ -1,7 +1,7 @@
 """Many processes write one feature-cache entry together: the ranks of a ``torchrun`` job
-(torch-free; :class:`reference.distributed.Ranks` is the torch side).
+(torch-free; :class:`reference.pipeline.distributed.Ranks` is the torch side).
 
-The ranks divide the very shard plan one process follows (:class:`scratch.features.Plan`:
+The ranks divide the very shard plan one process follows (:class:`scratch.pipeline.features.Plan`:
 reviews by length, ``shard_size`` to a shard), balanced by tokens (:func:`assign_shards`), so
 the entry is the one a single process writes, shard for shard.  The writer lock keeps its
 meaning, one writer per entry, where "writer" is now the whole job: see
@@ -14,15 +14,25 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from .features import (FeatureStore, Plan, discard_unfinished, finish_entry, start_entry,
-                       token_bar, write_shards, writer_lock)
+from . import features
+from .features import (
+    FeatureStore,
+    Plan,
+    check_extract,
+    discard_unfinished,
+    finish_entry,
+    start_entry,
+    token_bar,
+    write_shards,
+    writer_lock,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Ranks(Protocol):
     """The processes of one job, as :func:`extract_together` needs them (torch-free: the
-    reference pipeline passes :class:`reference.distributed.Ranks`, over torch.distributed)."""
+    reference pipeline passes :class:`reference.pipeline.distributed.Ranks`, over torch.distributed)."""
     rank: int                            # 0..size-1
     size: int
 
@@ -49,10 +59,19 @@ def assign_shards(todo, tokens, size: int) -> list[list[int]]:
 WAITING = "waiting for the writer lock"
 
 
+def extract(folder, ids, encode, *, ranks: Ranks | None = None, **kw) -> FeatureStore:
+    """:func:`scratch.pipeline.features.extract` by one process (``ranks`` None or a single
+    rank) or by the ``ranks.size`` processes of one job together (:func:`extract_together`);
+    ``kw``: ``key``, ``meta``, ``batch_tokens``, ``shard_size``, ``progress``, ``desc``."""
+    if ranks is None or ranks.size == 1:
+        return features.extract(folder, ids, encode, **kw)
+    return extract_together(Path(folder), ids, encode, ranks, **kw)
+
+
 def extract_together(folder: Path, ids, encode, ranks: Ranks, *, key: str, meta: dict,
                      batch_tokens: int, shard_size: int, progress: bool = True,
                      desc: str = "features") -> FeatureStore:
-    """:func:`scratch.features.extract` by the ``ranks.size`` processes of one job, every one of them calling it
+    """:func:`scratch.pipeline.features.extract` by the ``ranks.size`` processes of one job, every one of them calling it
     with the same ``ids``: the same entry as one process writes, shard for shard.
 
     The rule that keeps one writer per entry: rank 0 takes the entry's writer lock on behalf
@@ -70,6 +89,7 @@ def extract_together(folder: Path, ids, encode, ranks: Ranks, *, key: str, meta:
     the finished shards of every rank stay for the next run, which may use any number of
     ranks.  Should a rank be stopped only after rank 0 let go of the lock and a shard of its
     lands late, :func:`finish_entry` refuses an entry whose shards do not fit the plan."""
+    check_extract(ids, batch_tokens, shard_size)
     plan = Plan.of(ids, key, shard_size)
     if ranks.rank == 0:
         return _rank0(folder, ids, encode, ranks, plan, meta, batch_tokens, progress, desc)

@@ -1,14 +1,14 @@
-"""``python -m reference.train``: train the assignment's BiGRU head on cached frozen-encoder
+"""``python -m reference.pipeline.train``: train the assignment's BiGRU head on cached frozen-encoder
 features of IMDB, keep the best-validation checkpoint, report its test loss and accuracy.
 
-    python -m reference.train --data PATH --encoder NAME --epochs 2 --batch-size 128 \\
+    python -m reference.pipeline.train --data PATH --encoder NAME --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--device auto|cpu|cuda] \\
         [--seed 3407] [--cache .cache/features] [--resume]
 
 The assignment's recipe: Adam (default lr), ``BCEWithLogitsLoss``, 17,500/7,500 train/valid
 split with seed 3407 (with ``--limit-train N``: a stratified N-review subset, split 70/30),
 best validation loss checkpointed.  The encoder is frozen, so its token features are computed
-once (:mod:`reference.features`) and every epoch runs only the GRU head, on length-bucketed
+once (:mod:`reference.pipeline.features`) and every epoch runs only the GRU head, on length-bucketed
 batches through the exact packed path of :mod:`reference.model`.
 
 Loss and accuracy are means over examples: ``sum_i loss_i / N`` and ``#correct / N`` (a mean of
@@ -19,7 +19,7 @@ Deterministic for a fixed seed on CPU: the head's init and dropout draw from ``t
 generator, epoch ``e`` shuffles its batches with seed ``seed + e``; ``--resume`` restores the
 generator, so an interrupted run resumed gives the same numbers as an uninterrupted one.
 
-Under ``torchrun --nproc-per-node N`` (:mod:`reference.distributed`) the N processes share the
+Under ``torchrun --nproc-per-node N`` (:mod:`reference.pipeline.distributed`) the N processes share the
 work: the feature extraction by shards, every global batch of ``--batch-size`` reviews by
 slices (:meth:`Ranks.part`), the head in ``DistributedDataParallel``.  Rank ``r``'s loss is
 ``N / B * sum_{i in slice r} loss_i``, so DDP's gradient average ``(1/N) sum_r`` is exactly the
@@ -48,11 +48,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..model import GRUHead
 from . import checkpoint as ckpt
 from . import cli, distributed
 from .data import bucket_batches, train_valid_split
 from .distributed import SINGLE, Ranks
-from .model import GRUHead
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
 
@@ -221,7 +221,7 @@ def resumed_rng(state: dict, ranks: Ranks, seed: int) -> torch.Tensor:
 def features(encoder, texts, cache, max_length: int, device="cpu", desc="features",
              progress=True, ranks: Ranks = SINGLE):
     """(FeatureStore of ``texts``, seconds spent waiting for another process writing the same
-    cache entry, 0.0 when nobody was): :func:`reference.features.extract_features`, which
+    cache entry, 0.0 when nobody was): :func:`reference.pipeline.features.extract_features`, which
     never runs two extractions of one entry side by side (the ranks of a torchrun job write
     one together)."""
     from .features import extract_features
@@ -231,7 +231,7 @@ def features(encoder, texts, cache, max_length: int, device="cpu", desc="feature
     return store, store.wait_seconds
 
 
-def timed_features(run: "Run", split: str):
+def timed_features(run: Run, split: str):
     """:func:`features` of ``run``'s ``split`` reviews; records the seconds spent computing
     (waits excluded) and waiting in ``run.metrics``."""
     a, t0 = run.args, time.perf_counter()
@@ -244,7 +244,7 @@ def timed_features(run: "Run", split: str):
 
 # --- command line ------------------------------------------------------------------------------
 
-def build_parser(prog="python -m reference.train") -> argparse.ArgumentParser:
+def build_parser(prog="python -m reference.pipeline.train") -> argparse.ArgumentParser:
     p = cli.Parser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     cli.add_feature_args(p)
     cli.add_dist_args(p)
@@ -281,7 +281,7 @@ RUN_KEYS = ("encoder", "max_length", "limit_train", "limit_test", "seed", "batch
 
 @dataclass
 class Run:
-    """What one ``reference.train`` command works with, once its inputs are checked."""
+    """What one ``reference.pipeline.train`` command works with, once its inputs are checked."""
     args: argparse.Namespace
     device: str
     encoder: object
@@ -422,4 +422,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli.run(main, "python -m reference.train"))
+    raise SystemExit(cli.run(main, "python -m reference.pipeline.train"))

@@ -1,5 +1,5 @@
-"""``python -m reference.predict --checkpoint DIR [--file PATH] ["review text" ...]``: the
-probability that each review is positive, from a head trained by :mod:`reference.train` on the
+"""``python -m reference.pipeline.predict --checkpoint DIR [--file PATH] ["review text" ...]``: the
+probability that each review is positive, from a head trained by :mod:`reference.pipeline.train` on the
 encoder it names.
 
 :func:`predict_sentiment` is the assignment's function::
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from scratch.cli import read_reviews, shown
+from scratch.pipeline.cli import read_reviews, shown
 
 from . import checkpoint as ckpt
 from . import cli
@@ -81,7 +81,7 @@ def predict_batch(model, tokenizer, sentences, max_input_length: int = 512,
 
 
 def load_model(folder, device: str = "cpu"):
-    """(BERTGRUSentiment, tokenizer, config) from a reference.train checkpoint directory: the
+    """(BERTGRUSentiment, tokenizer, config) from a reference.pipeline.train checkpoint directory: the
     head is read and verified first, then the encoder named (or the folder saved) in its
     config.json is loaded."""
     from .encoders import load_encoder
@@ -105,10 +105,10 @@ def main(argv=None) -> int:
     from .encoders import EncoderError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = cli.Parser(prog="python -m reference.predict", epilog=COLD_START,
+    p = cli.Parser(prog="python -m reference.pipeline.predict", epilog=COLD_START,
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    description="P(positive) of each review under a trained checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="directory written by reference.train --out")
+    p.add_argument("--checkpoint", required=True, help="directory written by reference.pipeline.train --out")
     p.add_argument("--file", metavar="PATH", help="more reviews, one per line (- : standard input)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
@@ -128,4 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(cli.run(main, "python -m reference.predict"))
+    raise SystemExit(cli.run(main, "python -m reference.pipeline.predict"))

@@ -6,13 +6,13 @@ A checkpoint directory holds
                          "weights_sha256": the sha256 (hex) of model.safetensors' bytes
     model.safetensors    the head's weights (``rnn.*``, ``out.*``: the assignment's names)
     last.pt              resume state after the last finished epoch (optimizer, RNG, history)
-    metrics.json         written by reference.train
+    metrics.json         written by reference.pipeline.train
 
 Every file is written to a temporary name in the same folder, flushed, fsync'ed and renamed
 (``os.replace``), so a crash never leaves half a file under a real name.  The weights and their
 checksum are two files, written in that order (:func:`save_weights`): model.safetensors, then
 config.json with its sha256.  A crash between the two leaves new weights beside the old
-checksum, which refuses to load (``reference.train --resume`` repeats that epoch and writes
+checksum, which refuses to load (``reference.pipeline.train --resume`` repeats that epoch and writes
 both again): a refusal, never a wrong load.
 
 Loading (:func:`load_head`) checks, before a tensor is used and before any encoder is loaded,
@@ -25,7 +25,7 @@ and raises :class:`CheckpointError` with a one-line message naming the file:
 
 Checkpoints written before checksums (no ``weights_sha256``) are refused: nothing vouches that
 their bytes are the ones training wrote, and flipped bytes in a float tensor load as plausible
-weights that give confident wrong scores.  ``python -m reference.checkpoint stamp DIR`` adds the
+weights that give confident wrong scores.  ``python -m reference.pipeline.checkpoint stamp DIR`` adds the
 checksum of the file as it is now, once every other check passes: its owner vouches for it.
 The weights load from safetensors; the resume state with ``torch.load(weights_only=True)``
 (no pickle code).
@@ -38,12 +38,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from scratch import checkpoint as scratch_ckpt
-from scratch.checkpoint import (CHECKSUM, CONFIG, METRICS, WEIGHTS,  # noqa: F401
-                                CheckpointError, read_json, sha256)
+from scratch.pipeline import checkpoint as scratch_ckpt
+from scratch.pipeline.atomic import atomic_write, write_json  # noqa: F401  (re-exported)
+from scratch.pipeline.checkpoint import (  # noqa: F401
+    CHECKSUM,
+    CONFIG,
+    METRICS,
+    WEIGHTS,
+    CheckpointError,
+    read_json,
+    sha256,
+)
 
-from .atomic import atomic_write, write_json  # noqa: F401  (re-exported)
-from .model import BERTGRUSentiment, GRUHead
+from ..model import BERTGRUSentiment, GRUHead
 
 STATE = "last.pt"          # the reference's resume state (scratch's is last.safetensors)
 
@@ -90,13 +97,13 @@ def save_weights(folder, model: GRUHead, config: dict | None = None) -> None:
 
 def read_config(folder, checksum: bool = True) -> dict:
     """config.json of a finished checkpoint, its model arguments checked (and, with
-    ``checksum``, its ``weights_sha256`` present): :func:`scratch.checkpoint.read_config`."""
+    ``checksum``, its ``weights_sha256`` present): :func:`scratch.pipeline.checkpoint.read_config`."""
     return scratch_ckpt.read_config(folder, require_checksum=checksum)
 
 
 def read_weights(folder, config: dict) -> dict[str, torch.Tensor]:
     """The tensors of model.safetensors as torch tensors, checked by
-    :func:`scratch.checkpoint.read_weights`: the bytes hash to ``config``'s checksum (if it
+    :func:`scratch.pipeline.checkpoint.read_weights`: the bytes hash to ``config``'s checksum (if it
     has one), the header parses, float tensors, finite values."""
     return {k: torch.from_numpy(v) for k, v in scratch_ckpt.read_weights(folder, config).items()}
 
@@ -161,7 +168,7 @@ def load_state(folder) -> dict:
 def main(argv=None) -> int:
     from . import cli
 
-    p = cli.Parser(prog="python -m reference.checkpoint",
+    p = cli.Parser(prog="python -m reference.pipeline.checkpoint",
                    description="Checkpoint maintenance.")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("stamp", help=f"add {CHECKSUM} to a checkpoint written before checksums "

@@ -27,10 +27,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scratch import encoder_names as names
-from scratch.encoder_names import MARKER
+from scratch.pipeline import encoder_names as names
+from scratch.pipeline.atomic import write_json
+from scratch.pipeline.encoder_names import MARKER
 
-from .atomic import write_json
 from .data import sha256_file as sha256
 
 

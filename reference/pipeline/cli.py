@@ -1,5 +1,5 @@
 """The checks the reference commands share (train, features, predict, demo): the torch-free
-plumbing of :mod:`scratch.cli` (one-line errors, number types, folders, data, subsets,
+plumbing of :mod:`scratch.pipeline.cli` (one-line errors, number types, folders, data, subsets,
 :func:`run`) plus the checks that need torch or transformers (the device, the encoder).
 
 Checks run cheapest first: options alone -> the encoder's config.json (name or folder,
@@ -10,10 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 
-from scratch.cli import (BAD_INPUT, INTERRUPTED, Parser, check_batch_tokens,  # noqa: F401
-                         check_folder, check_limit,
-                         held_logs, load_data, non_negative, one_line, positive, run)
-
+from scratch.pipeline.cli import (  # noqa: F401
+    BAD_INPUT,
+    INTERRUPTED,
+    Parser,
+    check_batch_tokens,
+    check_folder,
+    check_limit,
+    held_logs,
+    load_data,
+    non_negative,
+    one_line,
+    positive,
+    run,
+)
 
 # --- arguments shared by the commands that extract features ---------------------------------------
 
@@ -35,7 +45,7 @@ def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/fe
 
 
 def add_dist_args(p: argparse.ArgumentParser) -> None:
-    """--dist-timeout: for runs under torchrun (see :mod:`reference.distributed`)."""
+    """--dist-timeout: for runs under torchrun (see :mod:`reference.pipeline.distributed`)."""
     p.add_argument("--dist-timeout", type=positive(float), default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others at a collective "
                         "before the run fails (a rank that dies ends the run at once; default "
@@ -54,11 +64,11 @@ def check_device(p: argparse.ArgumentParser, device: str) -> str:
 
 
 def check_encoder(p: argparse.ArgumentParser, name: str, max_length: int | None = None):
-    """The encoder's :class:`~reference.encoders.EncoderInfo` (config only, no weights); with
+    """The encoder's :class:`~reference.pipeline.encoders.EncoderInfo` (config only, no weights); with
     ``max_length``: it must be in 2..the encoder's learned positions."""
     from .encoders import EncoderError, inspect_encoder
 
-    with held_logs("scratch.encoder_names") as notes:       # e.g. "auto: using minilm", shown
+    with held_logs("scratch.pipeline.encoder_names") as notes:       # e.g. "auto: using minilm", shown
         try:                                             # only when the checks pass
             info = inspect_encoder(name)
         except EncoderError as e:
@@ -72,7 +82,7 @@ def check_encoder(p: argparse.ArgumentParser, name: str, max_length: int | None 
 
 
 def load_encoder(p: argparse.ArgumentParser, info, device: str):
-    """The encoder's weights and tokenizer (:func:`reference.encoders.load_encoder`)."""
+    """The encoder's weights and tokenizer (:func:`reference.pipeline.encoders.load_encoder`)."""
     from .encoders import EncoderError
     from .encoders import load_encoder as load
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bert_folder import BertError
+from ..bert_folder import BertError
 
 TOKENIZER = "tokenizer.json"
 
@@ -79,7 +79,7 @@ class BertTokenizer:
         self.pad_id = tokenizer.token_to_id(vocabulary.pad)
 
     @classmethod
-    def from_pretrained(cls, folder, vocabulary: str = "bert") -> "BertTokenizer":
+    def from_pretrained(cls, folder, vocabulary: str = "bert") -> BertTokenizer:
         if vocabulary not in VOCABULARIES:
             raise BertError(f"vocabulary must be one of {sorted(VOCABULARIES)}, got {vocabulary!r}")
         from tokenizers import Tokenizer

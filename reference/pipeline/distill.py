@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from scratch.bert_tokenizer import pad_batch
-
+from scratch.pipeline.tokenizer import pad_batch
 
 
 def qk_parameters(model, layers) -> list[torch.nn.Parameter]:

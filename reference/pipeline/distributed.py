@@ -1,8 +1,8 @@
 """The reference commands under ``torchrun``: more processes, on one machine or several, share
 the feature extraction and the training of the head.
 
-    torchrun --nproc-per-node 2 -m reference.features ...      each rank encodes its shards
-    torchrun --nproc-per-node 2 -m reference.train ...         DistributedDataParallel head
+    torchrun --nproc-per-node 2 -m reference.pipeline.features ...      each rank encodes its shards
+    torchrun --nproc-per-node 2 -m reference.pipeline.train ...         DistributedDataParallel head
 
 torchrun starts the processes and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT`` for each; :func:`session` joins them into one process

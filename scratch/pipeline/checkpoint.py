@@ -1,6 +1,6 @@
 """The reference checkpoint format, read and written without torch.
 
-A checkpoint folder (the same as ``reference.checkpoint``'s)::
+A checkpoint folder (the same as ``reference.pipeline.checkpoint``'s)::
 
     config.json          {"model": {emb_dim, hidden_dim, output_dim, n_layers, bidirectional,
                           dropout}, "weights_sha256": sha256 hex of model.safetensors' bytes,
@@ -11,7 +11,7 @@ A checkpoint folder (the same as ``reference.checkpoint``'s)::
     metrics.json         written by the training script
 
 Writing: model.safetensors first, then config.json with its checksum, each atomically
-(:mod:`scratch.atomic`).  A crash between the two leaves new weights beside an old checksum: a
+(:mod:`scratch.pipeline.atomic`).  A crash between the two leaves new weights beside an old checksum: a
 refusal to load, never a wrong load.
 
 Loading (:func:`load_head`) checks everything before a weight is used, and says what is wrong in
@@ -31,9 +31,9 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from ..backend import to_numpy
+from ..sentiment import HEAD_ARGS, SentimentHead
 from .atomic import atomic_write, write_json
-from .backend import to_numpy
-from .sentiment import HEAD_ARGS, SentimentHead
 
 CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
 STATE = "last.safetensors"
@@ -43,7 +43,7 @@ SAVE_DTYPE = np.float32                  # the reference format (its GRUHead is 
 
 class CheckpointError(FileNotFoundError):
     """A checkpoint is missing, damaged, incomplete or does not fit the model (one line, naming
-    the file).  A FileNotFoundError, as ``reference.checkpoint.CheckpointError``."""
+    the file).  A FileNotFoundError, as ``reference.pipeline.checkpoint.CheckpointError``."""
 
 
 def sha256(data: bytes) -> str:
@@ -88,7 +88,7 @@ def read_json(path: Path) -> dict:
 
 def read_config(folder, require_checksum: bool = False) -> dict:
     """config.json of a checkpoint folder, its model arguments and checksum (if any, or
-    required) checked.  (``reference.checkpoint`` reads through this too.)"""
+    required) checked.  (``reference.pipeline.checkpoint`` reads through this too.)"""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint directory")
@@ -114,7 +114,7 @@ def read_config(folder, require_checksum: bool = False) -> dict:
         if not re.fullmatch(r"[0-9a-f]{64}", str(config.get(CHECKSUM, ""))):
             raise CheckpointError(
                 f"{path}: no valid {CHECKSUM} (a sha256 hex digest; written before checksums?); "
-                f"if you trust {WEIGHTS}, run: python -m reference.checkpoint stamp {folder}")
+                f"if you trust {WEIGHTS}, run: python -m reference.pipeline.checkpoint stamp {folder}")
     return config
 
 
@@ -145,7 +145,7 @@ def read_weights(folder, config: dict) -> dict[str, np.ndarray]:
 def load_head(folder, dtype="float32", xp=None, require_checksum: bool = False
               ) -> tuple[SentimentHead, dict]:
     """(SentimentHead with the saved weights, config) from a checkpoint folder written by
-    :func:`save_weights` or by ``reference.train``; every check of the module docstring passed."""
+    :func:`save_weights` or by ``reference.pipeline.train``; every check of the module docstring passed."""
     config = read_config(folder, require_checksum)
     tensors = read_weights(folder, config)
     head = SentimentHead(**config["model"], dtype=dtype, xp=xp)

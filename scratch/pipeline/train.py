@@ -1,7 +1,7 @@
-"""``python -m scratch.train``: the assignment's head trained from scratch, torch-free, on the
-same cached features, split, batches and recipe as :mod:`reference.train`.
+"""``python -m scratch.pipeline.train``: the assignment's head trained from scratch, torch-free, on the
+same cached features, split, batches and recipe as :mod:`reference.pipeline.train`.
 
-    python -m scratch.train --data PATH --encoder minilm --epochs 2 --batch-size 128 \\
+    python -m scratch.pipeline.train --data PATH --encoder minilm --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--seed 3407] \\
         [--cache .cache/features] [--dtype float32|float64] [--resume]
 
@@ -9,11 +9,11 @@ The recipe, step for step the reference's: Adam (:class:`scratch.optim.Adam`, to
 defaults), the mean BCE-with-logits of each batch, the 17,500/7,500 split with ``seed`` (a
 stratified ``--limit-train`` subset split 70/30), epoch ``e`` shuffling its length buckets with
 seed ``seed + e``, the best-validation-loss checkpoint (the reference's folder format:
-``reference.predict`` loads it), test loss and accuracy of that checkpoint in ``metrics.json``.
+``reference.pipeline.predict`` loads it), test loss and accuracy of that checkpoint in ``metrics.json``.
 Loss and accuracy are means over examples.
 
-Features: the entry that ``reference.features`` wrote for these reviews, encoder and length
-(found by :func:`scratch.features.portable_key`: encoder files, max_length, token ids); where
+Features: the entry that ``reference.pipeline.features`` wrote for these reviews, encoder and length
+(found by :func:`scratch.pipeline.features.portable_key`: encoder files, max_length, token ids); where
 there is none, the scratch encoder (:mod:`scratch.bert`, float32) computes them and writes an
 entry in the same format.  Initial weights and dropout masks come from NumPy generators seeded
 with ``seed`` (not torch's), so a scratch run and a reference run of the same seed start from
@@ -22,7 +22,6 @@ different weights; the tests prove the two equal step for step from the *same* w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -32,18 +31,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..backend import to_numpy
+from ..bert_folder import BertError
+from ..functional import bce_with_logits
+from ..optim import Adam
+from ..sentiment import SentimentHead
 from . import checkpoint as ckpt
 from . import cli
 from .atomic import write_json
-from .backend import to_numpy
-from .bert_folder import BertError
-from .bert_tokenizer import pad_batch
 from .data import bucket_batches, train_valid_split
 from .encoder_names import Encoder, EncoderNameError
 from .features import extract, find_entry, portable_key
-from .functional import bce_with_logits
-from .optim import Adam
-from .sentiment import SentimentHead
+from .tokenizer import pad_batch
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
 
@@ -96,7 +95,7 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
         config: dict | None = None, progress: bool = False, log=print) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`ckpt.load_state`
     dict).  After every epoch: the weights to ``out`` when the validation loss is the best so far
-    (:func:`scratch.checkpoint.save_weights`), the resume state to ``out/last.safetensors``."""
+    (:func:`scratch.pipeline.checkpoint.save_weights`), the resume state to ``out/last.safetensors``."""
     optimizer = Adam(head.params, lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:
@@ -131,7 +130,7 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
 def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = True,
              desc: str = "features", batch_tokens: int = 16_384):
     """The FeatureStore of ``texts``: the entry either pipeline wrote for these token ids, this
-    encoder and ``max_length`` (:func:`scratch.features.find_entry`), else one computed now by
+    encoder and ``max_length`` (:func:`scratch.pipeline.features.find_entry`), else one computed now by
     the scratch encoder (float32, stored float16) in the same format."""
     ids = encoder.tokenizer.encode(texts, max_length)
     key = portable_key(encoder.folder, max_length, ids)
@@ -141,7 +140,7 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
         raise EncoderNameError(
             f"no cached {encoder.name} features for these {len(ids)} reviews at {max_length} "
             f"tokens in {cache}, and scratch's encoder is BERT only: compute them first with "
-            f"python -m reference.features --encoder {encoder.name} --max-length {max_length} ...")
+            f"python -m reference.pipeline.features --encoder {encoder.name} --max-length {max_length} ...")
     bert = encoder.load_bert("float32")
 
     def encode(batch):                     # one padded batch -> each review's (L_i, H) float16
@@ -158,13 +157,13 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
 
 # --- command line ---------------------------------------------------------------------------------
 
-def build_parser(prog="python -m scratch.train") -> argparse.ArgumentParser:
+def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentParser:
     p = cli.Parser(prog=prog, description="Train the assignment's BiGRU head from scratch "
                    "(NumPy, no torch) on cached frozen-encoder features of IMDB: "
-                   "reference.train's recipe, split, batches and checkpoint format.")
+                   "reference.pipeline.train's recipe, split, batches and checkpoint format.")
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
     p.add_argument("--encoder", default="auto", help="auto | minilm | mpnet | FOLDER (mpnet: "
-                   "from features reference.features cached; scratch computes BERT features)")
+                   "from features reference.pipeline.features cached; scratch computes BERT features)")
     p.add_argument("--epochs", type=cli.positive(int), default=2)
     p.add_argument("--batch-size", type=cli.positive(int), default=128)
     p.add_argument("--max-length", type=int, default=512,
@@ -302,4 +301,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "python -m scratch.train"))
+    sys.exit(cli.run(main, "python -m scratch.pipeline.train"))
