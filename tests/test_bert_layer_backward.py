@@ -223,20 +223,21 @@ WORST = {}      # worst errors seen, printed with -s (the report's numbers)
 
 @settings(max_examples=40)
 @given(layer_cases())
-def test_forward_and_gradients_equal_bert_layer_float64(case):
+def test_forward_and_gradients_equal_bert_layer_float64(xp, case):
     """Random small configs (hidden, heads, intermediate, every hidden_act, LayerNorm eps,
     dropout p), batch shapes, lengths, padding patterns (none / right / any), no bias or a
     (h, T, T) or (B, h, T, T) one, eval or training mode (dropout with the same masks):
     output, d_x and all 16 parameter gradients within 1e-9 of torch autograd, float64."""
-    e = check_against_torch(*case, dtype="float64", tol=F64_TOL)
+    e = check_against_torch(*case, dtype="float64", tol=F64_TOL, xp=xp)
     WORST["float64"] = max(WORST.get("float64", 0.0), e)
 
 
 @settings(max_examples=15)
 @given(layer_cases())
-def test_forward_and_gradients_equal_bert_layer_float32(case):
-    """The same in float32 on both sides (same masks), within F32_TOL."""
-    e = check_against_torch(*case, dtype="float32", tol=F32_TOL)
+def test_forward_and_gradients_equal_bert_layer_float32(xp, case):
+    """The same in float32 on both sides (same masks), within F32_TOL.  (Both hypothesis
+    tests also run scratch on CuPy where a GPU computes, torch staying on the CPU.)"""
+    e = check_against_torch(*case, dtype="float32", tol=F32_TOL, xp=xp)
     WORST["float32"] = max(WORST.get("float32", 0.0), e)
 
 
@@ -461,6 +462,33 @@ def test_layers_from_the_encoder_equal_its_forward_and_write_back(bert_folder):
     with torch.no_grad():
         ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
     assert err(after[mask.astype(bool)], ref.numpy()[mask.astype(bool)]) <= 1e-10
+
+
+def test_adam_steps_on_the_layer_equal_torch():
+    """Fine-tuning's use: scratch.optim.Adam over ``layer.params`` stepping with
+    ``layer.grads`` (three steps, dropout with shared masks) gives the weights torch.optim.Adam
+    gives the BertLayer, float64."""
+    from scratch.optim import Adam
+
+    cfg = dict(hidden_size=8, num_attention_heads=2, intermediate_size=16, hidden_act="gelu",
+               attention_dropout=0.1, hidden_dropout=0.1)
+    model = random_model(13, **cfg)
+    t_layer = model.encoder.layer[0]
+    layer = scratch_layer(model, seed=13)
+    opt, t_opt = Adam(layer.params, lr=1e-2), torch.optim.Adam(t_layer.parameters(), lr=1e-2)
+    rng = np.random.default_rng(4)
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    for _ in range(3):
+        x, d_out = rng.standard_normal((2, 5, 8)), rng.standard_normal((2, 5, 8))
+        layer(x, mask, training=True)
+        layer.backward(d_out)
+        opt.step(layer.grads)
+        torch_layer_run(t_layer, x, mask, None, d_out, True, layer.dropout_masks)
+        t_opt.step()
+    for n, p in t_layer.named_parameters():
+        # b_k's gradient is rounding noise (~1e-16, see KEY_BIAS), which Adam turns into steps
+        # of ~lr * 1e-16 / eps = 1e-10 that differ between the two: 1e-8 for it
+        assert err(layer.params[n], p.detach().numpy()) <= (1e-8 if n == KEY_BIAS else 1e-12), n
 
 
 def test_bad_inputs_are_clear_errors():
