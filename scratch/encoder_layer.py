@@ -56,6 +56,8 @@ Backward, from ``G = dL/d out (B, T, H)`` (``sum_rows`` sums over all ``R`` rows
     additive ``beta`` and mask are constants: no gradient.)
     projections: d_W_q = d_Q^T x,  d_b_q = sum_rows d_Q  (same for K, V; heads joined),
                  d_x += d_Q W_q + d_K W_k + d_V W_v
+    (d_b_k = 0 in exact arithmetic: b_k adds q_i . b_k to every score of row i and softmax
+    ignores a shift of its row, so rowsum(d_S) = 0; computed, it is rounding noise.)
 
 Checks (tests/test_bert_layer_backward.py): forward and every gradient equal torch autograd
 through transformers' own ``BertLayer`` (float64, relative error <= 1e-9; float32 with the same

@@ -32,9 +32,11 @@ from tests.helpers import assert_close, central_differences, on
 # d b_k is 0 in exact arithmetic (softmax ignores a shift of its row; b_k shifts row i by
 # q_i . b_k): rounding noise on every side, compared with an absolute tolerance.
 KEY_BIAS = "attention.self.key.bias"
-F64_TOL = 1e-9      # the brief's bound; measured worst over the examples drawn: see the report
+F64_TOL = 1e-9      # float64; the worst seen over 200 random cases was 7e-14
 F32_TOL = 2e-5      # float32, both sides in float32 with the same masks (eps 1.2e-7; sums of
-                    # <= 24 terms through two LayerNorms: ~1e-6 seen, 20x margin)
+                    # <= 24 terms through two LayerNorms): up to ~7e-6 seen on well-conditioned
+                    # cases; ill-conditioned ones are bounded by torch's own float32 error
+                    # (check_against_torch)
 
 
 def err(a, b, scale=None) -> float:
@@ -183,34 +185,52 @@ def layer_cases(draw):
     return cfg, x, mask, bias, d_out, draw(st.booleans()), draw(st.integers(0, 1000))
 
 
+def grad_errors(out, d_x, grads, t_out, t_dx, t_grads) -> dict:
+    """{what: err} for the output, d_x and every parameter gradient (``t_*`` the reference).
+    d b_k is 0 in exact arithmetic (see KEY_BIAS): measured against the scale of its
+    neighbour d b_q, and checked itself to be that small."""
+    errors = {"out": err(out, t_out), "d_x": err(d_x, t_dx)}
+    errors |= {n: err(grads[n], t_grads[n]) for n in PARAM_NAMES if n != KEY_BIAS}
+    q_scale = np.abs(t_grads["attention.self.query.bias"]).max()
+    errors[KEY_BIAS] = err(grads[KEY_BIAS], t_grads[KEY_BIAS], q_scale)
+    errors["d b_k itself"] = err(grads[KEY_BIAS], 0 * t_grads[KEY_BIAS], q_scale)
+    return errors
+
+
 def check_against_torch(cfg, x, mask, bias, d_out, training, seed, dtype, tol, xp=np):
     """scratch vs torch on one case: output, d_x and every parameter's gradient within ``tol``
-    (relative to each array's largest entry); returns the worst error."""
+    (relative to each array's largest entry); returns the worst error.
+
+    float32: where torch's own float32 result is further than ``tol / 4`` from the float64
+    truth (same weights, inputs and masks; an ill-conditioned case: a LayerNorm row of nearly
+    equal features, a saturated softmax), the bound for that array is 4x torch's own error
+    instead: scratch must then be about as accurate as torch, not closer to it than float32
+    allows."""
     tdt = {"float64": torch.float64, "float32": torch.float32}[dtype]
     model = random_model(seed, dtype=tdt, **cfg)
     layer = scratch_layer(model, dtype=dtype, seed=seed, xp=xp)
-    out = layer(on(xp, x.astype(dtype)), attention_mask=mask,
-                bias=None if bias is None else on(xp, bias.astype(dtype)), training=training)
-    d_x = layer.backward(on(xp, d_out.astype(dtype)))
+    x, d_out = x.astype(dtype), d_out.astype(dtype)
+    bias = None if bias is None else bias.astype(dtype)
+    out = layer(on(xp, x), attention_mask=mask, bias=on(xp, bias), training=training)
+    d_x = layer.backward(on(xp, d_out))
     masks = layer.dropout_masks
     for site in DROPOUT_SITES:                        # a mask exactly where dropout acts
         assert (masks[site] is not None) == (training and layer.p[site] > 0), site
-    t_out, t_dx, t_grads = torch_layer_run(model.encoder.layer[0], x.astype(dtype), mask,
-                                           None if bias is None else bias.astype(dtype),
-                                           d_out.astype(dtype), training, masks)
-    assert set(layer.grads) == set(t_grads) == set(PARAM_NAMES)
-    errors = {"out": err(out, t_out), "d_x": err(d_x, t_dx)}
-    errors |= {n: err(layer.grads[n], t_grads[n]) for n in PARAM_NAMES if n != KEY_BIAS}
-    # d b_k is 0 in exact arithmetic: b_k adds q_i . b_k to every score of row i, and softmax
-    # ignores a shift of its row.  Both sides hold rounding noise, so it is measured against
-    # the scale of its neighbour d b_q (and checked to be that small).
-    q_scale = np.abs(t_grads["attention.self.query.bias"]).max()
-    errors[KEY_BIAS] = err(layer.grads[KEY_BIAS], t_grads[KEY_BIAS], q_scale)
-    errors["d b_k itself"] = err(layer.grads[KEY_BIAS], 0 * t_grads[KEY_BIAS], q_scale)
     for n in PARAM_NAMES:
         assert to_numpy(layer.grads[n]).dtype == np.dtype(dtype)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= tol, (worst, errors[worst], errors)
+    assert to_numpy(out).dtype == to_numpy(d_x).dtype == np.dtype(dtype)
+    ref = torch_layer_run(model.encoder.layer[0], x, mask, bias, d_out, training, masks)
+    assert set(layer.grads) == set(ref[2]) == set(PARAM_NAMES)
+    errors = grad_errors(out, d_x, layer.grads, *ref)
+    bounds = dict.fromkeys(errors, tol)
+    if dtype == "float32":
+        up = lambda a: None if a is None else to_numpy(a).astype(np.float64)   # noqa: E731
+        truth = torch_layer_run(model.double().encoder.layer[0], up(x), mask, up(bias),
+                                up(d_out), training, {k: up(m) for k, m in masks.items()})
+        own = grad_errors(*ref, *truth)
+        bounds = {k: max(tol, 4 * own[k]) if own[k] > tol / 4 else tol for k in errors}
+    worst = max(errors, key=lambda k: errors[k] / bounds[k])
+    assert errors[worst] <= bounds[worst], (worst, errors[worst], bounds[worst], errors)
     return errors[worst]
 
 
