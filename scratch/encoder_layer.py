@@ -328,7 +328,7 @@ class EncoderLayer:
 
     @classmethod
     def from_encoder(cls, encoder, index: int, attention_dropout: float = 0.1,
-                     hidden_dropout: float = 0.1, dtype=None, seed=None) -> "EncoderLayer":
+                     hidden_dropout: float = 0.1, dtype=None, seed=None) -> EncoderLayer:
         """Layer ``index`` of a :class:`scratch.bert.BertEncoder` (its config gives the heads,
         activation and LayerNorm eps; ``dtype`` defaults to the encoder's).  The encoder stores
         ``W^T`` with Q, K, V stacked (``w_qkv = [W_q; W_k; W_v]^T``): undone here (copies)."""

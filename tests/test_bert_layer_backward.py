@@ -25,8 +25,13 @@ from transformers import BertModel
 from scratch.activations import ACTIVATIONS
 from scratch.backend import to_numpy
 from scratch.bert import BertEncoder
-from scratch.encoder_layer import (ACTIVATION_GRADS, DROPOUT_SITES, PARAM_NAMES, EncoderLayer,
-                                   param_shapes)
+from scratch.encoder_layer import (
+    ACTIVATION_GRADS,
+    DROPOUT_SITES,
+    PARAM_NAMES,
+    EncoderLayer,
+    param_shapes,
+)
 from tests.helpers import assert_close, central_differences, on
 
 # d b_k is 0 in exact arithmetic (softmax ignores a shift of its row; b_k shifts row i by
