@@ -178,7 +178,9 @@ def test_a_failed_run_keeps_its_finished_shards_and_says_so_on_resume(tmp_path, 
         Fe.extract_features(enc, TEXTS, tmp_path, **kw)
     (folder,) = tmp_path.iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
-        ".lock", "plan.json", *(f"shard_{i:05d}.safetensors" for i in range(3))]
+        ".lock", "plan.json", *(f"shard_{i:05d}.safetensors" for i in range(3)), "sums"]
+    assert sorted(p.name for p in (folder / "sums").iterdir()) == [
+        f"shard_{i:05d}.safetensors.json" for i in range(3)]          # each shard's checksum
     monkeypatch.setattr(Fe, "_encode", real)
     with caplog.at_level("INFO", logger="scratch.pipeline.features"):
         Fe.extract_features(enc, TEXTS, tmp_path, **kw)

@@ -24,7 +24,9 @@ import signal
 import sys
 from pathlib import Path
 
-BAD_INPUT, INTERRUPTED = 2, 130
+from .errors import CommandError
+
+FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
 LOGGERS = ("reference", "scratch")
 
 
@@ -177,7 +179,8 @@ def _terminate(signum, frame):
 
 def run(main, prog: str) -> int:
     """``main()`` as a program: SIGTERM ends it as Ctrl-C does (``finally`` blocks run), an
-    interruption is one line and exit status 130, the ``reference`` and ``scratch`` loggers'
+    interruption is one line and exit status 130, a :class:`CommandError` (a damaged feature
+    cache entry, a full disk) one line and exit status 1, the ``reference`` and ``scratch`` loggers'
     INFO lines go to stderr.  Both settings are undone afterwards."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     handler = logging.StreamHandler()
@@ -193,6 +196,9 @@ def run(main, prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except CommandError as e:          # a damaged cache entry, a full disk, ...: one line
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return FAILED
     finally:
         for log, (level, propagate) in zip(logs, saved):
             log.removeHandler(handler)

@@ -22,6 +22,7 @@ different weights; the tests prove the two equal step for step from the *same* w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -41,7 +42,7 @@ from . import cli
 from .atomic import write_json
 from .data import bucket_batches, train_valid_split
 from .encoder_names import Encoder, EncoderNameError
-from .features import extract, find_entry, portable_key
+from .features import DamagedEntry, extract, find_entry, portable_key
 from .tokenizer import pad_batch
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
@@ -128,19 +129,29 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
 # --- features: the reference's cache entry, or computed here ------------------------------------
 
 def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = True,
-             desc: str = "features", batch_tokens: int = 16_384):
+             desc: str = "features", batch_tokens: int = 16_384, repair_command: str = ""):
     """The FeatureStore of ``texts``: the entry either pipeline wrote for these token ids, this
-    encoder and ``max_length`` (:func:`scratch.pipeline.features.find_entry`), else one computed now by
-    the scratch encoder (float32, stored float16) in the same format."""
+    encoder and ``max_length`` (:func:`scratch.pipeline.features.find_entry`), else one computed
+    now by the scratch encoder (float32, stored float16) in the same format.  A damaged entry
+    is never read: one this function wrote has its damaged shards recomputed (saying so), one
+    the reference wrote is refused (:class:`DamagedEntry`) with ``repair_command``."""
     ids = encoder.tokenizer.encode(texts, max_length)
     key = portable_key(encoder.folder, max_length, ids)
-    if (store := find_entry(cache, key)) is not None:
-        return store
+    try:
+        if (store := find_entry(cache, key)) is not None:
+            return store
+    except DamagedEntry as e:
+        if e.folder.name != f"scratch-{key}" or encoder.model_type != "bert":
+            raise DamagedEntry(e.folder, f"{e.why}; written by reference.pipeline.features, "
+                               f"which recomputes just the damaged shards: "
+                               f"{repair_command or 'python -m reference.pipeline.features ...'}"
+                               + _same_plan_options(e), e.shards, e.index) from None
     if encoder.model_type != "bert":
         raise EncoderNameError(
             f"no cached {encoder.name} features for these {len(ids)} reviews at {max_length} "
             f"tokens in {cache}, and scratch's encoder is BERT only: compute them first with "
-            f"python -m reference.pipeline.features --encoder {encoder.name} --max-length {max_length} ...")
+            f"python -m reference.pipeline.features --encoder {encoder.name} "
+            f"--max-length {max_length} ...")
     bert = encoder.load_bert("float32")
 
     def encode(batch):                     # one padded batch -> each review's (L_i, H) float16
@@ -153,6 +164,17 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
             "computed_by": "scratch.bert (float32)"}
     return extract(Path(cache) / f"scratch-{key}", ids, encode, key=key, meta=meta,
                    batch_tokens=batch_tokens, progress=progress, desc=desc)
+
+
+def _same_plan_options(e: DamagedEntry) -> str:
+    """The options that make reference.pipeline.features write entry ``e`` again (its autocast
+    choice and shard size), so that it recomputes just the damaged shards."""
+    extra = "" if e.meta.get("autocast_bf16") else " --no-autocast"
+    try:
+        size = json.loads((e.folder / "plan.json").read_text())["shard_size"]
+        return extra + ("" if size == 2048 else f" --shard-size {int(size)}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return extra
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -258,10 +280,17 @@ def main(argv=None) -> int:
           flush=True)
     metrics = {"config": config, "numpy": np.__version__, "feature_seconds": {}}
 
+    repair = " ".join(["python -m reference.pipeline.features", "--data", str(path), "--encoder",
+                       a.encoder, "--max-length", str(a.max_length), "--cache", a.cache,
+                       *(["--limit-train", str(a.limit_train)] if a.limit_train else []),
+                       *(["--limit-test", str(a.limit_test)] if a.limit_test else []),
+                       "--seed", str(a.seed)])
+
     def timed_features(split):
         t0 = time.perf_counter()
         try:
-            store = features(encoder, reviews[split].texts, a.cache, a.max_length, progress, split)
+            store = features(encoder, reviews[split].texts, a.cache, a.max_length, progress, split,
+                             repair_command=repair)
         except (EncoderNameError, BertError) as e:
             p.error(cli.one_line(e))
         metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - store.wait_seconds, 1)
