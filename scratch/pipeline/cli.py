@@ -1,4 +1,5 @@
-"""Command-line plumbing every command shares, torch-free (``scratch.pipeline.train``, ``scratch.pipeline.predict``
+"""Command-line plumbing every command shares, torch-free (``scratch.pipeline.train``,
+``scratch.pipeline.predict``
 and, through :mod:`reference.pipeline.cli`, the reference commands).
 
 A bad input ends one way, whatever the command: one line ``PROG: error: MESSAGE`` on stderr
@@ -104,7 +105,8 @@ def check_batch_tokens(p: argparse.ArgumentParser, batch_tokens: int, max_length
 
 
 def load_data(p: argparse.ArgumentParser, path=None):
-    """(path, :func:`reference.pipeline.data.load_imdb`'s splits) of ``--data`` or ``$IMDB_PATH``."""
+    """(path, :func:`reference.pipeline.data.load_imdb`'s splits) of ``--data`` or
+    ``$IMDB_PATH``."""
     from .data import ImdbError, find_imdb, load_imdb
 
     try:
@@ -171,7 +173,7 @@ def shown(text: str, width: int = 72) -> str:
     return flat if len(flat) <= width else flat[:width - 3] + "..."
 
 
-# --- running a command as a program ----------------------------------------------------------------
+# --- running a command as a program ---------------------------------------------------------------
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
@@ -200,7 +202,7 @@ def run(main, prog: str) -> int:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return FAILED
     finally:
-        for log, (level, propagate) in zip(logs, saved):
+        for log, (level, propagate) in zip(logs, saved, strict=True):
             log.removeHandler(handler)
             log.level, log.propagate = level, propagate
         signal.signal(signal.SIGTERM, previous)

@@ -1,5 +1,5 @@
-"""``python -m scratch.pipeline.train``: the assignment's head trained from scratch, torch-free, on the
-same cached features, split, batches and recipe as :mod:`reference.pipeline.train`.
+"""``python -m scratch.pipeline.train``: the assignment's head trained from scratch, torch-free, on
+the same cached features, split, batches and recipe as :mod:`reference.pipeline.train`.
 
     python -m scratch.pipeline.train --data PATH --encoder minilm --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--seed 3407] \\
@@ -9,11 +9,13 @@ The recipe, step for step the reference's: Adam (:class:`scratch.optim.Adam`, to
 defaults), the mean BCE-with-logits of each batch, the 17,500/7,500 split with ``seed`` (a
 stratified ``--limit-train`` subset split 70/30), epoch ``e`` shuffling its length buckets with
 seed ``seed + e``, the best-validation-loss checkpoint (the reference's folder format:
-``reference.pipeline.predict`` loads it), test loss and accuracy of that checkpoint in ``metrics.json``.
+``reference.pipeline.predict`` loads it), test loss and accuracy of that checkpoint in
+``metrics.json``.
 Loss and accuracy are means over examples.
 
 Features: the entry that ``reference.pipeline.features`` wrote for these reviews, encoder and length
-(found by :func:`scratch.pipeline.features.portable_key`: encoder files, max_length, token ids); where
+(found by :func:`scratch.pipeline.features.portable_key`: encoder files, max_length, token ids);
+where
 there is none, the scratch encoder (:mod:`scratch.bert`, float32) computes them and writes an
 entry in the same format.  Initial weights and dropout masks come from NumPy generators seeded
 with ``seed`` (not torch's), so a scratch run and a reference run of the same seed start from
@@ -50,7 +52,8 @@ VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
 
 @dataclass
 class Split:
-    """Reviews ``idx`` of a feature store with their labels (``labels[j]`` is review ``idx[j]``'s)."""
+    """Reviews ``idx`` of a feature store with their labels (``labels[j]`` is review
+    ``idx[j]``'s)."""
     store: object
     idx: np.ndarray
     labels: np.ndarray
@@ -96,7 +99,8 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
         config: dict | None = None, progress: bool = False, log=print) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`ckpt.load_state`
     dict).  After every epoch: the weights to ``out`` when the validation loss is the best so far
-    (:func:`scratch.pipeline.checkpoint.save_weights`), the resume state to ``out/last.safetensors``."""
+    (:func:`scratch.pipeline.checkpoint.save_weights`), the resume state to
+    ``out/last.safetensors``."""
     optimizer = Adam(head.params, lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:
@@ -109,7 +113,8 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
         tl, ta = run_epoch(head, train, batch_size, optimizer, seed + epoch, progress,
                            f"epoch {epoch}/{epochs} train")
         t1 = time.perf_counter()
-        vl, va = run_epoch(head, valid, batch_size, None, 0, progress, f"epoch {epoch}/{epochs} valid")
+        vl, va = run_epoch(head, valid, batch_size, None, 0, progress,
+                           f"epoch {epoch}/{epochs} valid")
         t2 = time.perf_counter()
         rec = {"epoch": epoch, "train_loss": tl, "train_acc": ta, "valid_loss": vl,
                "valid_acc": va, "train_seconds": round(t1 - t0, 2),
@@ -185,7 +190,8 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
                    "reference.pipeline.train's recipe, split, batches and checkpoint format.")
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
     p.add_argument("--encoder", default="auto", help="auto | minilm | mpnet | FOLDER (mpnet: "
-                   "from features reference.pipeline.features cached; scratch computes BERT features)")
+                   "from features reference.pipeline.features cached; scratch computes BERT "
+                   "features)")
     p.add_argument("--epochs", type=cli.positive(int), default=2)
     p.add_argument("--batch-size", type=cli.positive(int), default=128)
     p.add_argument("--max-length", type=int, default=512,
@@ -197,7 +203,8 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
                    help="stratified subset of N test reviews")
     p.add_argument("--seed", type=cli.non_negative(int), default=3407,
                    help="seed of the split, the subsets, the initial weights and the dropout")
-    p.add_argument("--cache", default=".cache/features", help="feature cache root (default %(default)s)")
+    p.add_argument("--cache", default=".cache/features",
+                   help="feature cache root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="the head's arrays (features are stored float16 either way)")
@@ -220,7 +227,8 @@ def check_args(p, a) -> Encoder:
     if not 0 <= a.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.limit_train is not None and a.limit_train < 10:
-        p.error(f"--limit-train must be >= 10 (train and valid both need reviews), got {a.limit_train}")
+        p.error(f"--limit-train must be >= 10 (train and valid both need reviews), "
+                f"got {a.limit_train}")
     out = cli.check_folder(p, "--out", a.out)
     cli.check_folder(p, "--cache", a.cache)
     if a.resume and not (out / ckpt.STATE).exists():
