@@ -658,9 +658,10 @@ def _files_sha256(folder: str, stamp: tuple) -> str:
 
 def encoder_id(folder) -> str:
     """sha256 over the encoder folder's ``config.json`` and ``model.safetensors`` bytes (each
-    file hashed once per process while unchanged)."""
+    file hashed once per process while unchanged: same inode, size, mtime and ctime; ctime
+    moves on every write, even one that puts the old mtime back)."""
     folder = Path(folder).resolve()
-    stamp = tuple((s.st_size, s.st_mtime_ns) for s in
+    stamp = tuple((s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for s in
                   (os.stat(folder / n) for n in ("config.json", "model.safetensors")))
     return _files_sha256(str(folder), stamp)
 
@@ -672,8 +673,18 @@ def portable_key(encoder_folder, max_length: int, ids) -> str:
                                    "max_length": int(max_length)}).encode())
     for a in ids:
         h.update(len(a).to_bytes(4, "little"))
-        h.update(np.asarray(a, dtype=np.int32).tobytes())
+        h.update(int32_ids(a).tobytes())
     return h.hexdigest()[:24]
+
+
+def int32_ids(a) -> np.ndarray:
+    """Token ids as little-endian int32, the bytes keys hash; ids int32 cannot hold are refused
+    (a cast would wrap them onto other ids, and two different reviews onto one key)."""
+    a = np.asarray(a)
+    b = a.astype("<i4")
+    if not np.array_equal(a, b):
+        raise ValueError(f"token ids outside int32 ({a.min()}..{a.max()}): not a vocabulary's")
+    return b
 
 
 def find_entry(cache_root, key: str) -> FeatureStore | None:
