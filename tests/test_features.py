@@ -41,15 +41,17 @@ def test_bf16_autocast_stays_close_to_float32(tmp_path):
     b = Fe.extract_features(enc, TEXTS[:4], tmp_path, autocast=False, progress=False)
     assert a.folder != b.folder                       # the autocast choice is part of the key
     for i in range(4):
-        np.testing.assert_allclose(a.get(i).astype(np.float32), b.get(i).astype(np.float32), atol=0.1)
+        np.testing.assert_allclose(a.get(i).astype(np.float32), b.get(i).astype(np.float32),
+                                   atol=0.1)
 
 
 def test_token_batches_respect_the_budget():
     lengths = np.sort(np.random.default_rng(0).integers(1, 300, 500))
     runs = list(Fe.token_batches(lengths, 1000))
     assert runs[0][0] == 0 and runs[-1][1] == 500
-    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
-    assert all((stop - start) * lengths[stop - 1] <= 1000 or stop - start == 1 for start, stop in runs)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert all((stop - start) * lengths[stop - 1] <= 1000 or stop - start == 1
+               for start, stop in runs)
 
 
 def test_cache_hit_does_not_run_the_encoder(tmp_path, monkeypatch):
@@ -65,9 +67,10 @@ def test_stale_caches_are_never_used(tmp_path):
     enc = tiny_encoder()
     base = Fe.extract_features(enc, TEXTS, tmp_path, autocast=False, progress=False).folder
     other_weights = tiny_encoder(seed=1)
-    assert Fe.extract_features(other_weights, TEXTS, tmp_path, autocast=False, progress=False).folder != base
-    assert Fe.extract_features(enc, TEXTS[:-1] + ["changed"], tmp_path, autocast=False, progress=False).folder != base
-    assert Fe.extract_features(enc, TEXTS, tmp_path, max_length=16, autocast=False, progress=False).folder != base
+    kw = dict(autocast=False, progress=False)
+    assert Fe.extract_features(other_weights, TEXTS, tmp_path, **kw).folder != base
+    assert Fe.extract_features(enc, TEXTS[:-1] + ["changed"], tmp_path, **kw).folder != base
+    assert Fe.extract_features(enc, TEXTS, tmp_path, max_length=16, **kw).folder != base
     with torch.no_grad():
         enc.model.encoder.layer[0].output.dense.bias[0] += 1e-3      # one weight changed in place
     assert Fe.extract_features(enc, TEXTS, tmp_path, autocast=False, progress=False).folder != base
@@ -93,7 +96,8 @@ def test_interrupted_extraction_resumes_and_matches_a_clean_run(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         Fe.extract_features(enc, TEXTS, tmp_path / "c", **kw)
     (folder,) = (tmp_path / "c").iterdir()
-    assert sorted(p.name for p in folder.glob("shard_*")) == [f"shard_{i:05d}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in folder.glob("shard_*")) == [
+        f"shard_{i:05d}.safetensors" for i in range(3)]
     assert not (folder / "index.json").exists()
     with pytest.raises(FileNotFoundError, match="not complete"):
         Fe.FeatureStore(folder)
@@ -178,7 +182,9 @@ def test_a_failed_run_keeps_its_finished_shards_and_says_so_on_resume(tmp_path, 
         Fe.extract_features(enc, TEXTS, tmp_path, **kw)
     (folder,) = tmp_path.iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [
-        ".lock", "plan.json", *(f"shard_{i:05d}.safetensors" for i in range(3))]
+        ".lock", "plan.json", *(f"shard_{i:05d}.safetensors" for i in range(3)), "sums"]
+    assert sorted(p.name for p in (folder / "sums").iterdir()) == [
+        f"shard_{i:05d}.safetensors.json" for i in range(3)]          # each shard's checksum
     monkeypatch.setattr(Fe, "_encode", real)
     with caplog.at_level("INFO", logger="scratch.pipeline.features"):
         Fe.extract_features(enc, TEXTS, tmp_path, **kw)
@@ -186,7 +192,8 @@ def test_a_failed_run_keeps_its_finished_shards_and_says_so_on_resume(tmp_path, 
 
 
 def test_a_batch_must_hold_the_longest_review(tmp_path):
-    with pytest.raises(ValueError, match=r"batch_tokens 8 is smaller than the longest review \(\d+ tokens\)"):
+    with pytest.raises(ValueError,
+                       match=r"batch_tokens 8 is smaller than the longest review \(\d+ tokens\)"):
         Fe.extract_features(tiny_encoder(), TEXTS, tmp_path, batch_tokens=8, progress=False)
     assert entries(tmp_path) == []
 

@@ -16,10 +16,10 @@ first missing shard (saying "resuming: 3 of 6 shards done"); without ``index.jso
 never read as complete.  One writer per entry at a time (an ``flock`` on ``<key>/.lock``): a
 second process asking for the same features waits for the first and then reads its cache.
 
-Under ``torchrun --nproc-per-node N -m reference.pipeline.features ...`` the N ranks split the shards
-of each entry (:func:`scratch.pipeline.ranks.extract_together`): the same cache, tensor for tensor;
-rank 0 holds the entry's lock for the whole job, so the rule becomes one job (or one process)
-per entry.  Each rank runs the encoder on ``OMP_NUM_THREADS`` threads (torchrun sets 1).
+Under ``torchrun --nproc-per-node N -m reference.pipeline.features ...`` the N ranks split the
+shards of each entry (:func:`scratch.pipeline.ranks.extract_together`): the same cache, tensor
+for tensor; rank 0 holds the entry's lock for the whole job, so the rule becomes one job (or one
+process) per entry.  Each rank runs the encoder on ``OMP_NUM_THREADS`` threads (torchrun sets 1).
 
 What a failed run leaves behind (only entries with a finished shard survive, to resume): see
 :mod:`scratch.pipeline.features`, which writes the entries for both pipelines.
@@ -66,7 +66,7 @@ def cache_key(encoder: Encoder, ids: list[np.ndarray], max_length: int, autocast
                                    "max_length": max_length, "autocast": autocast}).encode())
     for a in ids:
         h.update(len(a).to_bytes(4, "little"))
-        h.update(a.astype(np.int32).tobytes())
+        h.update(scratch_features.int32_ids(a).tobytes())
     return h.hexdigest()[:24]
 
 
@@ -125,7 +125,8 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
 
 
 def imdb_features(encoder: Encoder, data: dict, cache_root=DEFAULT_ROOT, **kw) -> dict:
-    """``{split: FeatureStore}`` for each split of :func:`reference.pipeline.data.load_imdb`'s result."""
+    """``{split: FeatureStore}`` for each split of :func:`reference.pipeline.data.load_imdb`'s
+    result."""
     return {split: extract_features(encoder, reviews.texts, cache_root, desc=split, **kw)
             for split, reviews in data.items()}
 

@@ -1,4 +1,5 @@
-"""Command-line plumbing every command shares, torch-free (``scratch.pipeline.train``, ``scratch.pipeline.predict``
+"""Command-line plumbing every command shares, torch-free (``scratch.pipeline.train``,
+``scratch.pipeline.predict``
 and, through :mod:`reference.pipeline.cli`, the reference commands).
 
 A bad input ends one way, whatever the command: one line ``PROG: error: MESSAGE`` on stderr
@@ -24,7 +25,9 @@ import signal
 import sys
 from pathlib import Path
 
-BAD_INPUT, INTERRUPTED = 2, 130
+from .errors import CommandError
+
+FAILED, BAD_INPUT, INTERRUPTED = 1, 2, 130
 LOGGERS = ("reference", "scratch")
 
 
@@ -102,7 +105,8 @@ def check_batch_tokens(p: argparse.ArgumentParser, batch_tokens: int, max_length
 
 
 def load_data(p: argparse.ArgumentParser, path=None):
-    """(path, :func:`reference.pipeline.data.load_imdb`'s splits) of ``--data`` or ``$IMDB_PATH``."""
+    """(path, :func:`reference.pipeline.data.load_imdb`'s splits) of ``--data`` or
+    ``$IMDB_PATH``."""
     from .data import ImdbError, find_imdb, load_imdb
 
     try:
@@ -169,7 +173,7 @@ def shown(text: str, width: int = 72) -> str:
     return flat if len(flat) <= width else flat[:width - 3] + "..."
 
 
-# --- running a command as a program ----------------------------------------------------------------
+# --- running a command as a program ---------------------------------------------------------------
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
@@ -177,7 +181,8 @@ def _terminate(signum, frame):
 
 def run(main, prog: str) -> int:
     """``main()`` as a program: SIGTERM ends it as Ctrl-C does (``finally`` blocks run), an
-    interruption is one line and exit status 130, the ``reference`` and ``scratch`` loggers'
+    interruption is one line and exit status 130, a :class:`CommandError` (a damaged feature
+    cache entry, a full disk) one line and exit status 1, the ``reference`` and ``scratch`` loggers'
     INFO lines go to stderr.  Both settings are undone afterwards."""
     previous = signal.signal(signal.SIGTERM, _terminate)
     handler = logging.StreamHandler()
@@ -193,8 +198,11 @@ def run(main, prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except CommandError as e:          # a damaged cache entry, a full disk, ...: one line
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return FAILED
     finally:
-        for log, (level, propagate) in zip(logs, saved):
+        for log, (level, propagate) in zip(logs, saved, strict=True):
             log.removeHandler(handler)
             log.level, log.propagate = level, propagate
         signal.signal(signal.SIGTERM, previous)

@@ -19,8 +19,10 @@ from .features import (
     FeatureStore,
     Plan,
     check_extract,
+    check_space,
     discard_unfinished,
     finish_entry,
+    open_entry,
     start_entry,
     token_bar,
     write_shards,
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 
 class Ranks(Protocol):
     """The processes of one job, as :func:`extract_together` needs them (torch-free: the
-    reference pipeline passes :class:`reference.pipeline.distributed.Ranks`, over torch.distributed)."""
+    reference pipeline passes :class:`reference.pipeline.distributed.Ranks`, over
+    torch.distributed)."""
     rank: int                            # 0..size-1
     size: int
 
@@ -71,8 +74,9 @@ def extract(folder, ids, encode, *, ranks: Ranks | None = None, **kw) -> Feature
 def extract_together(folder: Path, ids, encode, ranks: Ranks, *, key: str, meta: dict,
                      batch_tokens: int, shard_size: int, progress: bool = True,
                      desc: str = "features") -> FeatureStore:
-    """:func:`scratch.pipeline.features.extract` by the ``ranks.size`` processes of one job, every one of them calling it
-    with the same ``ids``: the same entry as one process writes, shard for shard.
+    """:func:`scratch.pipeline.features.extract` by the ``ranks.size`` processes of one job,
+    every one of them calling it with the same ``ids``: the same entry as one process writes,
+    shard for shard.
 
     The rule that keeps one writer per entry: rank 0 takes the entry's writer lock on behalf
     of the whole job (polling, so that the other ranks, waiting in :meth:`Ranks.share`, hear
@@ -112,13 +116,15 @@ def extract_together(folder: Path, ids, encode, ranks: Ranks, *, key: str, meta:
 def _rank0(folder: Path, ids, encode, ranks: Ranks, plan: Plan, meta: dict, batch_tokens: int,
            progress: bool, desc: str) -> FeatureStore:
     waited = 0.0
-    if (folder / "index.json").exists():
+    if open_entry(folder, desc)[0] is not None:             # complete and sound
         ranks.share({"key": plan.key, "todo": None, "waited": waited})
     else:
         with writer_lock(folder, desc, heartbeat=lambda: ranks.share(WAITING)) as waited:
-            complete = (folder / "index.json").exists()
+            store, repaired = open_entry(folder, desc, repair=True)
             try:
-                todo = None if complete else start_entry(folder, plan, desc)
+                todo = None if store else start_entry(folder, plan, desc, not repaired)
+                if todo:
+                    check_space(folder, plan, todo, int(meta["hidden_size"]))
                 parts = (None if todo is None else
                          assign_shards(todo, [plan.tokens(s) for s in range(len(plan.shards))],
                                        ranks.size))

@@ -1,5 +1,5 @@
-"""``python -m scratch.pipeline.train``: the assignment's head trained from scratch, torch-free, on the
-same cached features, split, batches and recipe as :mod:`reference.pipeline.train`.
+"""``python -m scratch.pipeline.train``: the assignment's head trained from scratch, torch-free, on
+the same cached features, split, batches and recipe as :mod:`reference.pipeline.train`.
 
     python -m scratch.pipeline.train --data PATH --encoder minilm --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--seed 3407] \\
@@ -9,11 +9,13 @@ The recipe, step for step the reference's: Adam (:class:`scratch.optim.Adam`, to
 defaults), the mean BCE-with-logits of each batch, the 17,500/7,500 split with ``seed`` (a
 stratified ``--limit-train`` subset split 70/30), epoch ``e`` shuffling its length buckets with
 seed ``seed + e``, the best-validation-loss checkpoint (the reference's folder format:
-``reference.pipeline.predict`` loads it), test loss and accuracy of that checkpoint in ``metrics.json``.
+``reference.pipeline.predict`` loads it), test loss and accuracy of that checkpoint in
+``metrics.json``.
 Loss and accuracy are means over examples.
 
 Features: the entry that ``reference.pipeline.features`` wrote for these reviews, encoder and length
-(found by :func:`scratch.pipeline.features.portable_key`: encoder files, max_length, token ids); where
+(found by :func:`scratch.pipeline.features.portable_key`: encoder files, max_length, token ids);
+where
 there is none, the scratch encoder (:mod:`scratch.bert`, float32) computes them and writes an
 entry in the same format.  Initial weights and dropout masks come from NumPy generators seeded
 with ``seed`` (not torch's), so a scratch run and a reference run of the same seed start from
@@ -22,6 +24,7 @@ different weights; the tests prove the two equal step for step from the *same* w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -41,7 +44,7 @@ from . import cli
 from .atomic import write_json
 from .data import bucket_batches, train_valid_split
 from .encoder_names import Encoder, EncoderNameError
-from .features import extract, find_entry, portable_key
+from .features import DamagedEntry, extract, find_entry, portable_key
 from .tokenizer import pad_batch
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
@@ -49,7 +52,8 @@ VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
 
 @dataclass
 class Split:
-    """Reviews ``idx`` of a feature store with their labels (``labels[j]`` is review ``idx[j]``'s)."""
+    """Reviews ``idx`` of a feature store with their labels (``labels[j]`` is review
+    ``idx[j]``'s)."""
     store: object
     idx: np.ndarray
     labels: np.ndarray
@@ -95,7 +99,8 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
         config: dict | None = None, progress: bool = False, log=print) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`ckpt.load_state`
     dict).  After every epoch: the weights to ``out`` when the validation loss is the best so far
-    (:func:`scratch.pipeline.checkpoint.save_weights`), the resume state to ``out/last.safetensors``."""
+    (:func:`scratch.pipeline.checkpoint.save_weights`), the resume state to
+    ``out/last.safetensors``."""
     optimizer = Adam(head.params, lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:
@@ -108,7 +113,8 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
         tl, ta = run_epoch(head, train, batch_size, optimizer, seed + epoch, progress,
                            f"epoch {epoch}/{epochs} train")
         t1 = time.perf_counter()
-        vl, va = run_epoch(head, valid, batch_size, None, 0, progress, f"epoch {epoch}/{epochs} valid")
+        vl, va = run_epoch(head, valid, batch_size, None, 0, progress,
+                           f"epoch {epoch}/{epochs} valid")
         t2 = time.perf_counter()
         rec = {"epoch": epoch, "train_loss": tl, "train_acc": ta, "valid_loss": vl,
                "valid_acc": va, "train_seconds": round(t1 - t0, 2),
@@ -128,19 +134,29 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
 # --- features: the reference's cache entry, or computed here ------------------------------------
 
 def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = True,
-             desc: str = "features", batch_tokens: int = 16_384):
+             desc: str = "features", batch_tokens: int = 16_384, repair_command: str = ""):
     """The FeatureStore of ``texts``: the entry either pipeline wrote for these token ids, this
-    encoder and ``max_length`` (:func:`scratch.pipeline.features.find_entry`), else one computed now by
-    the scratch encoder (float32, stored float16) in the same format."""
+    encoder and ``max_length`` (:func:`scratch.pipeline.features.find_entry`), else one computed
+    now by the scratch encoder (float32, stored float16) in the same format.  A damaged entry
+    is never read: one this function wrote has its damaged shards recomputed (saying so), one
+    the reference wrote is refused (:class:`DamagedEntry`) with ``repair_command``."""
     ids = encoder.tokenizer.encode(texts, max_length)
     key = portable_key(encoder.folder, max_length, ids)
-    if (store := find_entry(cache, key)) is not None:
-        return store
+    try:
+        if (store := find_entry(cache, key)) is not None:
+            return store
+    except DamagedEntry as e:
+        if e.folder.name != f"scratch-{key}" or encoder.model_type != "bert":
+            raise DamagedEntry(e.folder, f"{e.why}; written by reference.pipeline.features, "
+                               f"which recomputes just the damaged shards: "
+                               f"{repair_command or 'python -m reference.pipeline.features ...'}"
+                               + _same_plan_options(e), e.shards, e.index) from None
     if encoder.model_type != "bert":
         raise EncoderNameError(
             f"no cached {encoder.name} features for these {len(ids)} reviews at {max_length} "
             f"tokens in {cache}, and scratch's encoder is BERT only: compute them first with "
-            f"python -m reference.pipeline.features --encoder {encoder.name} --max-length {max_length} ...")
+            f"python -m reference.pipeline.features --encoder {encoder.name} "
+            f"--max-length {max_length} ...")
     bert = encoder.load_bert("float32")
 
     def encode(batch):                     # one padded batch -> each review's (L_i, H) float16
@@ -155,6 +171,17 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
                    batch_tokens=batch_tokens, progress=progress, desc=desc)
 
 
+def _same_plan_options(e: DamagedEntry) -> str:
+    """The options that make reference.pipeline.features write entry ``e`` again (its autocast
+    choice and shard size), so that it recomputes just the damaged shards."""
+    extra = "" if e.meta.get("autocast_bf16") else " --no-autocast"
+    try:
+        size = json.loads((e.folder / "plan.json").read_text())["shard_size"]
+        return extra + ("" if size == 2048 else f" --shard-size {int(size)}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return extra
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentParser:
@@ -163,7 +190,8 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
                    "reference.pipeline.train's recipe, split, batches and checkpoint format.")
     p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
     p.add_argument("--encoder", default="auto", help="auto | minilm | mpnet | FOLDER (mpnet: "
-                   "from features reference.pipeline.features cached; scratch computes BERT features)")
+                   "from features reference.pipeline.features cached; scratch computes BERT "
+                   "features)")
     p.add_argument("--epochs", type=cli.positive(int), default=2)
     p.add_argument("--batch-size", type=cli.positive(int), default=128)
     p.add_argument("--max-length", type=int, default=512,
@@ -175,7 +203,8 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
                    help="stratified subset of N test reviews")
     p.add_argument("--seed", type=cli.non_negative(int), default=3407,
                    help="seed of the split, the subsets, the initial weights and the dropout")
-    p.add_argument("--cache", default=".cache/features", help="feature cache root (default %(default)s)")
+    p.add_argument("--cache", default=".cache/features",
+                   help="feature cache root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="the head's arrays (features are stored float16 either way)")
@@ -198,7 +227,8 @@ def check_args(p, a) -> Encoder:
     if not 0 <= a.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.limit_train is not None and a.limit_train < 10:
-        p.error(f"--limit-train must be >= 10 (train and valid both need reviews), got {a.limit_train}")
+        p.error(f"--limit-train must be >= 10 (train and valid both need reviews), "
+                f"got {a.limit_train}")
     out = cli.check_folder(p, "--out", a.out)
     cli.check_folder(p, "--cache", a.cache)
     if a.resume and not (out / ckpt.STATE).exists():
@@ -258,10 +288,17 @@ def main(argv=None) -> int:
           flush=True)
     metrics = {"config": config, "numpy": np.__version__, "feature_seconds": {}}
 
+    repair = " ".join(["python -m reference.pipeline.features", "--data", str(path), "--encoder",
+                       a.encoder, "--max-length", str(a.max_length), "--cache", a.cache,
+                       *(["--limit-train", str(a.limit_train)] if a.limit_train else []),
+                       *(["--limit-test", str(a.limit_test)] if a.limit_test else []),
+                       "--seed", str(a.seed)])
+
     def timed_features(split):
         t0 = time.perf_counter()
         try:
-            store = features(encoder, reviews[split].texts, a.cache, a.max_length, progress, split)
+            store = features(encoder, reviews[split].texts, a.cache, a.max_length, progress, split,
+                             repair_command=repair)
         except (EncoderNameError, BertError) as e:
             p.error(cli.one_line(e))
         metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - store.wait_seconds, 1)
