@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 class Ranks(Protocol):
     """The processes of one job, as :func:`extract_together` needs them (torch-free: the
-    reference pipeline passes :class:`reference.pipeline.distributed.Ranks`, over torch.distributed)."""
+    reference pipeline passes :class:`reference.pipeline.distributed.Ranks`, over
+    torch.distributed)."""
     rank: int                            # 0..size-1
     size: int
 
@@ -71,8 +72,9 @@ def extract(folder, ids, encode, *, ranks: Ranks | None = None, **kw) -> Feature
 def extract_together(folder: Path, ids, encode, ranks: Ranks, *, key: str, meta: dict,
                      batch_tokens: int, shard_size: int, progress: bool = True,
                      desc: str = "features") -> FeatureStore:
-    """:func:`scratch.pipeline.features.extract` by the ``ranks.size`` processes of one job, every one of them calling it
-    with the same ``ids``: the same entry as one process writes, shard for shard.
+    """:func:`scratch.pipeline.features.extract` by the ``ranks.size`` processes of one job,
+    every one of them calling it with the same ``ids``: the same entry as one process writes,
+    shard for shard.
 
     The rule that keeps one writer per entry: rank 0 takes the entry's writer lock on behalf
     of the whole job (polling, so that the other ranks, waiting in :meth:`Ranks.share`, hear
