@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reference import attention as R  # noqa: E402
-from reference.timing import bench_threads, best_time, pin_threads  # noqa: E402
-from scratch import attention as A  # noqa: E402
-from scratch.backend import get_xp  # noqa: E402
+from reference import attention as R
+from reference.timing import bench_threads, best_time, pin_threads
+from scratch import attention as A
+from scratch.backend import get_xp
 
 THREADS = pin_threads(bench_threads())
 

@@ -40,12 +40,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.attention import _fixed_mmap_threshold, peak_extra_bytes  # noqa: E402
-from reference.bert_attention import swap_attention  # noqa: E402
-from reference.pipeline.encoders import load_encoder  # noqa: E402
-from reference.timing import bench_threads, pin_threads  # noqa: E402
-from scratch.bert import BertEncoder  # noqa: E402
-from scratch.bert_folder import BertConfig, read_weights  # noqa: E402
+from bench.attention import _fixed_mmap_threshold, peak_extra_bytes
+from reference.bert_attention import swap_attention
+from reference.pipeline.encoders import load_encoder
+from reference.timing import bench_threads, pin_threads
+from scratch.bert import BertEncoder
+from scratch.bert_folder import BertConfig, read_weights
 
 THREADS = pin_threads(bench_threads())
 POSITIONS = "embeddings.position_embeddings.weight"
@@ -95,7 +95,7 @@ def timed_calls(calls: dict, repeat: int, enough: float = 1.0) -> dict:
     got = {}
     for side, fn in calls.items():
         box, c0 = [], time.process_time()
-        seconds, mem = peak_extra_bytes(lambda fn=fn: box.append(fn()))
+        seconds, mem = peak_extra_bytes(lambda fn=fn, box=box: box.append(fn()))
         got[side] = {"seconds": seconds, "cpu_seconds": time.process_time() - c0,
                      "peak_bytes": mem, "out": box[0]}
     for _ in range(repeat - 1):
@@ -127,11 +127,14 @@ def sweep(enc, model, lengths, batch, variants, repeat, max_call_s):
             swap_attention(model, **(VARIANTS[name] or {"attention": "softmax"}))
             ours = enc.with_attention(**VARIANTS[name]) if VARIANTS[name] else enc
 
-            def torch_fn():
+            def torch_fn(tids=tids):
                 with torch.no_grad():
                     return model(tids).last_hidden_state.numpy()
 
-            fns = {"scratch": lambda: ours(ids), "torch": torch_fn}
+            def scratch_fn(ours=ours, ids=ids):
+                return ours(ids)
+
+            fns = {"scratch": scratch_fn, "torch": torch_fn}
             got = timed_calls({s: fns[s] for s in sides}, repeat)
             diff = (float(np.abs(got["scratch"]["out"] - got["torch"]["out"]).max())
                     if len(got) == 2 else None)

@@ -7,18 +7,20 @@ wall time of each stage (stage e of ``bench/gpu_check.sh``).
         [--seed 3407] [--json PATH] [--tiny]
 
 Exactly the reference pipeline's recipe (:mod:`reference.pipeline.train`): the same 17,500 / 7,500
-split of the train reviews (seed 3407, the reviews in :func:`reference.pipeline.data.load_imdb`'s order),
+split of the train reviews (seed 3407, the reviews in
+:func:`reference.pipeline.data.load_imdb`'s order),
 ``GRUHead(384, 256, 1, 2, bidirectional, 0.25)`` seeded with ``torch.manual_seed(seed)``, Adam,
 ``BCEWithLogits``, length-bucketed batches of 128, the best-validation-loss epoch evaluated on
-all 25,000 test reviews, through :func:`reference.pipeline.train.fit` and :func:`reference.pipeline.train.run_epoch`.
+all 25,000 test reviews, through
+:func:`reference.pipeline.train.fit` and :func:`reference.pipeline.train.run_epoch`.
 
-What differs from ``python -m reference.pipeline.train`` is where the features live: the encoder runs
-once per split (length-sorted batches of at most ``--batch-tokens`` tokens, bf16 autocast where
-the device has it, as :mod:`reference.pipeline.features`) and the features stay on the device in one
-flat float16 tensor (:class:`DeviceFeatureStore`, about 10 GB for both splits at 512 tokens),
-not in the on-disk cache.  The encoder's weights are the travelling float16 copy, computed in
-float32 (``model.float()``) under the autocast.  ``--tiny``: 48 train / 24 test reviews
-(stratified), batch 16, for checking the plumbing on a CPU (tests/test_gpu_check.py).
+What differs from ``python -m reference.pipeline.train`` is where the features live: the encoder
+runs once per split (length-sorted batches of at most ``--batch-tokens`` tokens, bf16 autocast
+where the device has it, as :mod:`reference.pipeline.features`) and the features stay on the device
+in one flat float16 tensor (:class:`DeviceFeatureStore`, about 10 GB for both splits at 512
+tokens), not in the on-disk cache.  The encoder's weights are the travelling float16 copy,
+computed in float32 (``model.float()``) under the autocast.  ``--tiny``: 48 train / 24 test
+reviews (stratified), batch 16, for checking the plumbing on a CPU (tests/test_gpu_check.py).
 """
 from __future__ import annotations
 
@@ -35,18 +37,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_travel import TravelError, load_tokens  # noqa: E402
-from reference.model import GRUHead  # noqa: E402
-from reference.pipeline import checkpoint as ckpt  # noqa: E402
-from reference.pipeline.data import stratified_subset, train_valid_split  # noqa: E402
-from reference.pipeline.encoders import EncoderError, bf16_supported, load_encoder  # noqa: E402
-from reference.pipeline.features import token_batches  # noqa: E402
-from reference.pipeline.train import VALID_FRACTION, Split, fit, run_epoch  # noqa: E402
+from bench.gpu_travel import TravelError, load_tokens
+from reference.model import GRUHead
+from reference.pipeline import checkpoint as ckpt
+from reference.pipeline.data import stratified_subset, train_valid_split
+from reference.pipeline.encoders import EncoderError, bf16_supported, load_encoder
+from reference.pipeline.features import token_batches
+from reference.pipeline.train import VALID_FRACTION, Split, fit, run_epoch
 
 
 class DeviceFeatureStore:
-    """:mod:`reference.pipeline.train`'s feature-store interface (``lengths``, ``batch(indices)``) over
-    one flat (tokens, H) float16 tensor on the device: review i is rows
+    """:mod:`reference.pipeline.train`'s feature-store interface (``lengths``,
+    ``batch(indices)``) over one flat (tokens, H) float16 tensor on the device: review i is rows
     ``offsets[i] : offsets[i] + lengths[i]``; batches are gathered there, never via the host."""
 
     def __init__(self, feats: torch.Tensor, offsets: np.ndarray, lengths: np.ndarray):

@@ -65,7 +65,8 @@ def attention(out: Path) -> list[str]:
         cells = []
         for v, s in cols:
             r = by.get((v, s, n))
-            mem = "" if r is None or r["peak_bytes"] is None else f" ({r['peak_bytes'] / 2**20:.0f})"
+            no_mem = r is None or r["peak_bytes"] is None
+            mem = "" if no_mem else f" ({r['peak_bytes'] / 2**20:.0f})"
             cells.append("-" if r is None else f"{r['seconds'] * 1e3:.2f}{mem}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("")

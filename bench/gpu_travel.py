@@ -8,10 +8,10 @@ working tree that travels (with the carried, git-ignored folders) may hold 64 Mi
   weights are **float16** safetensors (45 MB instead of 91 MB), with its ``config.json`` and
   tokenizer files: ``reference.pipeline.encoders.load_encoder(FOLDER)`` loads it like any folder;
 * the IMDB reviews as **token ids**, tokenized here exactly as the reference pipeline does
-  (:func:`reference.pipeline.data.tokenize` with the encoder's tokenizer, ``[CLS] ... [SEP]``, truncated
-  to ``--max-length``), in :func:`reference.pipeline.data.load_imdb`'s order (so seed 3407's split is
-  the same reviews as on the CPU): per split the ids of all reviews concatenated (uint16: the
-  vocabulary has 30,522 ids), their lengths and labels, in one compressed ``.npz``.
+  (:func:`reference.pipeline.data.tokenize` with the encoder's tokenizer, ``[CLS] ... [SEP]``,
+  truncated to ``--max-length``), in :func:`reference.pipeline.data.load_imdb`'s order (so seed
+  3407's split is the same reviews as on the CPU): per split the ids of all reviews concatenated
+  (uint16: the vocabulary has 30,522 ids), their lengths and labels, in one compressed ``.npz``.
 
     python bench/gpu_travel.py --out .gpu [--data PATH] [--encoder minilm] [--max-length 512]
                                [--limit-train N --limit-test N]
@@ -80,8 +80,8 @@ def convert_encoder(source, out) -> Path:
 
 
 def pack_tokens(data: dict, tokenizer, max_length: int, out, encoder_name: str = "") -> dict:
-    """Tokenize ``data`` ({split: reference.pipeline.data.Reviews}) and write the compressed ``.npz``;
-    returns its metadata."""
+    """Tokenize ``data`` ({split: reference.pipeline.data.Reviews}) and write the compressed
+    ``.npz``; returns its metadata."""
     from reference.pipeline.data import tokenize
 
     arrays, meta = {}, {"max_length": max_length, "encoder": encoder_name,

@@ -24,8 +24,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reference.model import GRUHead  # noqa: E402
-from reference.timing import bench_threads, best_time, pin_threads  # noqa: E402
+from reference.model import GRUHead
+from reference.timing import bench_threads, best_time, pin_threads
 
 THREADS = pin_threads(bench_threads())
 
@@ -59,10 +59,11 @@ def bench(batch, steps, emb, hidden, repeat, pattern, seed=0):
     lengths[0] = steps
     rows, cpu, outs = {}, {}, {}
     for name, fn in PATHS.items():
-        outs[name], rows[name], cpu[name] = best_time(lambda: step(fn, head, x, lengths), repeat,
-                                                      with_cpu=True)
+        outs[name], rows[name], cpu[name] = best_time(lambda fn=fn: step(fn, head, x, lengths),
+                                                      repeat, with_cpu=True)
     (yf, gf), (yp, gp) = outs["fast exact"], outs["packed"]
-    err = max([float((yf - yp).abs().max())] + [float((a - b).abs().max()) for a, b in zip(gf, gp)])
+    grad_errs = [float((a - b).abs().max()) for a, b in zip(gf, gp, strict=True)]
+    err = max([float((yf - yp).abs().max())] + grad_errs)
     return rows, cpu, err
 
 
@@ -77,7 +78,8 @@ def main(argv=None):
     p.add_argument("--png", default="bench/results/gru_packing.png")
     a = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {a.batch}, "
-          f"{a.steps} steps, {a.emb} -> {a.hidden}, 2-layer BiGRU, forward + backward, best of {a.repeat}")
+          f"{a.steps} steps, {a.emb} -> {a.hidden}, 2-layer BiGRU, forward + backward, "
+          f"best of {a.repeat}")
     results = []
     for pattern in ("bucketed", "spread"):
         rows, cpu, err = bench(a.batch, a.steps, a.emb, a.hidden, a.repeat, pattern)
@@ -85,7 +87,8 @@ def main(argv=None):
             print(f"{pattern:>9} {name:>11}: {t:7.2f} s wall, {cpu[name]:7.2f} s CPU   "
                   f"({cpu[name] / cpu['fast exact']:5.2f} x fast exact CPU)")
         print(f"{pattern:>9} max |fast exact - packed| (logits, grads): {err:.2e}")
-        results.append({"pattern": pattern, "seconds": rows, "cpu_seconds": cpu, "max_abs_err": err})
+        results.append({"pattern": pattern, "seconds": rows, "cpu_seconds": cpu,
+                        "max_abs_err": err})
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), **vars(a)}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))

@@ -24,8 +24,8 @@ kernel: per layer, the forward direction runs over the padded batch (it is causa
 at ``t < L_i`` never see the padding) and the reverse direction runs forward over each review's
 real tokens reversed in place (``x[i, L_i-1-t]`` for ``t < L_i``; the padding stays at the tail,
 where it is never read back).  Final states are read at ``t = L_i - 1`` in each direction's own
-time order.  With length-bucketed batches (:func:`reference.pipeline.data.bucket_batches`) the wasted
-work on the tail is small.
+time order.  With length-bucketed batches (:func:`reference.pipeline.data.bucket_batches`) the
+wasted work on the tail is small.
 
 :class:`GRUHead` is the part after BERT (``rnn``, ``dropout``, ``out``): it trains on cached
 encoder features.  :class:`BERTGRUSentiment` is a ``GRUHead`` with ``self.bert`` in front, so its
@@ -81,13 +81,14 @@ class PackedGRU:
     def __init__(self, rnn: nn.GRU):
         if not rnn.batch_first:
             raise ValueError("PackedGRU expects an nn.GRU built with batch_first=True")
-        self.dirs = [[_Direction(rnn, k, r) for r in ((False, True) if rnn.bidirectional else (False,))]
-                     for k in range(rnn.num_layers)]
+        reverses = (False, True) if rnn.bidirectional else (False,)
+        self.dirs = [[_Direction(rnn, k, r) for r in reverses] for k in range(rnn.num_layers)]
 
     def __call__(self, rnn: nn.GRU, x: torch.Tensor, lengths: torch.Tensor,
                  masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, T, E), lengths: (B,) in 1..T -> h_n: (num_layers * num_directions, B, H), the
-        same as ``rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[1]``.
+        same as
+        ``rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))[1]``.
         Between layers, dropout ``rnn.dropout`` is applied when ``rnn.training`` (as nn.GRU).
 
         ``masks``: given dropout masks instead of drawn ones (then ``rnn.training`` is not

@@ -36,7 +36,10 @@ def random_bert(seed: int, scale: float = 0.5, **config) -> BertModel:
 def torch_hidden(model, ids, mask=None, types=None) -> np.ndarray:
     """``model(...).last_hidden_state`` as a NumPy array (inputs on the model's device)."""
     dev = next(model.parameters()).device
-    on = lambda a: torch.as_tensor(np.asarray(a), device=dev)  # noqa: E731
+
+    def on(a):
+        return torch.as_tensor(np.asarray(a), device=dev)
+
     kw = {}
     if mask is not None:
         kw["attention_mask"] = on(mask)

@@ -27,7 +27,8 @@ settings.register_profile(
     "gpu", derandomize=True, max_examples=20, deadline=None, print_blob=True,
     phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
+                      or ("ci" if os.environ.get("CI") else "dev"))
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -37,7 +38,8 @@ def imdb_path() -> Path:
     """The real labelled aclImdb archive from ``IMDB_PATH``: fails (not skips) in CI if missing."""
     p = os.environ.get("IMDB_PATH")
     if not p:
-        default = Path(__file__).resolve().parents[1].parent / "shared/data/imdb/aclImdb_labelled.tar.gz"
+        shared = Path(__file__).resolve().parents[1].parent / "shared"
+        default = shared / "data/imdb/aclImdb_labelled.tar.gz"
         p = str(default) if default.exists() else ""
     if not p or not Path(p).exists():
         msg = f"IMDB archive not found (IMDB_PATH={os.environ.get('IMDB_PATH')!r})"

@@ -1,7 +1,8 @@
-"""``torchrun ... -m tests.dist_crash features|train ARGS``: ``python -m reference.pipeline.features`` or
-``reference.pipeline.train`` with ARGS, except that rank ``$CRASH_RANK`` (default 1) dies in the middle,
-as a worker killed by the kernel would (``os._exit(3)``: no clean-up, no message): in its first
-encoder batch (features) or its first training batch (train).  With ``CRASH_MODE=hang`` it
+"""``torchrun ... -m tests.dist_crash features|train ARGS``:
+``python -m reference.pipeline.features`` or ``reference.pipeline.train`` with ARGS, except that
+rank ``$CRASH_RANK`` (default 1) dies in the middle, as a worker killed by the kernel would
+(``os._exit(3)``: no clean-up, no message): in its first encoder batch (features) or its first
+training batch (train).  With ``CRASH_MODE=hang`` it
 sleeps there instead, alive but silent.  For tests/test_distributed.py."""
 from __future__ import annotations
 

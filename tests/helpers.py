@@ -97,7 +97,8 @@ def on(xp, *arrays):
 
 
 def tensor(a, device="cpu", **kw):
-    """A torch tensor (a copy) of the NumPy (or CuPy) array ``a`` on ``device`` (None stays None)."""
+    """A torch tensor (a copy) of the NumPy (or CuPy) array ``a`` on ``device`` (None stays
+    None)."""
     import torch
 
     return None if a is None else torch.tensor(to_numpy(a), device=device, **kw)

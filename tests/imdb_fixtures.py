@@ -46,7 +46,8 @@ def tree_files(n_per_class: int = 6, splits=("train", "test")) -> dict[str, byte
         for label in ("pos", "neg"):
             for i in range(n_per_class):
                 rating = 8 if label == "pos" else 2
-                files[f"aclImdb/{split}/{label}/{i}_{rating}.txt"] = review(i, label == "pos").encode()
+                name = f"aclImdb/{split}/{label}/{i}_{rating}.txt"
+                files[name] = review(i, label == "pos").encode()
     return files
 
 
@@ -74,7 +75,8 @@ def save_tiny_encoder(folder: Path, seed: int = 0, hidden: int = 16) -> Path:
 
 def save_tiny_checkpoint(folder: Path, encoder_folder: Path, hidden: int = 16, seed: int = 0,
                          max_length: int = 32) -> Path:
-    """A reference.pipeline.train-style checkpoint of a random head for ``encoder_folder``'s features."""
+    """A reference.pipeline.train-style checkpoint of a random head for ``encoder_folder``'s
+    features."""
     from reference.model import GRUHead
     from reference.pipeline import checkpoint as ckpt
 

@@ -15,6 +15,11 @@ from .helpers import assert_close, central_differences, dtypes, on, tol
 from .helpers import attention_problems as problems
 
 
+def score_mask(key_mask):
+    """softmax_attention's (..., 1, m) mask of a (..., m) key mask; None stays None."""
+    return None if key_mask is None else key_mask[..., None, :]
+
+
 def phi(x, alpha=1.0):
     """elu(x) + 1 written out: x + 1 for x > 0, alpha (e^x - 1) + 1 otherwise."""
     return np.where(x > 0, x + 1.0, alpha * (np.exp(np.minimum(x, 0)) - 1.0) + 1.0)
@@ -69,8 +74,8 @@ def test_causality_future_inputs_never_change_past_outputs(p, data):
     if km2 is not None:
         km2[..., i + 1:] = True                   # un-padding future keys changes nothing either
     for f, f2 in [
-        (lambda *a: A.softmax_attention(*a, causal=True, mask=None if key_mask is None else key_mask[..., None, :]),
-         lambda *a: A.softmax_attention(*a, causal=True, mask=None if km2 is None else km2[..., None, :])),
+        (lambda *a: A.softmax_attention(*a, causal=True, mask=score_mask(key_mask)),
+         lambda *a: A.softmax_attention(*a, causal=True, mask=score_mask(km2))),
         (lambda *a: A.linear_attention(*a, causal=True, key_mask=key_mask, chunk_size=8),
          lambda *a: A.linear_attention(*a, causal=True, key_mask=km2, chunk_size=8)),
     ]:
@@ -78,7 +83,7 @@ def test_causality_future_inputs_never_change_past_outputs(p, data):
 
 
 VARIANTS = {
-    "softmax": lambda q, k, v, km: A.softmax_attention(q, k, v, None if km is None else km[..., None, :]),
+    "softmax": lambda q, k, v, km: A.softmax_attention(q, k, v, score_mask(km)),
     "efficient": lambda q, k, v, km: A.efficient_attention(q, k, v, key_mask=km),
     "efficient-scaling": lambda q, k, v, km: A.efficient_attention(q, k, v, key_mask=km,
                                                                   normalization="scaling"),
@@ -104,8 +109,8 @@ def test_each_output_row_is_a_convex_combination_of_kept_value_rows(p, name, cau
     """Inside the per-column [min, max] of V over the keys the row can see (eps = 0)."""
     q, k, v, _, key_mask = p
     if causal and name != "efficient" and q.shape[-2] == k.shape[-2]:
-        out = (A.softmax_attention(q, k, v, None if key_mask is None else key_mask[..., None, :], causal=True)
-               if name == "softmax" else A.linear_attention(q, k, v, True, eps=0.0, key_mask=key_mask))
+        out = (A.softmax_attention(q, k, v, score_mask(key_mask), causal=True) if name == "softmax"
+               else A.linear_attention(q, k, v, True, eps=0.0, key_mask=key_mask))
         visible = np.tril(np.ones((q.shape[-2],) * 2, bool))         # (n, m): j <= i
     else:
         out = VARIANTS[name](q, k, v, key_mask)
@@ -132,7 +137,8 @@ def test_padded_keys_have_no_influence(p, name):
         alone = f(q[idx], k[idx][keep], v[idx][keep], None)
         assert_close(out[idx], alone, rtol, f"batch {idx}")
     backward = {
-        "softmax": lambda: A.softmax_attention_backward(q, k, v, d_out, mask=key_mask[..., None, :]),
+        "softmax": lambda: A.softmax_attention_backward(q, k, v, d_out,
+                                                        mask=key_mask[..., None, :]),
         "efficient": lambda: A.efficient_attention_backward(q, k, v, d_out, key_mask=key_mask),
         "efficient-scaling": lambda: A.efficient_attention_backward(
             q, k, v, d_out, key_mask=key_mask, normalization="scaling"),
@@ -189,7 +195,8 @@ BACKWARDS = {   # name -> (forward, backward, keyword arguments drawn for it)
     "softmax": (A.softmax_attention, A.softmax_attention_backward,
                 st.fixed_dictionaries({"causal": st.booleans()})),
     "efficient": (A.efficient_attention, A.efficient_attention_backward,
-                  st.fixed_dictionaries({"normalization": st.sampled_from(["softmax", "scaling"])})),
+                  st.fixed_dictionaries(
+                      {"normalization": st.sampled_from(["softmax", "scaling"])})),
     "linear": (A.linear_attention, A.linear_attention_backward,
                st.fixed_dictionaries({"causal": st.booleans(),
                                       "eps": st.sampled_from([0.0, 1e-6, 0.1]),
@@ -212,7 +219,7 @@ def test_backward_matches_central_differences(name, data):
     q, k, v, d_out, key_mask = data.draw(problems(
         causal=kw.get("causal", False), dtype=np.float64, regimes=("normal",), max_n=5, max_d=3))
     if name == "softmax":
-        kw["mask"] = None if key_mask is None else key_mask[..., None, :]
+        kw["mask"] = score_mask(key_mask)
     else:
         kw["key_mask"] = key_mask
 
@@ -254,7 +261,8 @@ def test_state_shapes_dtype_and_reset(dtype, batch):
     batch = tuple(batch)
     s = A.LinearAttentionState(3, 5, batch_shape=batch, dtype=dtype)
     rng = np.random.default_rng(0)
-    q, k, v = rng.standard_normal(batch + (3,)), rng.standard_normal(batch + (3,)), rng.standard_normal(batch + (5,))
+    q, k, v = (rng.standard_normal(batch + (3,)), rng.standard_normal(batch + (3,)),
+               rng.standard_normal(batch + (5,)))
     out = s.step(q, k, v)
     assert out.shape == batch + (5,) and out.dtype == dtype
     # one token: the output is that token's value (up to eps)

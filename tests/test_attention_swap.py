@@ -88,8 +88,8 @@ def test_layer_mse_is_the_masked_mean_over_real_tokens_and_layers():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     layers = [0, 2]
     naive = []
-    for l in layers:
-        errs = [float(((states_s[l + 1][b, t] - states_t[l + 1][b, t]) ** 2).mean())
+    for layer in layers:
+        errs = [float(((states_s[layer + 1][b, t] - states_t[layer + 1][b, t]) ** 2).mean())
                 for b in range(2) for t in range(5) if mask[b, t]]
         naive.append(sum(errs) / len(errs))
     assert float(layer_mse(states_s, states_t, mask, layers)) == pytest.approx(np.mean(naive),
@@ -111,7 +111,7 @@ def test_distillation_trains_only_the_swapped_query_key_and_lowers_its_loss():
     assert report["probe_loss_after"] < 0.8 * report["probe_loss_before"]
     assert report["trainable_parameters"] == 2 * 2 * (8 * 8 + 8)
     assert len(report["curve"]) == 3 and report["curve"][-1]["step"] == 30
-    trained = {f"encoder.layer.{l}.attention.self.{p}.{w}" for l in (0, 2)
+    trained = {f"encoder.layer.{layer}.attention.self.{p}.{w}" for layer in (0, 2)
                for p in ("query", "key") for w in ("weight", "bias")}
     for k, v in student.state_dict().items():
         if k in trained:
@@ -141,7 +141,7 @@ def test_mean_cosine_is_the_mean_over_real_tokens():
     a = [rng.standard_normal((n, 3)).astype(np.float32) for n in (1, 4, 7)]
     b = [x + rng.standard_normal(x.shape).astype(np.float32) for x in a]
     naive = np.mean([float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
-                     for x, y in zip(a, b) for u, v in zip(x, y)])
+                     for x, y in zip(a, b, strict=True) for u, v in zip(x, y, strict=True)])
     assert AS.mean_cosine(Store(a, "a"), Store(b, "b"), batch=2) == pytest.approx(naive, rel=1e-6)
     assert AS.mean_cosine(Store(a, "a"), Store(a, "a")) == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="different texts"):
@@ -220,15 +220,15 @@ def test_experiment_runs_caches_by_variant_and_reuses_everything(tiny_setup, cap
         assert len(set(entries)) == len(entries)
     d = rows["linear-alpha0.1 all distilled"]["distill"]
     assert d["steps"] == 6 and d["texts"] == res["n_train"] and not d["cached"]
-    assert not res["autocast_bf16"] or \
-        set(res["precision_check"]) == {"softmax", "efficient-softmax", "linear-alpha0.1"}
+    assert not res["autocast_bf16"] \
+        or set(res["precision_check"]) == {"softmax", "efficient-softmax", "linear-alpha0.1"}
     md = (root / "r.md").read_text().strip().splitlines()
     assert len(md) == 2 + len(names) and "| linear-alpha0.1 | all | yes |" in md[-1]
 
     # a second run: every feature entry and the distilled projections come from the cache
     assert AS.main(tiny_args(root, data, folder, "r2.json")) == 0
     again = json.loads((root / "r2.json").read_text())
-    for r, r2 in zip(res["rows"], again["rows"]):
+    for r, r2 in zip(res["rows"], again["rows"], strict=True):
         assert all(t["cached"] for t in r2["features"].values()), r2["name"]
         assert [r2["features"][p]["entry"] for p in ("train", "test")] == \
                [r["features"][p]["entry"] for p in ("train", "test")]
@@ -257,8 +257,8 @@ def test_bad_input_is_one_line(tiny_setup, capsys, extra, message):
 
 
 def test_help():
-    r = subprocess.run([sys.executable, "-m", "reference.pipeline.attention_swap", "--help"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "reference.pipeline.attention_swap", "--help"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--distill-steps" in r.stdout and "topK" in r.stdout
 
 

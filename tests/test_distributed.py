@@ -41,7 +41,7 @@ from tests.test_train import strip_times
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# --- dealing shards, slicing batches ---------------------------------------------------------------
+# --- dealing shards, slicing batches --------------------------------------------------------------
 
 @given(st.lists(st.integers(0, 10_000), min_size=1, max_size=40), st.data(),
        st.integers(1, 6))
@@ -64,7 +64,7 @@ def test_the_ranks_slices_make_up_the_global_batch(n, size):
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-# --- the ranks of a job write one entry: threads as ranks ---------------------------------------------
+# --- the ranks of a job write one entry: threads as ranks -----------------------------------------
 
 class ThreadGroup:
     """``size`` threads as the ranks of one job: rank 0's object goes through a shared slot
@@ -247,7 +247,8 @@ def test_an_entry_is_never_completed_over_a_shard_of_another_plan(tmp_path):
         (tmp_path / "five" / "shard_00001.safetensors").read_bytes())
     with pytest.raises(RuntimeError, match=r"shard_00001.safetensors does not hold the reviews"):
         write(folder, Encoder())
-    assert not (folder / "index.json").exists() and not (folder / "shard_00001.safetensors").exists()
+    assert not (folder / "index.json").exists()
+    assert not (folder / "shard_00001.safetensors").exists()
     enc = Encoder()
     write(folder, enc)
     assert enc.reviews == 4                                      # that shard alone, again
@@ -280,8 +281,9 @@ def test_fit_under_ddp_follows_one_process_and_trains_with_dropout(tmp_path):
     empty slice in the last batch), is the one-process batch-mean gradient; and the 3-process
     losses equal the one-process losses up to float32 rounding (other batch shapes in the
     GRU's products, N / B * sum instead of sum / B, the gradient summed over ranks), the
-    weights too.  (Adam forgives a gradient scaled by a constant; the gradients do not.)  Dropout 0.25: ranks draw other masks than one process
-    would, so the numbers differ, but it learns as well."""
+    weights too.  (Adam forgives a gradient scaled by a constant; the gradients do not.)
+    Dropout 0.25: ranks draw other masks than one process would, so the numbers differ, but it
+    learns as well."""
     import torch.multiprocessing as mp
 
     torch.set_num_threads(1)
@@ -290,7 +292,7 @@ def test_fit_under_ddp_follows_one_process_and_trains_with_dropout(tmp_path):
     mp.spawn(fit_worker, args=(3, free_port(), str(tmp_path)), nprocs=3, join=True)
     ddp_grads = torch.load(tmp_path / "grads.pt")
     assert len(ddp_grads) == len(one_grads) == 6
-    for a, b in zip(one_grads, ddp_grads):       # every batch's: sum_i grad loss_i / B
+    for a, b in zip(one_grads, ddp_grads, strict=True):   # every batch's: sum_i grad loss_i / B
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
     ddp = json.loads((tmp_path / "histories.json").read_text())
@@ -307,7 +309,7 @@ def test_fit_under_ddp_follows_one_process_and_trains_with_dropout(tmp_path):
     assert len(ckpt.load_state(tmp_path / "ddp0.25")["rng_ranks"]) == 3
 
 
-# --- the commands under torchrun: 2 processes on the loopback interface ----------------------------
+# --- the commands under torchrun: 2 processes on the loopback interface ---------------------------
 
 def write_tree(root: Path, n_train: int = 12, n_test: int = 8) -> Path:
     """aclImdb/{train,test}/{pos,neg}: n reviews a class, test reviews other than train's."""
@@ -395,7 +397,7 @@ def test_torchrun_features_write_the_one_process_cache(world, one_process_cache,
     out, _ = job.communicate(timeout=180)
     assert job.returncode == 0, err.read_text()
     assert out.count("train: 24 reviews") == 1 and "(2 processes)" in out   # rank 0 prints
-    for n, entry in one_process_cache.items():
+    for entry in one_process_cache.values():
         assert_same_entry(entry, tmp_path / "cache" / entry.name)
 
 
@@ -403,11 +405,13 @@ def test_torchrun_features_write_the_one_process_cache(world, one_process_cache,
 def test_torchrun_train_follows_one_process_and_resumes(world, tmp_path):
     """Dropout 0, global batch 4: 17 train reviews make a last batch of one, so rank 1 has an
     empty slice there.  One epoch, then ``--resume`` to two: the losses and accuracies are
-    the one-process run's up to float32 rounding (see reference.pipeline.train), and so is the test."""
+    the one-process run's up to float32 rounding (see reference.pipeline.train), and so is the
+    test."""
     two = tmp_path / "two"
     for epochs, extra in ((1, []), (2, ["--resume"])):
-        done = torchrun("reference.pipeline.train", [*train_args(world, tmp_path / "cache", two, epochs),
-                                            *extra, "--dist-timeout", "120"])
+        done = torchrun("reference.pipeline.train",
+                        [*train_args(world, tmp_path / "cache", two, epochs),
+                         *extra, "--dist-timeout", "120"])
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count(f"epoch {epochs}: train loss") == 1          # rank 0 logs
     one_process(train.main, train_args(world, tmp_path / "cache1", tmp_path / "one", 2))
@@ -462,6 +466,6 @@ def test_a_hung_rank_ends_the_run_after_the_timeout(world, tmp_path):
                                          "--dist-timeout", "10"], timeout=300, CRASH_MODE="hang")
     took = time.monotonic() - t0
     assert done.returncode != 0 and took < 150, (took, done.stderr[-3000:])
-    assert re.search(r"python -m reference.pipeline.train: error: rank 0 of 2: lost the other ranks "
-                     r"\(.*[Tt]imed out", done.stderr), done.stderr[-3000:]
+    assert re.search(r"python -m reference.pipeline.train: error: rank 0 of 2: "
+                     r"lost the other ranks \(.*[Tt]imed out", done.stderr), done.stderr[-3000:]
     assert not (tmp_path / "out" / ckpt.METRICS).exists()

@@ -40,7 +40,8 @@ def test_auto_falls_back_to_minilm_with_one_log_line(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="scratch.pipeline.encoder_names"):
         name, path = E.resolve("auto")
     assert name == E.MINILM and path == E.minilm_path()
-    assert len([r for r in caplog.records if "using the packaged all-MiniLM-L6-v2" in r.message]) == 1
+    said = [r for r in caplog.records if "using the packaged all-MiniLM-L6-v2" in r.message]
+    assert len(said) == 1
 
 
 def test_auto_prefers_a_cached_bert_base(monkeypatch, tmp_path):
@@ -83,7 +84,8 @@ def mpnet_tokenizer(folder):
 
 
 def tiny_mpnet_folder(folder: Path) -> Path:
-    """A random 2-layer MPNet (hidden 32) saved with an MPNet tokenizer: the layout of the real one."""
+    """A random 2-layer MPNet (hidden 32) saved with an MPNet tokenizer: the layout of the real
+    one."""
     torch.manual_seed(0)
     cfg = MPNetConfig(vocab_size=30_527, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=514)
@@ -123,8 +125,9 @@ def test_a_checkpoint_lacking_weights_is_refused(tmp_path):
     weights = load_file(folder / "model.safetensors")
     del weights["encoder.layer.1.output.dense.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(E.EncoderError, match="1 weights are not in the checkpoint and would be "
-                                             "random \\(e.g. encoder.layer.1.output.dense.weight\\)"):
+    with pytest.raises(E.EncoderError,
+                       match="1 weights are not in the checkpoint and would be "
+                             "random \\(e.g. encoder.layer.1.output.dense.weight\\)"):
         E.load_encoder(str(folder))
 
 
@@ -160,7 +163,8 @@ def mpnet_parameters(c) -> int:
 
 
 @pytest.mark.skipif(I.installed(I.MPNET) is None,
-                    reason="mpnet is not installed (python -m reference.pipeline.encoders install mpnet; "
+                    reason="mpnet is not installed "
+                           "(python -m reference.pipeline.encoders install mpnet; "
                            "400 MB, too large for CI)")
 def test_real_mpnet_loads_and_counts_as_the_assignments_model():
     enc = E.load_encoder("mpnet")

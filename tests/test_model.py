@@ -99,7 +99,7 @@ def test_fast_path_equals_pack_padded_sequence(case):
     w = torch.randn_like(ref)                      # a generic scalar loss of all final states
     g_ours = torch.autograd.grad((ours * w).sum(), [x, *head.rnn.parameters()])
     g_ref = torch.autograd.grad((ref * w).sum(), [x, *head.rnn.parameters()])
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -114,7 +114,7 @@ def test_fast_path_float32_logits_and_grads_at_assignment_sizes():
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-6)
     g1 = torch.autograd.grad(logits.sum(), list(head.parameters()))
     g2 = torch.autograd.grad(ref.sum(), list(head.parameters()))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -213,7 +213,9 @@ def test_unidirectional_multilayer_head_reads_the_last_layer(n_layers):
     assert not torch.allclose(ref, head.out(hid[0]))            # the two readings differ here
     logits = head(x, L)
     torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(logits.sum(), params), torch.autograd.grad(ref.sum(), params)):
+    g_ours = torch.autograd.grad(logits.sum(), params)
+    g_ref = torch.autograd.grad(ref.sum(), params)
+    for a, b in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
     head.train()
@@ -233,7 +235,9 @@ def test_unidirectional_multilayer_head_reads_the_last_layer(n_layers):
     ref = head.out(head.dropout(h_k[-1]))
     assert not torch.allclose(ref, head.eval().out(h_k[-1]))    # dropout did something
     torch.testing.assert_close(logits, ref, rtol=1e-10, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(logits.sum(), params), torch.autograd.grad(ref.sum(), params)):
+    g_ours = torch.autograd.grad(logits.sum(), params)
+    g_ref = torch.autograd.grad(ref.sum(), params)
+    for a, b in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 

@@ -58,8 +58,8 @@ def make(c):
     rng = np.random.default_rng(c["seed"])
     params = {f"p{i}": rng.standard_normal(s) for i, s in enumerate(c["shapes"])}
     grads = [{f"p{i}": (rng.standard_normal(s) * sc if on else None)
-              for i, (s, sc, on) in enumerate(zip(c["shapes"], scales, present))}
-             for scales, present in zip(c["scales"], c["present"])]
+              for i, (s, sc, on) in enumerate(zip(c["shapes"], scales, present, strict=True))}
+             for scales, present in zip(c["scales"], c["present"], strict=True)]
     return params, grads
 
 
@@ -124,7 +124,7 @@ def test_resume_from_state_dict_gives_the_same_trajectory(c, data):
     for g in grads[k:]:                      # the first run goes on: the saved copy must not move
         opt1.step(g)
     resumed = {n: v.copy() for n, v in saved_params.items()}
-    opt2 = Adam(resumed, lr=0.5, betas=(0.1, 0.2), eps=1.0)     # hyper-parameters come from the state
+    opt2 = Adam(resumed, lr=0.5, betas=(0.1, 0.2), eps=1.0)   # hyper-parameters come from the state
     opt2.load_state_dict(saved)
     for g in grads[k:]:
         opt2.step(g)
@@ -197,7 +197,8 @@ def test_bad_gradients_and_states_are_refused():
         opt.step({"w": np.zeros(3)})
     opt.step({"w": np.ones((2, 3))})
     good = opt.state_dict()
-    bad_shape = {"hyper": good["hyper"], "state": {"w": dict(good["state"]["w"], exp_avg=np.zeros(6))}}
+    bad_shape = {"hyper": good["hyper"],
+                 "state": {"w": dict(good["state"]["w"], exp_avg=np.zeros(6))}}
     bad_key = {"hyper": good["hyper"], "state": {"x": good["state"]["w"]}}
     bad_nan = {"hyper": good["hyper"], "state": {"w": dict(good["state"]["w"],
                                                           exp_avg_sq=np.full((2, 3), math.nan))}}

@@ -1,6 +1,7 @@
-"""scratch.pipeline.checkpoint: the reference checkpoint format both ways, without torch on the scratch
-side; damaged checkpoints refused with a one-line CheckpointError; the resume state.  Loading,
-saving and resuming run on each backend (``xp``; with CuPy the reference runs on CUDA)."""
+"""scratch.pipeline.checkpoint: the reference checkpoint format both ways, without torch on the
+scratch side; damaged checkpoints refused with a one-line CheckpointError; the resume state.
+Loading, saving and resuming run on each backend (``xp``; with CuPy the reference runs on
+CUDA)."""
 import hashlib
 import json
 import struct
@@ -81,7 +82,8 @@ def test_scratch_checkpoint_loads_into_the_reference_with_the_same_logits(tmp_pa
     written = ckpt.save_weights(tmp_path, head, run_config())
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg == written and cfg["model"] == MODEL and cfg["encoder"] == "minilm"
-    assert cfg["weights_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    assert cfg["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     ref, _ = ref_ckpt.load_head(tmp_path, device)
     x, L, _ = data(9)
     with torch.no_grad():

@@ -27,7 +27,10 @@ READING_ORDER = ["01_cnn_vs_rnn", "02_toy_recurrence", "03_gru", "04_attention",
                  "06_scratch_vs_reference"]
 NEEDS_IMDB = {"04_attention", "05_imdb", "06_scratch_vs_reference"}
 MAX_NOTEBOOK_BYTES = 1_000_000
-ids = lambda p: p.stem  # noqa: E731
+
+
+def ids(p):
+    return p.stem
 
 
 def test_reading_order():
@@ -77,8 +80,9 @@ def test_notebook_is_its_source_executed(path):
     assert figures, "a tutorial shows at least one figure"
     for i in figures:                                         # a caption after each figure
         after = nb.cells[i + 1] if i + 1 < len(nb.cells) else None
-        assert after is not None and after.cell_type == "markdown" and after.source.startswith("*"), \
-            f"figure in cell {i} has no caption cell after it"
+        captioned = (after is not None and after.cell_type == "markdown"
+                     and after.source.startswith("*"))
+        assert captioned, f"figure in cell {i} has no caption cell after it"
     assert path.with_suffix(".ipynb").stat().st_size < MAX_NOTEBOOK_BYTES
     if path.stem in NEEDS_IMDB:                               # rendered on the real reviews
         assert "IMDB archive not available" not in printed_text(nb), \

@@ -100,9 +100,9 @@ t_cnn, t_rnn = [], []
 with torch.no_grad():
     for n in lengths:
         x = torch.randn(8, n, C)
-        t_cnn.append(best_time(lambda: cnn_steps(x), repeat=5)[1])
-        t_rnn.append(best_time(lambda: rnn_steps(x), repeat=5)[1])
-table([(n, a * 1e3, b * 1e3, b / a) for n, a, b in zip(lengths, t_cnn, t_rnn)],
+        t_cnn.append(best_time(lambda x=x: cnn_steps(x), repeat=5)[1])
+        t_rnn.append(best_time(lambda x=x: rnn_steps(x), repeat=5)[1])
+table([(n, a * 1e3, b * 1e3, b / a) for n, a, b in zip(lengths, t_cnn, t_rnn, strict=True)],
       ["T", "CNN ms", "GRU ms", "GRU / CNN"], "{:.2f}")
 
 fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -138,7 +138,8 @@ class PooledCNN(nn.Module):
     def __init__(self, channels=32, kernel=5):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv1d(1, channels, kernel, padding=kernel // 2), nn.ReLU(),
-                                  nn.Conv1d(channels, channels, kernel, padding=kernel // 2), nn.ReLU())
+                                  nn.Conv1d(channels, channels, kernel, padding=kernel // 2),
+                                  nn.ReLU())
         self.out = nn.Linear(2 * channels, 1)
 
     def forward(self, x):
@@ -219,7 +220,7 @@ def experiment(task):
 
 def plot_accuracy(acc, title, name):
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for (model, a), marker in zip(acc.items(), "os"):
+    for (model, a), marker in zip(acc.items(), "os", strict=True):
         ax.semilogx(TEST_LENGTHS, a, marker + "-", label=model)
     ax.axvline(20, color="grey", ls=":", label="training length")
     ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance")
@@ -231,7 +232,7 @@ def plot_accuracy(acc, title, name):
 
 models_eo, acc_eo = experiment(even_odd_task)
 print("parameters:", {k: sum(p.numel() for p in m.parameters()) for k, m in models_eo.items()})
-table([(n, a, b) for n, a, b in zip(TEST_LENGTHS, acc_eo["CNN"], acc_eo["GRU"])],
+table([(n, a, b) for n, a, b in zip(TEST_LENGTHS, acc_eo["CNN"], acc_eo["GRU"], strict=True)],
       ["test length", "CNN accuracy", "GRU accuracy"], "{:.3f}")
 plot_accuracy(acc_eo, "even steps vs odd steps, trained at length 20", "01_even_odd_accuracy")
 
@@ -261,7 +262,7 @@ def motif_task(n, batch, rng):
 
 
 models_mo, acc_mo = experiment(motif_task)
-table([(n, a, b) for n, a, b in zip(TEST_LENGTHS, acc_mo["CNN"], acc_mo["GRU"])],
+table([(n, a, b) for n, a, b in zip(TEST_LENGTHS, acc_mo["CNN"], acc_mo["GRU"], strict=True)],
       ["test length", "CNN accuracy", "GRU accuracy"], "{:.3f}")
 plot_accuracy(acc_mo, "local pattern in noise, trained at length 20", "01_motif_accuracy")
 
@@ -308,8 +309,8 @@ print(f"GRU / CNN: training step {timing['GRU'][0] / timing['CNN'][0]:.1f}x, "
 #   a step from its distance to the sequence's edges (the zero padding marks them): it does
 #   best on short sequences, where most steps are near an edge, and falls towards chance as
 #   the sequences get longer.  The GRU counts steps in its state; it is best at the length it
-#   was trained on (and below it) and degrades slowly beyond it, because its learned recurrence is only
-#   approximately the exact `h_t = x_t - h_{t-1}` (tutorial 2 looks inside it).
+#   was trained on (and below it) and degrades slowly beyond it, because its learned recurrence
+#   is only approximately the exact `h_t = x_t - h_{t-1}` (tutorial 2 looks inside it).
 # * **The local pattern needs five neighbouring steps.**  The CNN's filters see exactly such a
 #   window everywhere, and max pooling finds it wherever it is, so it carries over to long
 #   sequences.  The GRU must spot the pattern step by step and then *remember* it for up to

@@ -47,8 +47,8 @@ fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.step(range(1, 7), h[0], where="mid", label="state h_t")
 ax.plot(range(1, 7), y[0], "o", label="readout y_t = sigmoid(1000 h_t)")
 ax.axhline(0, color="grey", lw=0.8)
-ax.set(xlabel="step t", ylabel="value (dimensionless)", title="the example x = (0.3, 0.5, 0.1, 0.2, 0.4, 0.35)",
-       xticks=range(1, 7))
+ax.set(xlabel="step t", ylabel="value (dimensionless)",
+       title="the example x = (0.3, 0.5, 0.1, 0.2, 0.4, 0.35)", xticks=range(1, 7))
 ax.legend()
 show(fig, "02_state_and_readout")
 
@@ -74,7 +74,8 @@ for n in (50, 51):
     high = y[:, -1] > 0.5
     truth = even_beats_odd(xs[:, :n])
     agree = (high == truth).mean() if n % 2 == 0 else (high == ~truth).mean()
-    print(f"n={n}: readout high <=> {'even' if n % 2 == 0 else 'odd'} steps win, in {agree:.0%} of cases")
+    print(f"n={n}: readout high <=> {'even' if n % 2 == 0 else 'odd'} steps win, "
+          f"in {agree:.0%} of cases")
 
 # %% [markdown]
 # ## "sigmoid", computed as tanh
@@ -110,7 +111,8 @@ for m in mags:
     truth = even_beats_odd(seq)
     wrong32.append(((AlternatingRNN()(seq.astype(np.float32))[0][:, -1] > 0.5) != truth).mean())
     wrong64.append(((AlternatingRNN()(seq)[0][:, -1] > 0.5) != truth).mean())
-table([(f"2^{int(np.log2(m))}", w32, w64) for m, w32, w64 in zip(mags, wrong32, wrong64)],
+table([(f"2^{int(np.log2(m))}", w32, w64)
+       for m, w32, w64 in zip(mags, wrong32, wrong64, strict=True)],
       ["input magnitude", "wrong, float32", "wrong, float64"], "{:.3f}")
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -201,12 +203,14 @@ logit(g1, xb).sum().backward()
 influence = xb.grad.mean(0).numpy()                                  # (n,)
 t = np.arange(1, n_long + 1)
 print(f"|influence| of the first input / of the last: {abs(influence[0] / influence[-1]):.2f} "
-      f"(hand-set: 1); of the input 20 steps before the end: {abs(influence[-21] / influence[-1]):.2f}")
+      f"(hand-set: 1); of the input 20 steps before the end: "
+      f"{abs(influence[-21] / influence[-1]):.2f}")
 
 fig, ax = plt.subplots(figsize=(7, 3.6))
 ax.plot(t, influence / abs(influence[-1]), "o-", ms=3, label="trained 1-unit GRU")
 ax.plot(t, (-1.0) ** (n_long - t), "k:", lw=1, label="hand-set RNN (scaled by 1/1000)")
-ax.axvline(n_long - 20 + 0.5, color="grey", ls="--", lw=0.8, label="the last 20 steps (training length)")
+ax.axvline(n_long - 20 + 0.5, color="grey", ls="--", lw=0.8,
+           label="the last 20 steps (training length)")
 ax.set(xlabel="input step t", ylabel="d logit / d x_t (relative to the last step)",
        title=f"how much each input moves the verdict, n = {n_long}")
 ax.legend(loc="lower left")
@@ -234,12 +238,13 @@ table(rows, ["length n", "hand-set", "GRU, 1 unit", "GRU, 8 units"], "{:.3f}")
 
 even = [r for r in rows if r[0] % 2 == 0]
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
-for i, (name, marker) in enumerate((("hand-set RNN", "k^-"), ("GRU, 1 unit", "o-"), ("GRU, 8 units", "s-")), start=1):
+curves = (("hand-set RNN", "k^-"), ("GRU, 1 unit", "o-"), ("GRU, 8 units", "s-"))
+for i, (name, marker) in enumerate(curves, start=1):
     ax.semilogx([r[0] for r in even], [r[i] for r in even], marker, label=name)
 ax.axvline(20, color="grey", ls=":", label="training length")
 ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-ax.set(xlabel="sequence length n (steps, even)", ylabel="accuracy of 'even steps win'", ylim=(0.4, 1.02),
-       title="hand-set vs trained, trained at n = 20")
+ax.set(xlabel="sequence length n (steps, even)", ylabel="accuracy of 'even steps win'",
+       ylim=(0.4, 1.02), title="hand-set vs trained, trained at n = 20")
 ax.legend()
 show(fig, "02_trained_vs_handset")
 
@@ -249,10 +254,10 @@ show(fig, "02_trained_vs_handset")
 #
 # **What this shows.**  Gradient descent rediscovers the structure of the hand-set answer: a
 # recurrent weight near -1 (flip the sign of the running sum every step), an update gate near
-# 0 (overwrite the state every step, as the hand-set RNN does), and a readout whose sign undoes whatever
-# sign the input weight took.  At odd lengths (the `21` row) it is wrong in the same way as the
-# hand-set RNN: both compute "the last step's parity wins", which is "even wins" only when n is
-# even.  What it does not learn is *exactness*: its recurrent weight is not exactly -1 and its
+# 0 (overwrite the state every step, as the hand-set RNN does), and a readout whose sign undoes
+# whatever sign the input weight took.  At odd lengths (the `21` row) it is wrong in the same way
+# as the hand-set RNN: both compute "the last step's parity wins", which is "even wins" only when
+# n is even.  What it does not learn is *exactness*: its recurrent weight is not exactly -1 and its
 # `tanh` squashes large states, so inputs far from the end count more or less than they should,
 # and accuracy falls with length.  The hand-set solution needs a linear state and an exact -1,
 # which a GRU can only approximate.

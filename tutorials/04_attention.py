@@ -22,9 +22,12 @@
 #
 # | variant | output | time | memory |
 # |---|---|---|---|
-# | softmax (Vaswani et al.) | `softmax(Q K^T / sqrt(d_k)) V` | O(n m d) | O(n m) |
-# | Efficient Attention (Shen et al. 2018) | `rho_q(Q) (rho_k(K)^T V)` | O((n + m) d_k d_v) | O(d_k d_v) |
-# | linear (Katharopoulos et al. 2020) | `phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)` | O((n + m) d_k d_v) | O(d_k d_v) |
+# | softmax | `softmax(Q K^T / sqrt(d_k)) V` | O(n m d) | O(n m) |
+# | Efficient Attention | `rho_q(Q) (rho_k(K)^T V)` | O((n + m) d_k d_v) | O(d_k d_v) |
+# | linear | `phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)` | O((n + m) d_k d_v) | O(d_k d_v) |
+#
+# Softmax: Vaswani et al.; Efficient Attention: Shen et al. 2018; linear: Katharopoulos et al.
+# 2020.
 #
 # Masks everywhere: **True = keep**.
 
@@ -63,7 +66,7 @@ grads = A.softmax_attention_backward(q, k, v, d_out, causal=True)
 t_out, *t_grads = R.with_grads(R.softmax_attention_sdpa, *map(torch.from_numpy, (q, k, v, d_out)),
                                causal=True)
 print("softmax causal vs torch SDPA: out", max_err(out, t_out),
-      " grads", max(max_err(a, b) for a, b in zip(grads, t_grads)))
+      " grads", max(max_err(a, b) for a, b in zip(grads, t_grads, strict=True)))
 
 # %% [markdown]
 # ## 2. The associativity trick: Efficient Attention
@@ -85,7 +88,8 @@ q, k, v = rng.standard_normal((n, d)), rng.standard_normal((m, d)), rng.standard
 fast = A.efficient_attention(q, k, v)          # rho_q (rho_k^T V)
 slow = A.efficient_attention_naive(q, k, v)    # (rho_q rho_k^T) V
 print("efficient: fast == naive bracketing:", max_err(fast, slow))
-print("efficient vs torch:", max_err(fast, R.efficient_attention(*map(torch.from_numpy, (q, k, v)))))
+print("efficient vs torch:",
+      max_err(fast, R.efficient_attention(*map(torch.from_numpy, (q, k, v)))))
 # the scaling normalisation (Q/sqrt(m), K/sqrt(m)) is exactly dot-product attention without softmax
 scaling = A.efficient_attention(q, k, v, normalization="scaling")
 print("scaling variant vs (Q K^T) V / m:", max_err(scaling, (q @ k.T) @ v / m))
@@ -116,7 +120,7 @@ print("causal linear: chunked prefix sums vs explicit formula:", max_err(paralle
 mine = (parallel, *A.linear_attention_backward(q, k, v, d_out, causal=True, chunk_size=8))
 theirs = R.with_grads(R.linear_attention, *map(torch.from_numpy, (q, k, v, d_out)), causal=True)
 print("causal linear vs torch autograd (out, dq, dk, dv):",
-      [f"{max_err(a, b):.1e}" for a, b in zip(mine, theirs)])
+      [f"{max_err(a, b):.1e}" for a, b in zip(mine, theirs, strict=True)])
 
 # %% [markdown]
 # ## 4. What the three attend to
@@ -135,7 +139,7 @@ maps = {
     "linear (causal)": A.linear_attention_naive(q, k, eye, causal=True, eps=0.0),
 }
 fig, axes = plt.subplots(1, 3, figsize=(10, 3.5), layout="constrained")
-for ax, (name, w) in zip(axes, maps.items()):
+for ax, (name, w) in zip(axes, maps.items(), strict=True):
     im = ax.imshow(w, cmap="viridis", vmin=0, vmax=1)
     ax.set(title=name, xlabel="key position j", ylabel="query position i")
     ax.grid(False)
@@ -167,8 +171,9 @@ times = {name: [] for name in fns}
 for n in sizes:
     q, k, v = (rng.standard_normal((n, 64), dtype=np.float32) for _ in range(3))
     for name, f in fns.items():
-        times[name].append(best_time(lambda: f(q, k, v), repeat=5)[1])
-print(f"n grows {sizes[-1] // sizes[2]}x from {sizes[2]} to {sizes[-1]}; time grows (best of 5, one thread):")
+        times[name].append(best_time(lambda f=f, q=q, k=k, v=v: f(q, k, v), repeat=5)[1])
+print(f"n grows {sizes[-1] // sizes[2]}x from {sizes[2]} to {sizes[-1]}; "
+      "time grows (best of 5, one thread):")
 table([(name, ts[2] * 1e3, ts[-1] * 1e3, ts[-1] / ts[2]) for name, ts in times.items()],
       ["attention", f"n={sizes[2]} (ms)", f"n={sizes[-1]} (ms)", "growth"], "{:.2f}")
 
@@ -248,7 +253,9 @@ def queries_keys(layer):
     sa = enc.model.encoder.layer[layer].attention.self
     with torch.no_grad():
         q, k = sa.query(hidden[layer][0]), sa.key(hidden[layer][0])                # (T, H)
-    split = lambda a: a.reshape(T, heads, d_head).transpose(0, 1).double().numpy()  # noqa: E731
+    def split(a):                                    # (T, H) -> (heads, T, d_head)
+        return a.reshape(T, heads, d_head).transpose(0, 1).double().numpy()
+
     return split(q), split(k)
 
 
@@ -274,8 +281,10 @@ for layer in range(cfg.num_hidden_layers):
     q, k = queries_keys(layer)
     w = {v: weights(q, k, v) for v in VARIANTS}
     maps[layer] = w
-    per_layer.append({"layer": layer, "negative q,k features": float(np.mean(np.concatenate([q, k]) < 0)),
-                      "peak softmax": peak(w["softmax"]).mean(), "peak alpha=1": peak(w[1.0]).mean(),
+    per_layer.append({"layer": layer,
+                      "negative q,k features": float(np.mean(np.concatenate([q, k]) < 0)),
+                      "peak softmax": peak(w["softmax"]).mean(),
+                      "peak alpha=1": peak(w[1.0]).mean(),
                       "peak alpha=0.1": peak(w[0.1]).mean(),
                       "TV(alpha=1, softmax)": tv(w[1.0], w["softmax"]).mean(),
                       "TV(alpha=0.1, softmax)": tv(w[0.1], w["softmax"]).mean(),
@@ -300,10 +309,10 @@ show(fig, "04_alpha_peaks")
 # One head up close: the head whose softmax weights are the most concentrated.
 
 # %%
-layer, head = min(((l, h) for l in maps for h in range(heads)),
+layer, head = min(((layer, h) for layer in maps for h in range(heads)),
                   key=lambda lh: -peak(maps[lh[0]]["softmax"])[lh[1]])
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), layout="constrained")
-for ax, v in zip(axes, VARIANTS):
+for ax, v in zip(axes, VARIANTS, strict=True):
     w = maps[layer][v][head] * T                                     # in units of 1/T
     im = ax.imshow(w, cmap="viridis", vmin=0, vmax=w.max())
     ax.set(title="softmax" if v == "softmax" else f"linear, alpha = {v}",
@@ -346,15 +355,17 @@ print(f"layer {layer}, head {head}: peak softmax {peak(maps[layer]['softmax'])[h
 # | variant | one layer's attention, per head (`m` real keys) |
 # |---|---|
 # | softmax (BERT's own) | `softmax(Q K^T / sqrt(d)) V` |
-# | efficient-softmax (Shen et al.) | `softmax_features(Q) (softmax_positions(K)^T V)` |
-# | efficient-scaling (Shen et al.) | `Q K^T V / m` |
-# | linear-alpha1 (Katharopoulos et al.) | `phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)`, `phi = elu + 1` |
+# | efficient-softmax | `softmax_features(Q) (softmax_positions(K)^T V)` |
+# | efficient-scaling | `Q K^T V / m` |
+# | linear-alpha1 | `phi(Q) (phi(K)^T V) / (phi(Q) phi(K)^T 1)`, `phi = elu + 1` |
 # | linear-alpha0.1 (the assignment's "typical" alpha) | the same with `phi = elu(., 0.1) + 1` |
+#
+# The efficient variants are Shen et al.'s, the linear ones Katharopoulos et al.'s.
 #
 # The numbers were measured once and committed (`results/`); re-run them with
 #
 # ```bash
-# python -m reference.pipeline.attention_swap --data PATH             # accuracy, cosine, distillation
+# python -m reference.pipeline.attention_swap --data PATH       # accuracy, cosine, distillation
 # .venv/bin/python bench/attention_swap_speed.py --out results  # time and memory vs length
 # ```
 
@@ -427,10 +438,11 @@ show(fig, "04_swap_accuracy")
 #
 # The swapped layers keep BERT's values, output projections and feed-forward weights; what
 # no longer fits is *where each token looks*, which the query and key projections decide.  So
-# [`reference/pipeline/distill.py`](../reference/distill.py) retrains only `W_q, b_q, W_k, b_k` of the
-# swapped layers (everything else frozen) to make every swapped layer's output match the
-# softmax encoder's (masked mean squared error, Adam), on the head's training reviews only (the
-# loss is reported on held-out validation reviews it never trained on).  Which rows are
+# [`reference/pipeline/distill.py`](../reference/pipeline/distill.py) retrains only
+# `W_q, b_q, W_k, b_k` of the swapped layers (everything else frozen) to make every swapped
+# layer's output match the softmax encoder's (masked mean squared error, Adam), on the head's
+# training reviews only (the loss is reported on held-out validation reviews it never trained
+# on).  Which rows are
 # distilled: those that lost more than 2 points of accuracy.  The default run gives them 200
 # steps; a second run (`--variants efficient-scaling --layers all --distill-steps 2000
 # --distill-variants efficient-scaling --results results/attention_swap_distill2000.json`)

@@ -18,7 +18,8 @@
 #   `reference.model.GRUHead` with `torch.optim.Adam`, from the same weights with the same
 #   dropout masks;
 # * that a checkpoint written by either side loads into the other
-#   ([`scratch/pipeline/checkpoint.py`](../scratch/checkpoint.py)), with the same predictions.
+#   ([`scratch/pipeline/checkpoint.py`](../scratch/pipeline/checkpoint.py)), with the same
+#   predictions.
 
 # %%
 import tempfile
@@ -52,8 +53,9 @@ def last_hidden(model, ids, mask):
 # The packaged MiniLM (6 layers, hidden 384) read twice from the same folder: by transformers
 # (`BertModel`, torch) and by `scratch.bert.BertEncoder` (`safetensors.numpy`, no torch).  A
 # batch of real test reviews of different lengths (spread over the shortest fifth of the test
-# set, so that padding and the attention mask are exercised), right-padded.  We compare the last hidden
-# states at the real tokens, in float32 and float64, and time both sides (best of 3, one thread).
+# set, so that padding and the attention mask are exercised), right-padded.  We compare the last
+# hidden states at the real tokens, in float32 and float64, and time both sides (best of 3, one
+# thread).
 
 # %%
 ref_enc = load_encoder("minilm")
@@ -65,23 +67,25 @@ if reviews:
     texts, labels = [reviews["test"].texts[i] for i in chosen], reviews["test"].labels[chosen]
 else:
     texts = ["A wonderful film, moving and funny.", "Dull, slow and far too long.",
-             "The plot is thin but the acting is superb.", "I wanted to like it; I did not."][:N_REVIEWS]
+             "The plot is thin but the acting is superb.",
+             "I wanted to like it; I did not."][:N_REVIEWS]
     labels = np.array([1, 0, 1, 0])[:N_REVIEWS]
 ids, mask = pad(tokenize(ref_enc.tokenizer, texts, MAX_LENGTH), ref_enc.pad_id)   # (B, T) each
 real = mask.astype(bool)
-print(f"{len(texts)} reviews, {real.sum(1).min()}-{real.sum(1).max()} tokens, padded to {ids.shape[1]}")
+print(f"{len(texts)} reviews, {real.sum(1).min()}-{real.sum(1).max()} tokens, "
+      f"padded to {ids.shape[1]}")
 
 rows = []
 for dtype in ("float32", "float64"):
     enc = BertEncoder.from_pretrained(ref_enc.source, dtype=dtype, backend="numpy")
     ref_enc.model.to(getattr(torch, dtype))
-    ours, t_ours = best_time(lambda: enc(ids, mask), repeat=3)
+    ours, t_ours = best_time(lambda enc=enc: enc(ids, mask), repeat=3)
     theirs, t_theirs = best_time(lambda: last_hidden(ref_enc.model, ids, mask).numpy(), repeat=3)
     err = np.abs(ours - theirs)[real].max()
     rows.append((dtype, err, np.abs(theirs[real]).max(), t_ours, t_theirs, t_ours / t_theirs))
 ref_enc.model.to(torch.float32)
-table(rows, ["dtype", "max |scratch - torch|", "max |torch|", "scratch s", "torch s", "scratch / torch"],
-      "{:.3g}")
+table(rows, ["dtype", "max |scratch - torch|", "max |torch|", "scratch s", "torch s",
+             "scratch / torch"], "{:.3g}")
 
 # %% [markdown]
 # The float64 row is the check that the maths is the same (differences at the level of float64
@@ -98,7 +102,8 @@ table(rows, ["dtype", "max |scratch - torch|", "max |torch|", "scratch s", "torc
 # `torch.optim.Adam`).
 
 # %%
-feats = BertEncoder.from_pretrained(ref_enc.source, dtype="float64", backend="numpy")(ids, mask)   # (B, T, 384)
+feats = BertEncoder.from_pretrained(ref_enc.source, dtype="float64",
+                                    backend="numpy")(ids, mask)         # (B, T, 384)
 lengths = real.sum(1)                                                   # (B,)
 feats[~real] = 0.0                                                      # padding, as in the cache
 labels = labels.astype(np.float64)
@@ -117,26 +122,29 @@ for step in range(STEPS):
     loss, grads, _ = head.loss_and_grads(feats, lengths, labels)        # forward + backward
     opt.step(grads)
     m = head.dropout_masks                                              # the masks just drawn
-    masks = {"rnn": [torch.from_numpy(a) for a in m["rnn"]], "hidden": torch.from_numpy(m["hidden"])}
+    masks = {"rnn": [torch.from_numpy(a) for a in m["rnn"]],
+             "hidden": torch.from_numpy(m["hidden"])}
     ref_loss = criterion(ref_head(x_t, len_t, masks=masks).squeeze(1), y_t)
     ref_opt.zero_grad()
     ref_loss.backward()
     ref_opt.step()
     losses.append((step + 1, loss, ref_loss.item(), abs(loss - ref_loss.item())))
-weights_err = max(np.abs(head.params[n] - p.detach().numpy()).max() for n, p in ref_head.state_dict().items())
+weights_err = max(np.abs(head.params[n] - p.detach().numpy()).max()
+                  for n, p in ref_head.state_dict().items())
 table(losses, ["step", "scratch loss", "torch loss", "|difference|"], "{:.10g}")
 print(f"after {STEPS} steps: max |scratch weight - torch weight| = {weights_err:.2e}")
 
 # %%
-step, ours, theirs, diff = (np.array(c) for c in zip(*losses))
+step, ours, theirs, diff = (np.array(c) for c in zip(*losses, strict=True))
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
 ax1.plot(step, ours, "o-", label="scratch (NumPy)")
 ax1.plot(step, theirs, "x--", ms=8, label="reference (torch)")
-ax1.set(xlabel="training step", ylabel="BCE loss (batch mean)", title=f"{len(texts)} real reviews, float64")
+ax1.set(xlabel="training step", ylabel="BCE loss (batch mean)",
+        title=f"{len(texts)} real reviews, float64")
 ax1.legend()
 ax2.semilogy(step, np.maximum(diff, 1e-18), "o-", color="C2")
-ax2.set(xlabel="training step", ylabel="|scratch loss - torch loss|", title="the difference (log scale)",
-        ylim=(1e-18, 1e-6))
+ax2.set(xlabel="training step", ylabel="|scratch loss - torch loss|",
+        title="the difference (log scale)", ylim=(1e-18, 1e-6))
 show(fig, "06_training_side_by_side")
 
 # %% [markdown]
@@ -144,10 +152,11 @@ show(fig, "06_training_side_by_side")
 # level of float64 rounding (an exact 0 is drawn at the bottom edge; the table has every value).*
 #
 # ## 3. Checkpoints cross over
-# `reference.pipeline.train` writes a checkpoint folder (`config.json` with the head's arguments and the
-# weights' sha256, `model.safetensors`).  `scratch.pipeline.checkpoint` reads and writes the same format
-# without torch.  The torch head trained above goes to a folder, comes back as a scratch head;
-# the scratch head goes the other way; the logits (before the sigmoid) are compared.
+# `reference.pipeline.train` writes a checkpoint folder (`config.json` with the head's arguments
+# and the weights' sha256, `model.safetensors`).  `scratch.pipeline.checkpoint` reads and writes
+# the same format without torch.  The torch head trained above goes to a folder, comes back as a
+# scratch head; the scratch head goes the other way; the logits (before the sigmoid) are
+# compared.
 
 # %%
 config = {"model": head.config()}

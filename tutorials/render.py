@@ -45,7 +45,8 @@ def kernel_env(fast: bool) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), str(HERE), env.get("PYTHONPATH")]))
     env.pop("MPLBACKEND", None)
     # tqdm.auto's notice that ipywidgets is not installed (plain bars work): not a reader's concern
-    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), "ignore:IProgress not found"]))
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"),
+                                                   "ignore:IProgress not found"]))
     env.pop("TUTORIAL_OUT", None)
     if fast:
         env["TUTORIAL_FAST"] = "1"
@@ -73,10 +74,12 @@ def render(src: Path, timeout: int) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python tutorials/render.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tutorials/render.py",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="*", help="tutorials to render, by name prefix (default: all)")
     p.add_argument("--fast", action="store_true", help="TUTORIAL_FAST=1: small sizes, a quick look")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds one cell may run (default 1800)")
+    p.add_argument("--timeout", type=int, default=1800,
+                   help="seconds one cell may run (default 1800)")
     a = p.parse_args(argv)
     if a.timeout < 1:
         p.error("--timeout must be a positive number of seconds")

@@ -4,8 +4,8 @@
   through the same code: a tutorial writes ``pick(full, fast)`` wherever a size is chosen.
 * Figures are saved as PNG under ``$TUTORIAL_OUT`` (default ``tutorials/_build/``) and, inside
   a notebook, shown inline (``make tutorials`` executes the notebooks; a script run only saves).
-* ``imdb()`` finds the archive through ``IMDB_PATH`` (``reference.pipeline.data.find_imdb``) and says in
-  one line what happens instead when it is missing.
+* ``imdb()`` finds the archive through ``IMDB_PATH`` (``reference.pipeline.data.find_imdb``) and
+  says in one line what happens instead when it is missing.
 
 Tutorials import this module as ``tutorial_kit``: a script run puts ``tutorials/`` on
 ``sys.path``, and a notebook runs in ``tutorials/``.
@@ -54,7 +54,7 @@ def show(fig, name: str) -> None:
 
 def table(rows, columns=None, floatfmt="{:.4g}") -> str:
     """Print ``rows`` (dicts, or sequences with ``columns``) as an aligned text table."""
-    rows = [dict(zip(columns, r)) if not isinstance(r, dict) else r for r in rows]
+    rows = [dict(zip(columns, r, strict=True)) if not isinstance(r, dict) else r for r in rows]
     columns = list(columns or dict.fromkeys(k for r in rows for k in r))
     def cell(v):
         real = isinstance(v, numbers.Real) and not isinstance(v, (numbers.Integral, bool))
@@ -62,9 +62,9 @@ def table(rows, columns=None, floatfmt="{:.4g}") -> str:
 
     cells = [[cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(str(c)), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths)),
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(columns, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
     text = "\n".join(lines)
     print(text)
     return text

@@ -1,4 +1,5 @@
-r"""``python -m reference.pipeline.attention_swap``: Problem 3 measured inside the pretrained encoder.
+r"""``python -m reference.pipeline.attention_swap``: Problem 3 measured inside the pretrained
+encoder.
 
 The assignment says Efficient Attention "will not influence model's performance".  This command
 measures it: the frozen encoder with its softmax attention replaced (every layer, or only the
@@ -24,10 +25,10 @@ distilled ones), on the same stratified subsets, the same 70/30 train/valid spli
    to the softmax encoder's over every real test token; the feature time (the encoder's
    seconds on train + test texts, as each cache entry recorded them when it was made).
 
-Distillation (:mod:`reference.pipeline.distill`): only the swapped layers' query/key projections train,
-to reproduce the softmax encoder's layer outputs on the head's training reviews (no validation
-or test text), then the same measurement.  By default (``--distill-variants auto``) the rows
-that need it: those of ``--distill-layers`` whose accuracy fell more than ``--distill-drop``
+Distillation (:mod:`reference.pipeline.distill`): only the swapped layers' query/key projections
+train, to reproduce the softmax encoder's layer outputs on the head's training reviews (no
+validation or test text), then the same measurement.  By default (``--distill-variants auto``) the
+rows that need it: those of ``--distill-layers`` whose accuracy fell more than ``--distill-drop``
 points below softmax's.  The distilled projections are cached (``CACHE/distilled/``) under a
 key of the encoder, variant, settings and texts.
 
@@ -269,7 +270,7 @@ def distilled_encoder(encoder, name: str, spec: str, texts, probe, a, autocast: 
     for t in (*texts, *probe):
         h.update(len(t).to_bytes(4, "little") + t.astype(np.int32).tobytes())
     path = Path(a.cache) / "distilled" / f"{h.hexdigest()[:24]}.safetensors"
-    names = [f"encoder.layer.{l}.attention.self.{p}.{w}" for l in layers
+    names = [f"encoder.layer.{layer}.attention.self.{p}.{w}" for layer in layers
              for p in ("query", "key") for w in ("weight", "bias")]
     if path.exists():
         try:

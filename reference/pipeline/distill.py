@@ -34,8 +34,8 @@ def qk_parameters(model, layers) -> list[torch.nn.Parameter]:
     projections (weight and bias) of ``layers`` trainable; returns those parameters."""
     model.requires_grad_(False)
     params = []
-    for l in layers:
-        attn = model.encoder.layer[l].attention.self
+    for layer in layers:
+        attn = model.encoder.layer[layer].attention.self
         for p in (*attn.query.parameters(), *attn.key.parameters()):
             p.requires_grad_(True)
             params.append(p)
@@ -48,9 +48,11 @@ def layer_mse(student_states, teacher_states, mask: torch.Tensor, layers) -> tor
     dtype = torch.promote_types(student_states[0].dtype, torch.float32)  # bf16 -> float32
     m = mask.to(dtype)[..., None]                                      # (B, T, 1)
     denom = m.sum() * student_states[0].shape[-1]
-    terms = [(((student_states[l + 1].to(dtype) - teacher_states[l + 1].to(dtype)) ** 2) * m)
-             .sum() / denom for l in layers]
-    return torch.stack(terms).mean()
+    def term(layer: int) -> torch.Tensor:
+        diff = student_states[layer + 1].to(dtype) - teacher_states[layer + 1].to(dtype)
+        return ((diff ** 2) * m).sum() / denom
+
+    return torch.stack([term(layer) for layer in layers]).mean()
 
 
 def _amp(autocast: bool):

