@@ -215,12 +215,11 @@ class ReviewSource:
         return _imdb(self.path)["test"].texts[:n]
 
     def training(self):
-        """(texts, labels, indices trained on, batch size, what they are) for the epoch row:
-        IMDB: the first 256 training reviews of ``make demo``'s subset (its features are the
-        demo's, computed once for both); shipped: all 16, batch 4."""
+        """(texts, labels, batch size, what they are) for the epoch row: IMDB: the first 256
+        training reviews of ``make demo``'s subset; shipped: all 16, batch 4."""
         if self.path is None:
             texts, labels = shipped_reviews()
-            return texts, labels, np.arange(len(texts)), 4, f"{len(texts)} shipped reviews"
+            return texts, labels, 4, f"{len(texts)} shipped reviews"
         from .pipeline import demo
         from .pipeline import train as rtrain
         from .pipeline.data import stratified_subset, train_valid_split
@@ -229,8 +228,8 @@ class ReviewSource:
         reviews = reviews.subset(stratified_subset(reviews.labels, demo.LIMIT_TRAIN, demo.SEED))
         n = len(reviews)
         tr, _ = train_valid_split(n, round(n * rtrain.VALID_FRACTION), demo.SEED)
-        return (reviews.texts, reviews.labels, tr[:EPOCH_REVIEWS], 32,
-                f"{min(EPOCH_REVIEWS, len(tr))} IMDB demo reviews")
+        reviews = reviews.subset(tr[:EPOCH_REVIEWS])
+        return reviews.texts, reviews.labels, 32, f"{len(reviews)} IMDB demo reviews"
 
 
 SOURCE = ReviewSource()            # set by collect()
@@ -372,12 +371,12 @@ def _epoch_row() -> Row:
     from .pipeline.encoders import load_encoder
     from .pipeline.features import extract_features
 
-    texts, labels, tr, batch, what = SOURCE.training()
+    texts, labels, batch, what = SOURCE.training()
     store = extract_features(load_encoder("minilm"), texts, max_length=demo.MAX_LENGTH,
                              progress=False)
     mine, ref = _head_pair(store.hidden_size, dropout=0.0)
     sstore = FeatureStore(store.folder)                 # the same entry, NumPy batches
-    labels = np.asarray(labels)[tr]
+    tr, labels = np.arange(len(texts)), np.asarray(labels)
 
     def scratch_epoch():
         strain.run_epoch(mine, strain.Split(sstore, tr, labels), batch, Adam(mine.params),
