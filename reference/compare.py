@@ -14,18 +14,26 @@ the table lists the suites in the order they are registered here.  Adding one::
     def adam_rows(repeat):
         ...
         return [compare_row("Adam: 100 steps", scratch_fn, torch_fn, repeat)]
+
+The encoder and sentiment rows run on real text: the IMDB archive when it is given (``--data``
+or ``$IMDB_PATH``), else the 16 short reviews the project ships (``reference/reviews.json``),
+so that the table needs no download.  The table's first line says which were used.  Sizes are
+a demonstration's (a few seconds a row); ``bench/`` measures the full sizes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass
+from importlib import resources
 
 import numpy as np
 import torch
 
 from scratch.backend import to_numpy
+from scratch.pipeline import cli
 
 from .timing import best_time, pin_threads
 
@@ -184,19 +192,69 @@ def gru_rows(repeat: int = 3) -> list[Row]:
 
 # ---- the sentiment model: encoder, head, Adam, a training epoch ------------------------------
 
-DEMO_SUBSET = dict(limit_train=2000, max_length=128, seed=3407)     # make demo's reviews
+SHIPPED = "reviews.json"           # reference/reviews.json: 16 reviews written for the project
+EPOCH_REVIEWS = 256                # the epoch row's training reviews when IMDB is given
 
 
-def _real_reviews(n: int, split: str = "test"):
-    """The first ``n`` reviews of ``split`` (the archive from $IMDB_PATH)."""
-    from .pipeline.data import find_imdb, load_imdb
+@dataclass
+class ReviewSource:
+    """The reviews of the encoder and sentiment rows: IMDB (``path``) or the shipped ones."""
+    path: str | None = None
 
-    return load_imdb(find_imdb(None), splits=(split,))[split].texts[:n]
+    @property
+    def label(self) -> str:
+        if self.path is None:
+            return (f"reviews: the {len(shipped_reviews()[0])} shipped with the project "
+                    f"(reference/{SHIPPED}); --data PATH or IMDB_PATH for IMDB's")
+        return f"reviews: IMDB ({self.path})"
+
+    def texts(self, n: int) -> list[str]:
+        """The first ``n`` test reviews (IMDB) or shipped reviews."""
+        if self.path is None:
+            return shipped_reviews()[0][:n]
+        return _imdb(self.path)["test"].texts[:n]
+
+    def training(self):
+        """(texts, labels, batch size, what they are) for the epoch row: IMDB: the first 256
+        training reviews of ``make demo``'s subset; shipped: all 16, batch 4."""
+        if self.path is None:
+            texts, labels = shipped_reviews()
+            return texts, labels, 4, f"{len(texts)} shipped reviews"
+        from .pipeline import demo
+        from .pipeline import train as rtrain
+        from .pipeline.data import stratified_subset, train_valid_split
+
+        reviews = _imdb(self.path)["train"]
+        reviews = reviews.subset(stratified_subset(reviews.labels, demo.LIMIT_TRAIN, demo.SEED))
+        n = len(reviews)
+        tr, _ = train_valid_split(n, round(n * rtrain.VALID_FRACTION), demo.SEED)
+        reviews = reviews.subset(tr[:EPOCH_REVIEWS])
+        return reviews.texts, reviews.labels, 32, f"{len(reviews)} IMDB demo reviews"
+
+
+SOURCE = ReviewSource()            # set by collect()
+_LOADED: dict = {}
+
+
+def _imdb(path: str) -> dict:
+    """Both splits of the archive at ``path``, read once per process."""
+    if path not in _LOADED:
+        from .pipeline.data import load_imdb
+
+        _LOADED[path] = load_imdb(path)
+    return _LOADED[path]
+
+
+def shipped_reviews() -> tuple[list[str], np.ndarray]:
+    """(texts, labels) of the reviews shipped in ``reference/reviews.json`` (1 = positive)."""
+    rows = json.loads(resources.files(__package__).joinpath(SHIPPED).read_text("utf-8"))
+    rows = rows["reviews"]
+    return [r["text"] for r in rows], np.array([r["label"] for r in rows], dtype=np.int64)
 
 
 @suite("encoder")
 def encoder_rows(repeat: int = 3, n: int = 8, max_length: int = 128) -> list[Row]:
-    """The frozen encoder's forward on ``n`` real reviews (MiniLM, <= ``max_length`` tokens,
+    """The frozen encoder's forward on ``n`` reviews (MiniLM, <= ``max_length`` tokens,
     right-padded, masked): :class:`scratch.bert.BertEncoder` against transformers' BertModel
     (float32 and float64), and two swapped attentions against :mod:`reference.bert_attention`."""
     from scratch.bert import BertEncoder
@@ -207,7 +265,7 @@ def encoder_rows(repeat: int = 3, n: int = 8, max_length: int = 128) -> list[Row
     from .pipeline.encoders import load_encoder
 
     ref = load_encoder("minilm")                                   # BertModel, frozen, eval
-    ids, mask = pad_batch(tokenize(ref.tokenizer, _real_reviews(n), max_length))   # (n, T)
+    ids, mask = pad_batch(tokenize(ref.tokenizer, SOURCE.texts(n), max_length))   # (n, T)
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
 
     def reference():
@@ -247,8 +305,8 @@ def _head_pair(emb_dim: int, dropout: float = 0.25, seed: int = 0):
 @suite("sentiment")
 def sentiment_rows(repeat: int = 3) -> list[Row]:
     """The head (forward + backward through the BCE loss, B32, up to 128 steps, MiniLM's 384
-    wide), Adam on its 2.1M parameters, and one training epoch of the demo subset's cached
-    features (1,400 reviews, batch 32; dropout off so that both sides take the same steps)."""
+    wide), Adam on its 2.1M parameters, and one training epoch on cached MiniLM features
+    (:meth:`ReviewSource.training`; dropout off so that both sides take the same steps)."""
     from scratch.optim import Adam
 
     rng = np.random.default_rng(0)
@@ -302,41 +360,37 @@ def sentiment_rows(repeat: int = 3) -> list[Row]:
 
 
 def _epoch_row() -> Row:
-    """One training epoch on the demo subset's cached MiniLM features, from the same weights,
+    """One training epoch on cached MiniLM features (128 tokens), from the same weights,
     dropout off: both sides' final weights compared (timed once each)."""
     from scratch.optim import Adam
     from scratch.pipeline import train as strain
     from scratch.pipeline.features import FeatureStore
 
+    from .pipeline import demo
     from .pipeline import train as rtrain
-    from .pipeline.data import find_imdb, load_imdb, stratified_subset, train_valid_split
     from .pipeline.encoders import load_encoder
     from .pipeline.features import extract_features
 
-    d = DEMO_SUBSET
-    reviews = load_imdb(find_imdb(None), splits=("train",))["train"]
-    reviews = reviews.subset(stratified_subset(reviews.labels, d["limit_train"], d["seed"]))
-    store = extract_features(load_encoder("minilm"), reviews.texts, max_length=d["max_length"],
+    texts, labels, batch, what = SOURCE.training()
+    store = extract_features(load_encoder("minilm"), texts, max_length=demo.MAX_LENGTH,
                              progress=False)
-    n = len(reviews)
-    tr, _ = train_valid_split(n, round(n * rtrain.VALID_FRACTION), d["seed"])
     mine, ref = _head_pair(store.hidden_size, dropout=0.0)
     sstore = FeatureStore(store.folder)                 # the same entry, NumPy batches
-    labels = reviews.labels[tr]
+    tr, labels = np.arange(len(texts)), np.asarray(labels)
 
     def scratch_epoch():
-        strain.run_epoch(mine, strain.Split(sstore, tr, labels), 32, Adam(mine.params),
-                         seed=d["seed"] + 1)
+        strain.run_epoch(mine, strain.Split(sstore, tr, labels), batch, Adam(mine.params),
+                         seed=demo.SEED + 1)
         return [mine.params[k] for k in sorted(mine.params)]
 
     def torch_epoch():
         opt = torch.optim.Adam(ref.parameters())
-        rtrain.run_epoch(ref, rtrain.Split(store, tr, labels), 32, opt, seed=d["seed"] + 1)
+        rtrain.run_epoch(ref, rtrain.Split(store, tr, labels), batch, opt, seed=demo.SEED + 1)
         named = dict(ref.named_parameters())
         return [named[k] for k in sorted(named)]
 
-    return compare_row(f"training epoch, demo subset ({len(tr)} reviews, B32, no dropout)",
-                       scratch_epoch, torch_epoch, 1)
+    return compare_row(f"training epoch: {what}, B{batch}, no dropout", scratch_epoch,
+                       torch_epoch, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,46 +405,76 @@ def suite_name(name: str) -> str:
     return short
 
 
-def collect(suites=None, repeat: int = 3) -> list[Row]:
-    """The rows of ``suites`` (names; all of them, in table order, if None)."""
+def collect(suites=None, repeat: int = 3, data: str | None = None) -> list[Row]:
+    """The rows of ``suites`` (names; all of them, in table order, if None); the encoder and
+    sentiment rows on IMDB at ``data`` (an archive or folder) or, if None, the shipped reviews."""
+    global SOURCE
+    SOURCE = ReviewSource(None if data is None else str(data))
     rows: list[Row] = []
     for name in (SUITES if suites is None else [suite_name(s) for s in suites]):
         rows.extend(SUITES[name](repeat=repeat))
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    head = (f"{'component':<54} {'max|scratch-ref|':>16} {'scratch s':>10} {'torch s':>10} "
+def format_table(rows: list[Row], reviews: str | None = None) -> str:
+    head = (f"{'component':<56} {'max|scratch-ref|':>16} {'scratch s':>10} {'torch s':>10} "
             f"{'scratch/torch':>13}")
-    lines = [head, "-" * len(head)]
+    lines = ([reviews] if reviews else []) + [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.component:<54} {r.max_abs_err:>16.3e} {r.scratch_s:>10.4f} "
+        lines.append(f"{r.component:<56} {r.max_abs_err:>16.3e} {r.scratch_s:>10.4f} "
                      f"{r.torch_s:>10.4f} {r.ratio:>13.2f}")
+    lines.append("sizes are a demonstration's (GRU: 16 steps; encoder: 8 reviews; epoch: a few "
+                 "hundred reviews at most); bench/ measures the full sizes")
     lines.append("scratch/torch = scratch s / torch s, both measured in this run "
                  "(below 1: scratch is faster)")
     return "\n".join(lines)
 
 
+def suite_list(text: str) -> list[str]:
+    """argparse type of ``--only``: a comma list of suite names."""
+    try:
+        names = [suite_name(s.strip()) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not names:
+        raise argparse.ArgumentTypeError(f"no suite named in {text!r}")
+    return names
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    p = cli.Parser(
         prog="python -m reference.compare",
         description="Run every scratch component beside its torch reference and print "
                     "max |scratch - reference|, both times and their ratio (scratch / torch).")
-    p.add_argument("--repeat", type=int, default=3, help="timing repeats, best kept (default 3)")
-    p.add_argument("--only", action="append", metavar="SUITE",
+    p.add_argument("--data", metavar="PATH",
+                   help="aclImdb directory or .tar.gz for the encoder and sentiment rows "
+                        "(default: $IMDB_PATH, else the 16 reviews shipped with the project)")
+    p.add_argument("--repeat", type=cli.positive(int), default=3,
+                   help="timing repeats, best kept (default 3)")
+    p.add_argument("--only", type=suite_list, action="append", metavar="SUITE[,SUITE...]",
                    help=f"run only these suites (default: all of {', '.join(SUITES)})")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=cli.positive(int), metavar="N",
                    help="limit both sides to N threads (BLAS and torch); default: libraries' own")
     args = p.parse_args(argv)
-    try:
-        suites = None if not args.only else [suite_name(s) for s in args.only]
-    except ValueError as e:
-        p.error(str(e))
+    suites = None if not args.only else list(dict.fromkeys(s for o in args.only for s in o))
+    if args.json:
+        cli.check_file(p, "--json", args.json)
+    data = args.data or os.environ.get("IMDB_PATH")
+    needs_reviews = suites is None or {"encoder", "sentiment"} & set(suites)
+    if data and needs_reviews:
+        from .pipeline.data import ImdbError, find_imdb
+
+        try:
+            data = str(find_imdb(data))
+            _imdb(data)
+        except ImdbError as e:
+            p.error(cli.one_line(e))
     if args.threads:
         pin_threads(args.threads)
-    rows = collect(suites, args.repeat)
-    print(format_table(rows))
+    rows = collect(suites, args.repeat, data)
+    print(format_table(rows, SOURCE.label if needs_reviews else None))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], f, indent=2)
@@ -398,4 +482,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, "python -m reference.compare"))

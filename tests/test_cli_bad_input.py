@@ -196,17 +196,6 @@ def test_demo_bad_input(world, tmp_path, guarded, monkeypatch, capsys, argv, env
     assert files_under(tmp_path) == before
 
 
-def test_demo_without_any_data_says_how_to_get_it(tmp_path, monkeypatch, capsys):
-    """Nothing given at all (no --data, no IMDB_PATH, no downloaded copy): exit 0 and how."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("IMDB_PATH", raising=False)
-    monkeypatch.setattr(data.find_imdb, "__defaults__", (None, False, tmp_path / "dl"))
-    assert demo.main([]) == 0
-    out = capsys.readouterr()
-    assert "IMDB demo skipped" in out.out and "python -m reference.pipeline.data --download" in out.out
-    assert out.err == "" and files_under(tmp_path) == []
-
-
 def test_parser_errors_are_one_line_without_usage(capsys):
     p = cli.Parser(prog="prog")
     p.add_argument("--n", type=cli.positive(int), required=True)

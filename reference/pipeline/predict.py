@@ -1,6 +1,6 @@
 """``python -m reference.pipeline.predict --checkpoint DIR [--file PATH] ["review text" ...]``: the
-probability that each review is positive, from a head trained by :mod:`reference.pipeline.train` on the
-encoder it names.
+probability that each review is positive, from a head trained by
+:mod:`reference.pipeline.train` on the encoder it names.
 
 :func:`predict_sentiment` is the assignment's function::
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from scratch.pipeline.cli import read_reviews, shown
+from scratch.pipeline.cli import print_scores, read_reviews, windows
 
 from . import checkpoint as ckpt
 from . import cli
@@ -30,10 +30,12 @@ COLD_START = """\
 Cold start: it reads and verifies the checkpoint first (config.json, the sha256 of
 model.safetensors, finite weights: a bad one fails in a second), then loads the encoder named
 in its config.json once (minilm, 91 MB: a few seconds on a CPU; bert-base-uncased or mpnet,
-438 MB: longer), then scores the reviews in batches of --batch-size.  Reviews come from the
-arguments and from --file (one per line, UTF-8; - reads standard input, for reviews longer
-than the shell's argument limit); an empty review is an error.  Each review is cut to the
-checkpoint's max_length tokens, as in training."""
+438 MB: longer), then scores the reviews in batches of --batch-size, 256 reviews at a time
+whose results are printed (and flushed) as soon as they are scored, in input order; a progress
+bar follows long inputs on stderr.  Reviews come from the arguments and from --file (one per
+line, UTF-8; - reads standard input, for reviews longer than the shell's argument limit); an
+empty review is an error.  Each review is cut to the checkpoint's max_length tokens, as in
+training."""
 
 
 def token_ids(tokenizer, sentence: str, max_input_length: int = 512) -> list[int]:
@@ -43,7 +45,8 @@ def token_ids(tokenizer, sentence: str, max_input_length: int = 512) -> list[int
 
     with quiet_transformers():
         tokens = tokenizer.tokenize(sentence)[:max_input_length - 2]
-    return [tokenizer.cls_token_id] + tokenizer.convert_tokens_to_ids(tokens) + [tokenizer.sep_token_id]
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    return [tokenizer.cls_token_id] + ids + [tokenizer.sep_token_id]
 
 
 def predict_sentiment(model, tokenizer, sentence: str, max_input_length: int = 512) -> float:
@@ -75,15 +78,15 @@ def predict_batch(model, tokenizer, sentences, max_input_length: int = 512,
             mask[b, :len(ids[i])] = 1
         with torch.no_grad():
             p = torch.sigmoid(model(text.to(device), mask.to(device))).squeeze(1).tolist()
-        for i, pi in zip(chunk, p):
+        for i, pi in zip(chunk, p, strict=True):
             probs[i] = pi
     return probs
 
 
 def load_model(folder, device: str = "cpu"):
-    """(BERTGRUSentiment, tokenizer, config) from a reference.pipeline.train checkpoint directory: the
-    head is read and verified first, then the encoder named (or the folder saved) in its
-    config.json is loaded."""
+    """(BERTGRUSentiment, tokenizer, config) from a reference.pipeline.train checkpoint
+    directory: the head is read and verified first, then the encoder named (or the folder
+    saved) in its config.json is loaded."""
     from .encoders import load_encoder
 
     head, config = ckpt.load_head(folder)
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
     p = cli.Parser(prog="python -m reference.pipeline.predict", epilog=COLD_START,
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    description="P(positive) of each review under a trained checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="directory written by reference.pipeline.train --out")
+    p.add_argument("--checkpoint", required=True,
+                   help="directory written by reference.pipeline.train --out")
     p.add_argument("--file", metavar="PATH", help="more reviews, one per line (- : standard input)")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
@@ -121,9 +125,9 @@ def main(argv=None) -> int:
         model, tokenizer, config = load_model(a.checkpoint, device)
     except (ckpt.CheckpointError, EncoderError) as e:
         p.error(cli.one_line(e))
-    probs = predict_batch(model, tokenizer, reviews, config.get("max_length", 512), a.batch_size)
-    for prob, text in zip(probs, reviews):
-        print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  {shown(text)}")
+    max_length = config.get("max_length", 512)
+    print_scores((predict_batch(model, tokenizer, chunk, max_length, a.batch_size)
+                  for chunk in windows(reviews)), reviews)
     return 0
 
 

@@ -1,6 +1,5 @@
 """Command-line plumbing every command shares, torch-free (``scratch.pipeline.train``,
-``scratch.pipeline.predict``
-and, through :mod:`reference.pipeline.cli`, the reference commands).
+``scratch.pipeline.predict`` and, through :mod:`reference.pipeline.cli`, the reference commands).
 
 A bad input ends one way, whatever the command: one line ``PROG: error: MESSAGE`` on stderr
 naming the problem, exit status 2, no usage block, no traceback, and nothing written.  The
@@ -97,6 +96,20 @@ def check_folder(p: argparse.ArgumentParser, option: str, path) -> Path:
     return path
 
 
+def check_file(p: argparse.ArgumentParser, option: str, path) -> Path:
+    """``path`` can be written: not a directory, in an existing writable directory (checked
+    before any work, so that the work is not lost to a bad path at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        p.error(f"{option} {path}: is a directory")
+    folder = path.parent
+    if not folder.is_dir():
+        p.error(f"{option} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        p.error(f"{option} {path}: not writable")
+    return path
+
+
 def check_batch_tokens(p: argparse.ArgumentParser, batch_tokens: int, max_length: int) -> None:
     """An encoder batch must hold the longest review: up to ``max_length`` tokens."""
     if batch_tokens < max_length:
@@ -167,13 +180,44 @@ def read_reviews(p: argparse.ArgumentParser, texts: list[str], file: str | None)
     return [text for _, text in reviews]
 
 
+WINDOW = 256          # reviews scored (and printed) at a time by the predict commands
+
+
+def windows(items, size: int = WINDOW):
+    """``items`` cut into consecutive pieces of ``size`` (the last one shorter), in order."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def print_scores(scores, reviews: list[str], window: int = WINDOW) -> None:
+    """Print ``PROB  positive|negative  REVIEW`` for each review as ``scores`` (an iterable of
+    lists of probabilities, one list per window of reviews, in input order) yields them:
+    each window's lines are flushed before the next window is scored, and a progress bar on
+    stderr follows inputs longer than one window (when stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    done = 0
+    with tqdm(total=len(reviews), unit="review", desc="scoring", file=sys.stderr,
+              disable=None if len(reviews) > window else True) as bar:
+        for probs in scores:
+            with tqdm.external_write_mode(file=sys.stdout):
+                for prob, text in zip(probs, reviews[done:done + len(probs)], strict=True):
+                    print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  "
+                          f"{shown(text)}")
+                sys.stdout.flush()
+            done += len(probs)
+            bar.update(len(probs))
+    if done != len(reviews):
+        raise RuntimeError(f"scored {done} of {len(reviews)} reviews")
+
+
 def shown(text: str, width: int = 72) -> str:
     """A review on one line, cut to ``width`` characters for the echo."""
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[:width - 3] + "..."
 
 
-# --- running a command as a program ---------------------------------------------------------------
+# --- running a command as a program -------------------------------------------------------
 
 def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")

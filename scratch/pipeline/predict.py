@@ -2,13 +2,13 @@
 probability that each review is positive, torch-free, with the same output as
 :mod:`reference.pipeline.predict` for the same checkpoint (either pipeline's).
 
-The whole model in NumPy: the checkpoint's head (:func:`scratch.pipeline.checkpoint.load_head`, read and
-verified first), the encoder its ``config.json`` names (:class:`scratch.bert.BertEncoder`,
+The whole model in NumPy: the checkpoint's head (:func:`scratch.pipeline.checkpoint.load_head`,
+read and verified first), the encoder its ``config.json`` names (:class:`scratch.bert.BertEncoder`,
 BERT folders) and tokenizer (:class:`scratch.pipeline.tokenizer.BertTokenizer`)::
 
-    ids    = [CLS] tokens[:max_length - 2] [SEP]         per review, like reference.pipeline.predict
-    h      = BertEncoder(ids, mask)                      (B, T, E), padding masked out
-    p      = sigmoid(head(h, lengths))                   (B, 1), the GRU reads each review to its end
+    ids = [CLS] tokens[:max_length - 2] [SEP]      per review, like reference.pipeline.predict
+    h   = BertEncoder(ids, mask)                   (B, T, E), padding masked out
+    p   = sigmoid(head(h, lengths))                (B, 1), the GRU reads each review to its end
 """
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ COLD_START = """\
 Cold start: it reads and verifies the checkpoint first (config.json, the sha256 of
 model.safetensors, finite weights), then loads the encoder named in its config.json with
 NumPy (minilm, 91 MB: a few seconds), then scores the reviews in batches of --batch-size,
-sorted by length.  Reviews come from the arguments and from --file (one per line, UTF-8; -
-reads standard input); an empty review is an error.  Each review is cut to the checkpoint's
+sorted by length within each 256 reviews, whose results are printed (and flushed) as soon
+as they are scored, in input order; a progress bar follows long inputs on stderr.  Reviews
+come from the arguments and from --file (one per line, UTF-8; - reads standard input); an
+empty review is an error.  Each review is cut to the checkpoint's
 max_length tokens, as in training.  No torch is imported."""
 
 
@@ -63,7 +65,7 @@ def predict_batch(encoder, tokenizer, head, sentences, max_length: int = 512,
         input_ids, mask = pad_batch([ids[i] for i in chunk], tokenizer.pad_id)   # (B, T)
         hidden = encoder(input_ids, mask)                                       # (B, T, E)
         p = to_numpy(head.predict(hidden, mask.sum(axis=1)))[:, 0]              # (B,)
-        for i, pi in zip(chunk, p):
+        for i, pi in zip(chunk, p, strict=True):
             probs[i] = float(pi)
     return probs
 
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
                    description="P(positive) of each review under a trained checkpoint, "
                                "computed by the from-scratch model (NumPy, no torch).")
     p.add_argument("--checkpoint", required=True,
-                   help="directory written by scratch.pipeline.train or reference.pipeline.train --out")
+                   help="directory written by scratch.pipeline.train or "
+                        "reference.pipeline.train --out")
     p.add_argument("--file", metavar="PATH", help="more reviews, one per line (- : standard input)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
@@ -86,10 +89,9 @@ def main(argv=None) -> int:
         encoder, tokenizer, head, config = load_model(a.checkpoint, a.dtype)
     except (ckpt.CheckpointError, EncoderNameError, BertError) as e:
         p.error(cli.one_line(e))
-    probs = predict_batch(encoder, tokenizer, head, reviews, config.get("max_length", 512),
-                          a.batch_size)
-    for prob, text in zip(probs, reviews):
-        print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  {cli.shown(text)}")
+    max_length = config.get("max_length", 512)
+    cli.print_scores((predict_batch(encoder, tokenizer, head, chunk, max_length, a.batch_size)
+                      for chunk in cli.windows(reviews)), reviews)
     return 0
 
 
