@@ -23,6 +23,7 @@ from . import cli
 
 SUBSET = ["--encoder", "minilm", "--limit-train", "2000", "--limit-test", "1000",
           "--max-length", "128", "--batch-size", "32", "--epochs", "2", "--seed", "3407"]
+LIMITS = {"--limit-train", "--limit-test"}
 SENTENCES = ("This film is terrible", "This film is great",
              "The plot was thin, but the acting carried it and I left smiling.",
              "Two hours of my life I will never get back.")
@@ -31,11 +32,15 @@ SENTENCES = ("This film is terrible", "This film is great",
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = cli.Parser(prog="python -m reference.pipeline.demo", description=__doc__.split("\n\n")[1])
-    p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
+    p.add_argument("--data", help="aclImdb directory or .tar.gz, or a labelled table (.csv, "
+                   ".tsv, .jsonl, .parquet: all its reviews are used; default: $IMDB_PATH)")
     p.add_argument("--out", default="runs/demo", help="checkpoint directory (default %(default)s)")
     p.add_argument("--cache", default=".cache/features", help="feature cache root")
     p.add_argument("--no-progress", action="store_true")
+    cli.add_table_args(p)
     a = p.parse_args(argv)
+
+    from scratch.pipeline.tables import is_table
 
     from .data import HOW_TO_GET, ImdbError, find_imdb
 
@@ -54,6 +59,9 @@ def main(argv=None) -> int:
           flush=True)
     t0 = time.perf_counter()
     args = ["--data", str(path), "--out", a.out, "--cache", a.cache, "--device", "cpu", *SUBSET]
+    if is_table(path):                  # a user's table: all of it, with its options
+        args = [x for i, x in enumerate(args) if not {args[i - 1], x} & LIMITS]
+        args += [x for k, opt in cli.TABLE_OPTIONS if (v := getattr(a, k)) for x in (opt, v)]
     train.main(args + (["--no-progress"] if a.no_progress else []))
     model, tokenizer, config = load_model(a.out)
     m = json.loads((Path(a.out) / "metrics.json").read_text())

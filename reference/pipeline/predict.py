@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from scratch.pipeline.cli import read_reviews, shown
+from scratch.pipeline.cli import label_name, read_reviews, shown
 
 from . import checkpoint as ckpt
 from . import cli
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         p.error(cli.one_line(e))
     probs = predict_batch(model, tokenizer, reviews, config.get("max_length", 512), a.batch_size)
     for prob, text in zip(probs, reviews):
-        print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  {shown(text)}")
+        print(f"{prob:.4f}  {label_name(config, prob)}  {shown(text)}")
     return 0
 
 

@@ -101,12 +101,48 @@ def check_batch_tokens(p: argparse.ArgumentParser, batch_tokens: int, max_length
                 f"least the longest review, got {batch_tokens}")
 
 
-def load_data(p: argparse.ArgumentParser, path=None):
-    """(path, :func:`reference.pipeline.data.load_imdb`'s splits) of ``--data`` or ``$IMDB_PATH``."""
+TABLE_OPTIONS = (("text_column", "--text-column"), ("label_column", "--label-column"),
+                 ("split_column", "--split-column"), ("test_data", "--test-data"))
+
+
+def add_table_args(p: argparse.ArgumentParser) -> None:
+    """--text-column --label-column --split-column --test-data: ``--data`` as a labelled table
+    (:mod:`scratch.pipeline.tables`)."""
+    g = p.add_argument_group("your own reviews: --data FILE.csv | .tsv | .jsonl | .parquet")
+    g.add_argument("--text-column", metavar="NAME", help="the reviews' column (default text)")
+    g.add_argument("--label-column", metavar="NAME",
+                   help="the labels' column (default label): 0/1, or two values mapped in "
+                        "sorted order to 0 and 1")
+    g.add_argument("--split-column", metavar="NAME",
+                   help="a column of train/test saying which rows are the test reviews "
+                        "(else --test-data, else a seeded 20%% test split)")
+    g.add_argument("--test-data", metavar="FILE", help="the test reviews: a table with the "
+                   "same columns")
+
+
+def load_data(p: argparse.ArgumentParser, path=None, args=None):
+    """(path, ``{"train": Reviews, "test": Reviews}``) of ``--data`` or ``$IMDB_PATH``: the
+    aclImdb archive or folder (:func:`scratch.pipeline.data.load_imdb`), or a labelled table
+    (:func:`scratch.pipeline.tables.load_table`, with ``args``' table options and ``--seed``;
+    what it decided is printed, its warnings go to stderr)."""
+    from . import tables
     from .data import ImdbError, find_imdb, load_imdb
 
+    options = {k: getattr(args, k, None) for k, _ in TABLE_OPTIONS}
     try:
         found = find_imdb(path)
+        if tables.is_table(found):
+            data, notes, warnings = tables.load_table(
+                found, options["text_column"] or "text", options["label_column"] or "label",
+                options["split_column"], options["test_data"], getattr(args, "seed", 3407))
+            for note in notes:
+                print(note, flush=True)
+            for warning in warnings:
+                print(f"{p.prog}: warning: {warning}", file=sys.stderr, flush=True)
+            return found, data
+        if given := [opt for k, opt in TABLE_OPTIONS if options[k] is not None]:
+            p.error(f"{', '.join(given)}: only for a table --data (.csv, .tsv, .jsonl, "
+                    f".parquet), and {found} is not one")
         return found, load_imdb(found)
     except ImdbError as e:
         p.error(one_line(e))
@@ -161,6 +197,15 @@ def read_reviews(p: argparse.ArgumentParser, texts: list[str], file: str | None)
     if not reviews:
         p.error("no review to score: give TEXT arguments or --file PATH (- for standard input)")
     return [text for _, text in reviews]
+
+
+def label_name(config: dict, prob: float) -> str:
+    """The predicted class's name: the checkpoint's ``labels`` (a table's two values, 0 then
+    1) where it has them, else negative/positive."""
+    names = config.get("labels")
+    if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        names = ["negative", "positive"]
+    return names[int(prob > 0.5)]
 
 
 def shown(text: str, width: int = 72) -> str:

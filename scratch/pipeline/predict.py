@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     probs = predict_batch(encoder, tokenizer, head, reviews, config.get("max_length", 512),
                           a.batch_size)
     for prob, text in zip(probs, reviews):
-        print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  {cli.shown(text)}")
+        print(f"{prob:.4f}  {cli.label_name(config, prob)}  {cli.shown(text)}")
     return 0
 
 
