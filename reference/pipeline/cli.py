@@ -15,6 +15,7 @@ from scratch.pipeline.cli import (  # noqa: F401
     INTERRUPTED,
     TABLE_OPTIONS,
     Parser,
+    add_explain_args,
     add_table_args,
     check_batch_tokens,
     check_folder,

@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
                    help="reviews per forward pass (default %(default)s)")
     p.add_argument("sentences", nargs="*", metavar="TEXT", help="review text(s) to score")
+    cli.add_explain_args(p)
     a = p.parse_args(argv)
     device = cli.check_device(p, a.device)
     reviews = read_reviews(p, a.sentences, a.file)           # before anything is loaded
@@ -122,8 +123,21 @@ def main(argv=None) -> int:
     except (ckpt.CheckpointError, EncoderError) as e:
         p.error(cli.one_line(e))
     probs = predict_batch(model, tokenizer, reviews, config.get("max_length", 512), a.batch_size)
-    for prob, text in zip(probs, reviews):
+    why = None
+    if a.explain or a.html:
+        from scratch.pipeline.explain import write_html
+
+        from .explain import explain_reviews
+
+        ids = [token_ids(tokenizer, s, config.get("max_length", 512)) for s in reviews]
+        why = explain_reviews(model, tokenizer, reviews, probs, ids, a.steps,
+                              config.get("labels"))
+        if a.html:
+            write_html(a.html, why)
+    for i, (prob, text) in enumerate(zip(probs, reviews, strict=True)):
         print(f"{prob:.4f}  {label_name(config, prob)}  {shown(text)}")
+        if a.explain:
+            print(why[i].text_block())
     return 0
 
 

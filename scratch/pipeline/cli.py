@@ -199,6 +199,18 @@ def read_reviews(p: argparse.ArgumentParser, texts: list[str], file: str | None)
     return [text for _, text in reviews]
 
 
+def add_explain_args(p: argparse.ArgumentParser) -> None:
+    """--explain --steps --html of both predict commands (:mod:`scratch.pipeline.explain`)."""
+    g = p.add_argument_group("why the model said so (integrated gradients over the head's input)")
+    g.add_argument("--explain", action="store_true",
+                   help="print each review with its strongest positive and negative words "
+                        "marked, and the completeness check")
+    g.add_argument("--steps", type=positive(int), default=50,
+                   help="Gauss-Legendre interpolation steps (default %(default)s)")
+    g.add_argument("--html", metavar="PATH", help="write a self-contained page with every "
+                   "review's words coloured by their attribution")
+
+
 def label_name(config: dict, prob: float) -> str:
     """The predicted class's name: the checkpoint's ``labels`` (a table's two values, 0 then
     1) where it has them, else negative/positive."""

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
                    help="reviews per forward pass (default %(default)s)")
     p.add_argument("sentences", nargs="*", metavar="TEXT", help="review text(s) to score")
+    cli.add_explain_args(p)
     a = p.parse_args(argv)
     reviews = cli.read_reviews(p, a.sentences, a.file)       # before anything is loaded
     try:
@@ -88,8 +89,18 @@ def main(argv=None) -> int:
         p.error(cli.one_line(e))
     probs = predict_batch(encoder, tokenizer, head, reviews, config.get("max_length", 512),
                           a.batch_size)
-    for prob, text in zip(probs, reviews):
+    why = None
+    if a.explain or a.html:
+        from .explain import explain_reviews, write_html
+
+        why = explain_reviews(encoder, tokenizer, head, reviews, probs,
+                              config.get("max_length", 512), a.steps, config.get("labels"))
+        if a.html:
+            write_html(a.html, why)
+    for i, (prob, text) in enumerate(zip(probs, reviews, strict=True)):
         print(f"{prob:.4f}  {cli.label_name(config, prob)}  {cli.shown(text)}")
+        if a.explain:
+            print(why[i].text_block())
     return 0
 
 
