@@ -97,7 +97,7 @@ def test_duplicates_across_train_and_test_are_a_warning(tmp_path):
     other = pd.DataFrame({"review": [TEXTS[0], TEXTS[1], "new"], "sentiment": ["good"] * 3})
     _, _, warnings = load_table(write(frame(), tmp_path / "a.csv"), "review", "sentiment",
                                 test_data=write(other, tmp_path / "b.csv"))
-    assert warnings == ["2 of the 3 test reviews also appear among the train reviews "
+    assert warnings == ["2 of the 3 test reviews are also among the train reviews "
                         "(identical text): the test accuracy is not a held-out one"]
 
 

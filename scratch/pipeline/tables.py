@@ -235,7 +235,8 @@ def load_table(path, text_column: str = "text", label_column: str = "label",
     _check_both_classes(data["train"], f"{path}: the train reviews", names)
     seen = set(data["train"].texts)
     dup = sum(t in seen for t in data["test"].texts)
-    warnings = ([f"{dup} of the {len(data['test'])} test reviews also appear among the train "
-                 "reviews (identical text): the test accuracy is not a held-out one"]
+    warnings = ([f"{dup} of the {len(data['test'])} test reviews {'is' if dup == 1 else 'are'} "
+                 "also among the train reviews (identical text): the test accuracy is not a "
+                 "held-out one"]
                 if dup else [])
     return data, notes, warnings
