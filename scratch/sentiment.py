@@ -51,6 +51,8 @@ class SentimentHead:
 
     * ``head(features, lengths=None, training=False, cache=True)`` -> logits (B, output_dim);
     * ``head.backward(d_logits)`` -> grads {name: array} after a forward with ``cache=True``;
+    * ``head.input_gradient(features, lengths)`` -> (logits, d logits / d features), the
+      gradient integrated gradients needs (:mod:`scratch.explain`);
     * ``head.loss_and_grads(features, lengths, labels)`` -> (loss, grads, logits): one
       training step's numbers (then ``Adam(head.params).step(grads)``);
     * ``head.predict(features, lengths)`` -> probabilities (B, output_dim), no dropout, no cache;
@@ -86,6 +88,7 @@ class SentimentHead:
             self.params[name] = self.xp.asarray(
                 self.generator.uniform(-k, k, shape).astype(self.dtype))
         self.hidden_mask = None
+        self.d_features = None
         self._cache = None
 
     # ---- parameters --------------------------------------------------------------------------
@@ -121,7 +124,7 @@ class SentimentHead:
         """features (B, T, emb_dim) of this head's dtype, lengths (B,) ints in [1, T] or None
         (all T steps real) -> logits (B, output_dim).  ``training``: dropout on (masks drawn
         and recorded); ``cache=False``: inference, nothing kept for :meth:`backward`."""
-        xp, H = self.xp, self.hidden_dim
+        xp = self.xp
         features = as_float_array(features, "features", xp=xp)
         if features.ndim != 3 or features.shape[2] != self.emb_dim:
             raise ValueError(f"features must be (batch, time, {self.emb_dim}), got "
@@ -139,10 +142,11 @@ class SentimentHead:
         self._cache = (hidden, h_n.shape) if cache else None
         return logits
 
-    def backward(self, d_logits) -> dict:
+    def backward(self, d_logits, need_dx: bool = False) -> dict:
         """dL/d logits (B, output_dim) -> {name: dL/d param} for every parameter (new arrays),
         after :meth:`forward` (``cache=True``); BPTT through the GRU with the forward's lengths
-        and dropout masks."""
+        and dropout masks.  ``need_dx``: also dL/d features (B, T, emb_dim), kept in
+        ``self.d_features`` (zero at the padding past each review's length); else that is None."""
         if self._cache is None:
             raise RuntimeError("call forward (with cache=True) before backward")
         xp, H = self.xp, self.hidden_dim
@@ -162,9 +166,22 @@ class SentimentHead:
             d_h_n[-2], d_h_n[-1] = d_hidden[:, :H], d_hidden[:, H:]
         else:
             d_h_n[-1] = d_hidden
-        # the GRU's per-step outputs are unused (d_output 0); features are frozen (no d_x)
-        self.rnn.backward(None, d_h_n, need_dx=False)
+        # the GRU's per-step outputs are unused (d_output 0); features are frozen (no d_x),
+        # except for attributions (scratch.explain: the gradient with respect to the features)
+        self.d_features, _ = self.rnn.backward(None, d_h_n, need_dx=need_dx)
         return {**{f"rnn.{n}": g for n, g in self.rnn.grads.items()}, **grads_out}
+
+    def input_gradient(self, features, lengths=None, d_logits=None):
+        """(logits, d features): the logits (B, output_dim) of an inference forward (no dropout)
+        and the gradient of ``sum(d_logits * logits)`` with respect to ``features`` (B, T,
+        emb_dim), by the head's own backward pass; ``d_logits`` default ones: the gradient of
+        each review's logit (summed over outputs) with respect to its own features."""
+        logits = self.forward(features, lengths, training=False, cache=True)
+        if d_logits is None:
+            d_logits = self.xp.ones_like(logits)
+        self.backward(d_logits, need_dx=True)
+        d_features, self.d_features, self._cache = self.d_features, None, None
+        return logits, d_features
 
     def loss_and_grads(self, features, lengths, labels, training: bool = True):
         """(loss, grads, logits) of the assignment's loss ``(1/B) sum_b bce(z_b, y_b)``.

@@ -33,6 +33,8 @@ CASES = [
     ("reference.pipeline.checkpoint", ["stamp"], r"stamp: error: the following arguments are "),
     ("reference.pipeline.demo", ["--bogus"], r"unrecognized arguments: --bogus"),
     ("reference.pipeline.attention_swap", ["--bogus"], r"unrecognized arguments: --bogus"),
+    ("scratch.pipeline.features", [], r"the following arguments are required: cmd"),
+    ("scratch.pipeline.features", ["verify"], r"verify: error: the following arguments are "),
     ("scratch.pipeline.train", ["--bogus"], BOGUS),
     ("scratch.pipeline.predict", ["--bogus"], BOGUS),
     ("scratch.pipeline.predict", ["--dtype", "float16"], r"argument --dtype: invalid choice"),

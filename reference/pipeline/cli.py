@@ -13,7 +13,10 @@ import logging
 from scratch.pipeline.cli import (  # noqa: F401
     BAD_INPUT,
     INTERRUPTED,
+    TABLE_OPTIONS,
     Parser,
+    add_explain_args,
+    add_table_args,
     check_batch_tokens,
     check_folder,
     check_limit,
@@ -28,8 +31,10 @@ from scratch.pipeline.cli import (  # noqa: F401
 # --- arguments shared by the commands that extract features ---------------------------------------
 
 def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/features") -> None:
-    """--data --encoder --max-length --limit-train --limit-test --seed --device --cache."""
-    p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
+    """--data --encoder --max-length --limit-train --limit-test --seed --device --cache, and
+    the table options (:func:`scratch.pipeline.cli.add_table_args`)."""
+    p.add_argument("--data", help="aclImdb directory or .tar.gz, or a labelled table (.csv, "
+                   ".tsv, .jsonl, .parquet; default: $IMDB_PATH)")
     p.add_argument("--encoder", default="auto",
                    help="auto | bert-base-uncased | minilm | mpnet | FOLDER")
     p.add_argument("--max-length", type=int, default=512,
@@ -42,6 +47,7 @@ def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/fe
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache", default=cache_default,
                    help="feature cache root (default %(default)s)")
+    add_table_args(p)
 
 
 def add_dist_args(p: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ LIMIT_TRAIN, LIMIT_TEST, MAX_LENGTH, EPOCHS, BATCH, SEED = 1000, 500, 128, 2, 32
 SUBSET = ["--encoder", "minilm", "--limit-train", str(LIMIT_TRAIN), "--limit-test",
           str(LIMIT_TEST), "--max-length", str(MAX_LENGTH), "--batch-size", str(BATCH),
           "--epochs", str(EPOCHS), "--seed", str(SEED)]
+LIMITS = {"--limit-train", "--limit-test"}
 SENTENCES = ("This film is terrible", "This film is great",
              "The plot was thin, but the acting carried it and I left smiling.",
              "Two hours of my life I will never get back.")
@@ -43,13 +44,15 @@ HOW_TO_GET = ("pass --data PATH (an aclImdb directory or .tar.gz) or set IMDB_PA
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = cli.Parser(prog="python -m reference.pipeline.demo", description=__doc__.split("\n\n")[1])
-    p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH, else the "
-                                  "downloaded copy, else download it)")
+    p.add_argument("--data", help="aclImdb directory or .tar.gz, or a labelled table (.csv, "
+                   ".tsv, .jsonl, .parquet: all its reviews are used; default: $IMDB_PATH, "
+                   "else the downloaded copy, else download it)")
     p.add_argument("--no-download", action="store_true",
                    help="never download the data: without it, say how to get it and exit 0")
     p.add_argument("--out", default="runs/demo", help="checkpoint directory (default %(default)s)")
     p.add_argument("--cache", default=".cache/features", help="feature cache root")
     p.add_argument("--no-progress", action="store_true")
+    cli.add_table_args(p)
     a = p.parse_args(argv)
     path = find_data(p, a)
     if path is None:
@@ -84,6 +87,8 @@ def find_data(p, a) -> Path | None:
 
 def imdb_part(a, path: Path) -> int:
     """Train on the subset of ``path``, report, and score :data:`SENTENCES` both ways."""
+    from scratch.pipeline.tables import is_table
+
     from . import train
     from .predict import load_model
 
@@ -91,6 +96,9 @@ def imdb_part(a, path: Path) -> int:
           flush=True)
     t0 = time.perf_counter()
     args = ["--data", str(path), "--out", a.out, "--cache", a.cache, "--device", "cpu", *SUBSET]
+    if is_table(path):                  # a user's table: all of it, with its options
+        args = [x for i, x in enumerate(args) if not {args[i - 1], x} & LIMITS]
+        args += [x for k, opt in cli.TABLE_OPTIONS if (v := getattr(a, k)) for x in (opt, v)]
     train.main(args + (["--no-progress"] if a.no_progress else []))
     model, tokenizer, config = load_model(a.out)
     m = json.loads((Path(a.out) / "metrics.json").read_text())

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     info = cli.check_encoder(p, a.encoder, a.max_length)       # encoder's config: no weights
     cli.check_batch_tokens(p, a.batch_tokens, a.max_length)
     cli.check_folder(p, "--cache", a.cache)
-    _, data = cli.load_data(p, a.data)
+    _, data = cli.load_data(p, a.data, a)
     for split, limit in (("train", a.limit_train), ("test", a.limit_test)):
         data[split] = cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
     with distributed.session(p.prog, device, a.dist_timeout) as ranks:

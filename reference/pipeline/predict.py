@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
                    help="reviews per forward pass (default %(default)s)")
     p.add_argument("sentences", nargs="*", metavar="TEXT", help="review text(s) to score")
+    cli.add_explain_args(p)
     a = p.parse_args(argv)
     device = cli.check_device(p, a.device)
     reviews = read_reviews(p, a.sentences, a.file)           # before anything is loaded
@@ -126,8 +127,26 @@ def main(argv=None) -> int:
     except (ckpt.CheckpointError, EncoderError) as e:
         p.error(cli.one_line(e))
     max_length = config.get("max_length", 512)
+    why = []
+
+    def explain(texts, probs):
+        """Captum's integrated gradients for one window; kept for --html, printed for
+        --explain."""
+        from .explain import explain_reviews
+
+        ids = [token_ids(tokenizer, s, max_length) for s in texts]
+        found = explain_reviews(model, tokenizer, texts, probs, ids, a.steps,
+                                config.get("labels"))
+        why.extend(found)
+        return [w.text_block() if a.explain else None for w in found]
+
     print_scores((predict_batch(model, tokenizer, chunk, max_length, a.batch_size)
-                  for chunk in windows(reviews)), reviews)
+                  for chunk in windows(reviews)), reviews, config=config,
+                 explain=explain if a.explain or a.html else None)
+    if a.html:
+        from scratch.pipeline.explain import write_html
+
+        write_html(a.html, why)
     return 0
 
 

@@ -303,7 +303,7 @@ class Run:
 def prepare(p: argparse.ArgumentParser, a, device: str, info, ranks: Ranks = SINGLE) -> Run:
     """Data, subsets, encoder weights, the run's config and (--resume) its saved state (read
     by rank 0, shared with the others: --out is rank 0's folder)."""
-    path, data = cli.load_data(p, a.data)
+    path, data = cli.load_data(p, a.data, a)
     reviews = {split: cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
                for split, limit in (("train", a.limit_train), ("test", a.limit_test))}
     encoder = cli.load_encoder(p, info, device)
@@ -312,6 +312,8 @@ def prepare(p: argparse.ArgumentParser, a, device: str, info, ranks: Ranks = SIN
     config = {"encoder": encoder.name, "encoder_source": encoder.source, "max_length": a.max_length,
               "limit_train": a.limit_train, "limit_test": a.limit_test, "seed": a.seed,
               "batch_size": a.batch_size, "lr": a.lr, "model": model}
+    if reviews["train"].label_names:              # a table's two label values, 0 then 1
+        config["labels"] = list(reviews["train"].label_names)
     metrics = {"config": config, "device": device, "threads": torch.get_num_threads(),
                "processes": ranks.size, "torch": torch.__version__, "feature_seconds": {},
                "feature_wait_seconds": {}}

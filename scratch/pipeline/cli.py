@@ -117,13 +117,48 @@ def check_batch_tokens(p: argparse.ArgumentParser, batch_tokens: int, max_length
                 f"least the longest review, got {batch_tokens}")
 
 
-def load_data(p: argparse.ArgumentParser, path=None):
-    """(path, :func:`reference.pipeline.data.load_imdb`'s splits) of ``--data`` or
-    ``$IMDB_PATH``."""
+TABLE_OPTIONS = (("text_column", "--text-column"), ("label_column", "--label-column"),
+                 ("split_column", "--split-column"), ("test_data", "--test-data"))
+
+
+def add_table_args(p: argparse.ArgumentParser) -> None:
+    """--text-column --label-column --split-column --test-data: ``--data`` as a labelled table
+    (:mod:`scratch.pipeline.tables`)."""
+    g = p.add_argument_group("your own reviews: --data FILE.csv | .tsv | .jsonl | .parquet")
+    g.add_argument("--text-column", metavar="NAME", help="the reviews' column (default text)")
+    g.add_argument("--label-column", metavar="NAME",
+                   help="the labels' column (default label): 0/1, or two values mapped in "
+                        "sorted order to 0 and 1")
+    g.add_argument("--split-column", metavar="NAME",
+                   help="a column of train/test saying which rows are the test reviews "
+                        "(else --test-data, else a seeded 20%% test split)")
+    g.add_argument("--test-data", metavar="FILE", help="the test reviews: a table with the "
+                   "same columns")
+
+
+def load_data(p: argparse.ArgumentParser, path=None, args=None):
+    """(path, ``{"train": Reviews, "test": Reviews}``) of ``--data`` or ``$IMDB_PATH``: the
+    aclImdb archive or folder (:func:`scratch.pipeline.data.load_imdb`), or a labelled table
+    (:func:`scratch.pipeline.tables.load_table`, with ``args``' table options and ``--seed``;
+    what it decided is printed, its warnings go to stderr)."""
+    from . import tables
     from .data import ImdbError, find_imdb, load_imdb
 
+    options = {k: getattr(args, k, None) for k, _ in TABLE_OPTIONS}
     try:
         found = find_imdb(path)
+        if tables.is_table(found):
+            data, notes, warnings = tables.load_table(
+                found, options["text_column"] or "text", options["label_column"] or "label",
+                options["split_column"], options["test_data"], getattr(args, "seed", 3407))
+            for note in notes:
+                print(note, flush=True)
+            for warning in warnings:
+                print(f"{p.prog}: warning: {warning}", file=sys.stderr, flush=True)
+            return found, data
+        if given := [opt for k, opt in TABLE_OPTIONS if options[k] is not None]:
+            p.error(f"{', '.join(given)}: only for a table --data (.csv, .tsv, .jsonl, "
+                    f".parquet), and {found} is not one")
         return found, load_imdb(found)
     except ImdbError as e:
         p.error(one_line(e))
@@ -189,26 +224,54 @@ def windows(items, size: int = WINDOW):
         yield items[start:start + size]
 
 
-def print_scores(scores, reviews: list[str], window: int = WINDOW) -> None:
-    """Print ``PROB  positive|negative  REVIEW`` for each review as ``scores`` (an iterable of
-    lists of probabilities, one list per window of reviews, in input order) yields them:
-    each window's lines are flushed before the next window is scored, and a progress bar on
-    stderr follows inputs longer than one window (when stderr is a terminal)."""
+def print_scores(scores, reviews: list[str], window: int = WINDOW, config: dict | None = None,
+                 explain=None) -> None:
+    """Print ``PROB  CLASS  REVIEW`` for each review as ``scores`` (an iterable of lists of
+    probabilities, one list per window of reviews, in input order) yields them: each window's
+    lines are flushed before the next window is scored, and a progress bar on stderr follows
+    inputs longer than one window (when stderr is a terminal).  CLASS is
+    :func:`label_name` of the checkpoint's ``config``; ``explain(window_reviews, probs)``, when
+    given, returns one text block (or None) per review, printed under its line."""
     from tqdm.auto import tqdm
 
+    config = config or {}
     done = 0
     with tqdm(total=len(reviews), unit="review", desc="scoring", file=sys.stderr,
               disable=None if len(reviews) > window else True) as bar:
         for probs in scores:
+            texts = reviews[done:done + len(probs)]
+            blocks = explain(texts, probs) if explain else [None] * len(probs)
             with tqdm.external_write_mode(file=sys.stdout):
-                for prob, text in zip(probs, reviews[done:done + len(probs)], strict=True):
-                    print(f"{prob:.4f}  {'positive' if prob > 0.5 else 'negative'}  "
-                          f"{shown(text)}")
+                for prob, text, block in zip(probs, texts, blocks, strict=True):
+                    print(f"{prob:.4f}  {label_name(config, prob)}  {shown(text)}")
+                    if block is not None:
+                        print(block)
                 sys.stdout.flush()
             done += len(probs)
             bar.update(len(probs))
     if done != len(reviews):
         raise RuntimeError(f"scored {done} of {len(reviews)} reviews")
+
+
+def add_explain_args(p: argparse.ArgumentParser) -> None:
+    """--explain --steps --html of both predict commands (:mod:`scratch.pipeline.explain`)."""
+    g = p.add_argument_group("why the model said so (integrated gradients over the head's input)")
+    g.add_argument("--explain", action="store_true",
+                   help="print each review with its strongest positive and negative words "
+                        "marked, and the completeness check")
+    g.add_argument("--steps", type=positive(int), default=50,
+                   help="Gauss-Legendre interpolation steps (default %(default)s)")
+    g.add_argument("--html", metavar="PATH", help="write a self-contained page with every "
+                   "review's words coloured by their attribution")
+
+
+def label_name(config: dict, prob: float) -> str:
+    """The predicted class's name: the checkpoint's ``labels`` (a table's two values, 0 then
+    1) where it has them, else negative/positive."""
+    names = config.get("labels")
+    if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        names = ["negative", "positive"]
+    return names[int(prob > 0.5)]
 
 
 def shown(text: str, width: int = 72) -> str:

@@ -42,17 +42,21 @@ class ImdbError(ValueError):
 
 @dataclass
 class Reviews:
-    """One split: ``texts[i]`` with ``labels[i]`` (1 = positive) from file ``names[i]``."""
+    """One split: ``texts[i]`` with ``labels[i]`` (1 = positive) from file ``names[i]``;
+    ``label_names``: what 0 and 1 stand for, when a table named them (else None: negative,
+    positive)."""
     texts: list[str]
     labels: np.ndarray
     names: list[str] = field(default_factory=list)
+    label_names: tuple[str, str] | None = None
 
     def __len__(self):
         return len(self.texts)
 
     def subset(self, idx) -> Reviews:
         idx = np.asarray(idx, dtype=np.int64)
-        return Reviews([self.texts[i] for i in idx], self.labels[idx], [self.names[i] for i in idx])
+        return Reviews([self.texts[i] for i in idx], self.labels[idx],
+                       [self.names[i] for i in idx], self.label_names)
 
 
 def _decode(raw: bytes, name: str) -> str:

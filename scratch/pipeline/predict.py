@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=cli.positive(int), default=32,
                    help="reviews per forward pass (default %(default)s)")
     p.add_argument("sentences", nargs="*", metavar="TEXT", help="review text(s) to score")
+    cli.add_explain_args(p)
     a = p.parse_args(argv)
     reviews = cli.read_reviews(p, a.sentences, a.file)       # before anything is loaded
     try:
@@ -90,8 +91,24 @@ def main(argv=None) -> int:
     except (ckpt.CheckpointError, EncoderNameError, BertError) as e:
         p.error(cli.one_line(e))
     max_length = config.get("max_length", 512)
+    why = []
+
+    def explain(texts, probs):
+        """Integrated gradients for one window; kept for --html, printed for --explain."""
+        from .explain import explain_reviews
+
+        found = explain_reviews(encoder, tokenizer, head, texts, probs, max_length, a.steps,
+                                config.get("labels"))
+        why.extend(found)
+        return [w.text_block() if a.explain else None for w in found]
+
     cli.print_scores((predict_batch(encoder, tokenizer, head, chunk, max_length, a.batch_size)
-                      for chunk in cli.windows(reviews)), reviews)
+                      for chunk in cli.windows(reviews)), reviews, config=config,
+                     explain=explain if a.explain or a.html else None)
+    if a.html:
+        from .explain import write_html
+
+        write_html(a.html, why)
     return 0
 
 

@@ -105,6 +105,10 @@ class BertTokenizer:
         encs = self._tok.encode_batch(list(texts), add_special_tokens=True)
         return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
+    def tokens(self, ids) -> list[str]:
+        """The token strings of ``ids`` (word pieces as ``##piece``, specials as ``[CLS]``)."""
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
     def __call__(self, texts, max_length: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` (B, T), right-padded with the pad id ([PAD] = 0)."""
         return pad_batch(self.encode(texts, max_length), self.pad_id)

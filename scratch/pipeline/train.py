@@ -188,7 +188,8 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
     p = cli.Parser(prog=prog, description="Train the assignment's BiGRU head from scratch "
                    "(NumPy, no torch) on cached frozen-encoder features of IMDB: "
                    "reference.pipeline.train's recipe, split, batches and checkpoint format.")
-    p.add_argument("--data", help="aclImdb directory or .tar.gz (default: $IMDB_PATH)")
+    p.add_argument("--data", help="aclImdb directory or .tar.gz, or a labelled table (.csv, "
+                   ".tsv, .jsonl, .parquet; default: $IMDB_PATH)")
     p.add_argument("--encoder", default="auto", help="auto | minilm | mpnet | FOLDER (mpnet: "
                    "from features reference.pipeline.features cached; scratch computes BERT "
                    "features)")
@@ -215,6 +216,7 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
                    "folder (e.g. a reference head's initial weights) instead of seeded ones")
     p.add_argument("--lr", type=cli.positive(float), default=1e-3)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cli.add_table_args(p)
     return p
 
 
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
                 "n_layers": a.n_layers, "bidirectional": True}
         if diff := {k: v for k, v in want.items() if getattr(init, k) != v}:
             p.error(f"--init {a.init}: a head with {init.config()}, this run needs {diff}")
-    path, data = cli.load_data(p, a.data)
+    path, data = cli.load_data(p, a.data, a)
     reviews = {split: cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
                for split, limit in (("train", a.limit_train), ("test", a.limit_test))}
     try:
@@ -272,6 +274,8 @@ def main(argv=None) -> int:
               "limit_train": a.limit_train, "limit_test": a.limit_test, "seed": a.seed,
               "batch_size": a.batch_size, "lr": a.lr, "model": model, "dtype": a.dtype,
               "init": a.init, "trained_by": "scratch"}
+    if reviews["train"].label_names:              # a table's two label values, 0 then 1
+        config["labels"] = list(reviews["train"].label_names)
     state = None
     if a.resume:
         try:
