@@ -4,7 +4,7 @@ probability that each review is positive, torch-free, with the same output as
 
 The whole model in NumPy: the checkpoint's head (:func:`scratch.checkpoint.load_head`, read and
 verified first), the encoder its ``config.json`` names (:class:`scratch.bert.BertEncoder`,
-BERT folders) and tokenizer (:class:`scratch.bert_tokenizer.BertTokenizer`)::
+BERT or MPNet folders) and tokenizer (:class:`scratch.bert_tokenizer.BertTokenizer`)::
 
     ids    = [CLS] tokens[:max_length - 2] [SEP]         per review, like reference.predict
     h      = BertEncoder(ids, mask)                      (B, T, E), padding masked out
