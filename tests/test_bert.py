@@ -169,7 +169,7 @@ def test_float32_gelu_fit_is_within_2e_7_of_exact_gelu():
     fast = gelu_float32(x)
     assert fast.dtype == np.float32
     err = np.abs(fast.astype(np.float64) - exact)
-    assert (err / np.maximum(1.0, np.abs(x64))).max() <= 2e-7   # measured 1.3e-7
+    assert (err / np.maximum(1.0, np.abs(x64))).max() <= 2e-7   # measured 1.43e-7
     assert np.all(fast[x64 < -6] == 0) and np.all(fast[x64 > 6] == x[x64 > 6])
 
 
