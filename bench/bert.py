@@ -1,5 +1,5 @@
-"""BERT encoder benchmark: scratch.bert (NumPy) vs transformers' BertModel on the CPU, float32,
-side by side in one run, one thread each.
+"""BERT / MPNet encoder benchmark: scratch.bert (NumPy) vs transformers' BertModel / MPNetModel on
+the CPU, float32, side by side in one run, one thread each.
 
     .venv/bin/python bench/bert.py [--shapes 8x128,2x512] [--repeat 5] [--swapped]
                                    [--encoder FOLDER] [--out bench/results]
@@ -9,9 +9,10 @@ hidden 384, 12 heads), random token ids (timing does not depend on which words),
 Scratch and torch run alternately ``--repeat`` times (so load on the shared machine hits both
 alike); the best wall time and the best CPU time of each are kept; ratio = scratch / torch
 (below 1: scratch faster).
+``--encoder mpnet`` times the installed all-mpnet-base-v2 instead (softmax only).
 ``--swapped`` adds Efficient and linear attention in all layers (scratch vs the torch mirror
-of :mod:`reference.bert_attention`).  Threads: ``BENCH_THREADS`` (default 1) for NumPy's BLAS
-and torch alike.  Writes ``bert.json`` under ``--out``.
+of :mod:`reference.bert_attention`; BERT encoders only).  Threads: ``BENCH_THREADS`` (default
+1) for NumPy's BLAS and torch alike.  Writes ``bert.json`` under ``--out``.
 """
 from __future__ import annotations
 
@@ -74,12 +75,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="alternating runs, best kept")
     p.add_argument("--swapped", action="store_true",
                    help="also time Efficient and linear attention (all layers)")
-    p.add_argument("--encoder", default="minilm", help="encoder name or BERT folder")
+    p.add_argument("--encoder", default="minilm", help="encoder name or BERT/MPNet folder")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
     threadpool_limits(THREADS)
     ref = load_encoder(a.encoder)
     model = ref.model.float()
+    is_bert = model.config.model_type == "bert"    # the torch mirror swaps BertModel's only
+    if a.swapped and not is_bert:
+        p.error(f"--swapped needs a BERT encoder, {ref.name} is {model.config.model_type}")
     enc = BertEncoder.from_pretrained(ref.source, dtype="float32", backend="numpy")
     rng = np.random.default_rng(0)
     rows = []
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
         mask = np.ones((B, T), dtype=np.int64)
         tids, tmask = torch.from_numpy(ids), torch.from_numpy(mask)
         for name in (VARIANTS if a.swapped else ["softmax"]):
-            swap_attention(model, **(VARIANTS[name] or {"attention": "softmax"}))
+            if is_bert:
+                swap_attention(model, **(VARIANTS[name] or {"attention": "softmax"}))
             ours = enc.with_attention(**VARIANTS[name]) if VARIANTS[name] else enc
 
             def torch_fn():
@@ -108,7 +113,8 @@ def main(argv=None) -> int:
                              max_abs_diff=diff))
             print(f"{B:>4}x{T:<4} {name:>10} {s:>10.4f} {t:>10.4f} {s / t:>6.2f} "
                   f"{sc:>10.4f} {tc:>10.4f} {sc / tc:>6.2f} {diff:>10.2e}")
-    swap_attention(model, "softmax")
+    if is_bert:
+        swap_attention(model, "softmax")
     a.out.mkdir(parents=True, exist_ok=True)
     meta = dict(threads=THREADS, repeat=a.repeat, encoder=ref.name, dtype="float32",
                 numpy=np.__version__, torch=torch.__version__, machine=platform.machine(),

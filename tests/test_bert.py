@@ -168,7 +168,7 @@ def test_float32_gelu_fit_is_within_2e_7_of_exact_gelu():
     fast = gelu_float32(x)
     assert fast.dtype == np.float32
     err = np.abs(fast.astype(np.float64) - exact)
-    assert (err / np.maximum(1.0, np.abs(x64))).max() <= 2e-7   # measured 1.3e-7
+    assert (err / np.maximum(1.0, np.abs(x64))).max() <= 2e-7   # measured 1.43e-7
     assert np.all(fast[x64 < -6] == 0) and np.all(fast[x64 > 6] == x[x64 > 6])
 
 
@@ -270,7 +270,7 @@ NAME = "encoder.layer.1.attention.self.key.weight"
     (lambda f: (f / "config.json").unlink(), "config.json: missing"),
     (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: missing"),
     (lambda f: (f / "config.json").write_text("{oops"), "not readable JSON"),
-    (lambda f: _edit_config(f, model_type="mpnet"), "model_type 'mpnet' is not BERT"),
+    (lambda f: _edit_config(f, model_type="roberta"), "model_type 'roberta' is neither BERT nor"),
     (lambda f: _edit_config(f, hidden_act="laplace"), "unknown hidden_act 'laplace'"),
     (lambda f: _edit_config(f, num_attention_heads=3), "not a multiple of num_attention_heads"),
     (lambda f: _edit_config(f, is_decoder=True), "is_decoder=True is not supported"),
@@ -333,13 +333,6 @@ def test_swap_layers_selects_all_top_k_or_a_set():
 def test_bad_inputs_are_clear_errors(small_folder, call, message):
     with pytest.raises(BertError, match=message):
         call(BertEncoder.from_pretrained(small_folder))
-
-
-def test_a_real_mpnet_style_folder_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mpnet",
-                                                      "hidden_size": 768}))
-    with pytest.raises(BertError, match="mpnet"):
-        BertEncoder.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("xp", [CUPY], indirect=True)

@@ -97,7 +97,7 @@ class Encoder:
     """What scratch knows of an encoder before (and without) loading its weights."""
     name: str                 # canonical name (minilm, mpnet, a folder's name)
     folder: str
-    model_type: str           # "bert" (scratch can run it) or "mpnet" (cached features only)
+    model_type: str           # "bert" or "mpnet" (scratch.bert runs both)
     hidden_size: int
     max_length: int           # learned positions, specials included
     tokenizer: object = None
@@ -123,10 +123,8 @@ class Encoder:
         return self.tokenizer
 
     def load_bert(self, dtype="float32"):
-        """The encoder itself (:class:`scratch.bert.BertEncoder`): BERT folders only."""
+        """The encoder itself (:class:`scratch.bert.BertEncoder`, or its sibling
+        :class:`scratch.bert.MPNetEncoder` for an MPNet folder)."""
         from ..bert import BertEncoder
 
-        if self.model_type != "bert":
-            raise EncoderNameError(f"{self.name}: scratch's encoder runs BERT models only, "
-                                   f"this folder is {self.model_type}")
         return BertEncoder.from_pretrained(self.folder, dtype=dtype)

@@ -4,7 +4,7 @@ probability that each review is positive, torch-free, with the same output as
 
 The whole model in NumPy: the checkpoint's head (:func:`scratch.pipeline.checkpoint.load_head`,
 read and verified first), the encoder its ``config.json`` names (:class:`scratch.bert.BertEncoder`,
-BERT folders) and tokenizer (:class:`scratch.pipeline.tokenizer.BertTokenizer`)::
+BERT or MPNet folders) and tokenizer (:class:`scratch.pipeline.tokenizer.BertTokenizer`)::
 
     ids = [CLS] tokens[:max_length - 2] [SEP]      per review, like reference.pipeline.predict
     h   = BertEncoder(ids, mask)                   (B, T, E), padding masked out

@@ -13,13 +13,13 @@ seed ``seed + e``, the best-validation-loss checkpoint (the reference's folder f
 ``metrics.json``.
 Loss and accuracy are means over examples.
 
-Features: the entry that ``reference.pipeline.features`` wrote for these reviews, encoder and length
-(found by :func:`scratch.pipeline.features.portable_key`: encoder files, max_length, token ids);
-where
-there is none, the scratch encoder (:mod:`scratch.bert`, float32) computes them and writes an
-entry in the same format.  Initial weights and dropout masks come from NumPy generators seeded
-with ``seed`` (not torch's), so a scratch run and a reference run of the same seed start from
-different weights; the tests prove the two equal step for step from the *same* weights.
+Features: the entry that ``reference.pipeline.features`` wrote for these reviews, encoder and
+length (found by :func:`scratch.pipeline.features.portable_key`: encoder files, max_length, token
+ids); where there is none, the scratch encoder (:mod:`scratch.bert`, BERT or MPNet, float32)
+computes them and writes an entry in the same format.  Initial weights and dropout masks come
+from NumPy generators seeded with ``seed`` (not torch's), so a scratch run and a reference run of
+the same seed start from different weights; the tests prove the two equal step for step from the
+*same* weights.
 """
 from __future__ import annotations
 
@@ -146,17 +146,11 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
         if (store := find_entry(cache, key)) is not None:
             return store
     except DamagedEntry as e:
-        if e.folder.name != f"scratch-{key}" or encoder.model_type != "bert":
+        if e.folder.name != f"scratch-{key}":
             raise DamagedEntry(e.folder, f"{e.why}; written by reference.pipeline.features, "
                                f"which recomputes just the damaged shards: "
                                f"{repair_command or 'python -m reference.pipeline.features ...'}"
                                + _same_plan_options(e), e.shards, e.index) from None
-    if encoder.model_type != "bert":
-        raise EncoderNameError(
-            f"no cached {encoder.name} features for these {len(ids)} reviews at {max_length} "
-            f"tokens in {cache}, and scratch's encoder is BERT only: compute them first with "
-            f"python -m reference.pipeline.features --encoder {encoder.name} "
-            f"--max-length {max_length} ...")
     bert = encoder.load_bert("float32")
 
     def encode(batch):                     # one padded batch -> each review's (L_i, H) float16
@@ -190,9 +184,8 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
                    "reference.pipeline.train's recipe, split, batches and checkpoint format.")
     p.add_argument("--data", help="aclImdb directory or .tar.gz, or a labelled table (.csv, "
                    ".tsv, .jsonl, .parquet; default: $IMDB_PATH)")
-    p.add_argument("--encoder", default="auto", help="auto | minilm | mpnet | FOLDER (mpnet: "
-                   "from features reference.pipeline.features cached; scratch computes BERT "
-                   "features)")
+    p.add_argument("--encoder", default="auto", help="auto | minilm | mpnet | FOLDER (features "
+                   "either pipeline cached, else computed by scratch.bert)")
     p.add_argument("--epochs", type=cli.positive(int), default=2)
     p.add_argument("--batch-size", type=cli.positive(int), default=128)
     p.add_argument("--max-length", type=int, default=512,
