@@ -45,6 +45,13 @@ Where the time goes, and what is done about it:
   product and the kernel, instead of about a dozen small ones.  NumPy keeps the element-wise
   passes written out beside it (the same equations, one ``out=`` pass each).
   ``SCRATCH_FUSED=0`` (or ``scratch.gru.FUSED = False``) makes CuPy take the NumPy passes too.
+* Denormals: through hundreds of steps the gradient underflows below float32's smallest normal
+  number (1.2e-38), where x86 CPUs may compute many times slower.  On NumPy, float32,
+  :func:`scan_backward` flushes those values to zero at every step (:func:`denormal_flush`:
+  d_h, d_gi_t and d_gh_t's n block), so no denormal reaches a product; values below 1.2e-38
+  may become 0, as on torch's side under ``set_flush_denormal``.  The forward needs no flush:
+  its gates and states are O(1) (a sigmoid here is never below 3e-8) unless x itself holds
+  denormals.
 
 Gradients are spelled ``d_<quantity>`` throughout: ``d_h_n`` is dL/dh_n, ``d_gi`` dL/d gi,
 ``d_a_n`` dL/da_n (a_n the pre-activation of n), ``d_w_hh`` dL/dW_hh.
@@ -711,8 +718,8 @@ def denormal_flush(shape, dtype, xp):
     def flush(a):
         m, n = a.shape
         np.abs(a, out=magnitude[:m, :n])
-        np.greater_equal(magnitude[:m, :n], tiny, out=normal[:m, :n])     # False for NaN,
-        a *= normal[:m, :n]                                                # and NaN * 0 = NaN
+        np.greater_equal(magnitude[:m, :n], tiny, out=normal[:m, :n])   # NaN: False, and
+        a *= normal[:m, :n]                                              # NaN * 0 is NaN
     return flush
 
 
