@@ -3,6 +3,7 @@ with ``--backend cupy``, scratch on CuPy vs torch's cuDNN GRU on the GPU.
 
     .venv/bin/python bench/gru.py [--shapes assignment,small] [--repeat 1] [--time T]
                                   [--no-packed] [--backend numpy|cupy] [--out bench/results]
+    .venv/bin/python bench/gru.py --ab REV [--shapes assignment] [--repeat 7] [--time T]
 
 Shapes: ``assignment``, the BERT-BiGRU head (batch 128, time 256, 768 -> 256, 2 layers,
 bidirectional, float32); ``batch1024``, the same at batch 1024; ``small`` (batch 16, time 32,
@@ -20,18 +21,35 @@ are what matter.  Writes ``gru.json`` and ``gru.png`` under ``--out``.
 each scratch row is timed twice, with the fused step kernels (:mod:`scratch.gru`, the default:
 ``scratch_s``) and without them (``scratch_unfused_s``; ``fused_vs_unfused`` is the largest
 difference of the two results relative to their scale).
+
+``--ab REV``: A/B of two versions of scratch's GRU in one process.  ``scratch/`` as of the git
+revision REV (``git archive``: gru.py and everything it imports) is imported as a package of
+its own beside this working tree's ``scratch``; the two GRUs (same weights) and torch's run
+forward (inference) and forward + backward without lengths, interleaved: every repeat times
+each of the three once, in an order rotated from repeat to repeat, in CPU seconds of the one
+thread (``time.thread_time``).  The ratios are paired within a repeat (working tree / REV,
+working tree / torch, REV / torch); the table gives their median, min-max and a bootstrap 95%
+interval of the median (resampling the repeats).  Writes ``gru_ab.json`` under ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
+import re
+import subprocess
 import sys
+import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from reference.gru import run_packed, torch_gru_like  # noqa: E402
 from reference.timing import bench_threads, best_time, pin_threads  # noqa: E402
@@ -137,6 +155,112 @@ def bench_shape(name, s, repeat, packed=True, quiet=False, xp=np, device="cpu"):
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# --ab REV: two versions of scratch's GRU, side by side.
+# --------------------------------------------------------------------------------------------
+
+def scratch_at(rev):
+    """The ``scratch`` package as of git revision ``rev``, imported under a name of its own
+    (``scratch_at_<rev>``) from a temporary folder, beside this working tree's ``scratch``."""
+    name = "scratch_at_" + re.sub(r"\W", "_", rev)
+    archive = subprocess.run(["git", "archive", rev, "scratch"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="bench_gru_ab_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "scratch").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(f"{name}.gru")
+
+
+def bootstrap_median(values, n=2000, seed=0):
+    """A 95% bootstrap interval of the median of ``values`` (resampled with replacement)."""
+    v = np.asarray(values)
+    rng = np.random.default_rng(seed)
+    medians = np.median(v[rng.integers(0, len(v), (n, len(v)))], axis=1)
+    return float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))
+
+
+def ab_compare(rev, name, s, repeat):
+    """Working tree vs ``rev`` vs torch at shape ``s``: {pass: {pair: [paired ratios]}}."""
+    old = scratch_at(rev)
+    rng = np.random.default_rng(0)
+    B, T = s["batch"], s["time"]
+    args = (s["input_size"], s["hidden_size"], s["num_layers"])
+    new_gru = GRU(*args, batch_first=True, bidirectional=True, dtype="float32", seed=0)
+    old_gru = old.GRU(*args, batch_first=True, bidirectional=True, dtype="float32", seed=0)
+    old_gru.load_state_dict(new_gru.state_dict())
+    ref = torch_gru_like(new_gru).eval()
+    x = rng.standard_normal((B, T, s["input_size"])).astype(np.float32)
+    d_out = rng.standard_normal((B, T, 2 * s["hidden_size"])).astype(np.float32)
+    xt, dt = torch.from_numpy(x), torch.from_numpy(d_out)
+
+    def torch_fwd():
+        with torch.no_grad():
+            return ref(xt)[0].numpy()
+
+    def torch_fwd_bwd():
+        xg = xt.clone().requires_grad_()
+        ref.zero_grad(set_to_none=True)
+        ref(xg)[0].backward(dt)
+        return xg.grad.numpy()
+
+    def scratch_calls(gru):
+        def fwd_bwd():
+            gru(x)
+            return gru.backward(d_out)[0]
+        return lambda: gru(x, cache=False)[0], fwd_bwd
+
+    sides = {"working": scratch_calls(new_gru), rev: scratch_calls(old_gru),
+             "torch": (torch_fwd, torch_fwd_bwd)}
+    for k, (fwd, fwd_bwd) in sides.items():              # warm-up; results agree
+        for want, got in ((sides["torch"][0](), fwd()), (sides["torch"][1](), fwd_bwd())):
+            err = float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+            assert err < 1e-4, f"{k}: {err:.1e} from torch"
+    times = {p: {k: [] for k in sides} for p in ("forward", "fwd+bwd")}
+    names = list(sides)
+    for i in range(repeat):
+        for k in names[i % 3:] + names[:i % 3]:                   # rotated order
+            for p, fn in zip(("forward", "fwd+bwd"), sides[k], strict=True):
+                c0 = time.thread_time()
+                fn()
+                times[p][k].append(time.thread_time() - c0)
+        print(f"  repeat {i + 1}/{repeat}: " + "  ".join(
+            f"{p} " + " ".join(f"{k} {times[p][k][-1]:.2f}" for k in names) for p in times),
+            flush=True)
+    pairs = (("working", rev), ("working", "torch"), (rev, "torch"))
+    rows = []
+    for p in times:
+        for a, b in pairs:
+            r = np.array(times[p][a]) / np.array(times[p][b])
+            lo, hi = bootstrap_median(r)
+            rows.append(dict(shape=name, pass_=p, pair=f"{a} / {b}", median=float(np.median(r)),
+                             min=float(r.min()), max=float(r.max()), ci95=[lo, hi],
+                             ratios=r.tolist(), seconds_a=times[p][a], seconds_b=times[p][b]))
+    return rows
+
+
+def main_ab(a):
+    rows = []
+    for name in a.shapes.split(","):
+        s = dict(SHAPES[name]) | ({"time": a.time} if a.time else {})
+        print(f"{name}: {s}, {a.repeat} repeats, CPU seconds of one thread")
+        rows += ab_compare(a.ab, name, s, a.repeat)
+    print(f"\n{'shape':<11} {'pass':<8} {'pair':<26} {'median':>6} {'min-max':>11} "
+          f"{'95% CI of median':>16}")
+    for r in rows:
+        print(f"{r['shape']:<11} {r['pass_']:<8} {r['pair']:<26} {r['median']:>6.3f} "
+              f"{r['min']:>5.2f}-{r['max']:<5.2f} {r['ci95'][0]:>7.3f}-{r['ci95'][1]:<7.3f}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(threads=THREADS, torch=torch.__version__, numpy=np.__version__, rev=a.ab,
+                repeat=a.repeat, shapes={n: SHAPES[n] | ({"time": a.time} if a.time else {})
+                                         for n in a.shapes.split(",")})
+    (out / "gru_ab.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"wrote {out / 'gru_ab.json'}")
+    return 0
+
+
 HEAD = (f"{'shape':<11} {'case':<23} {'pass':<8} {'scratch s':>9} {'torch s':>9} {'ratio':>6} "
         f"{'scratch GF/s':>12} {'torch GF/s':>10} {'rel err':>8}")
 HEAD_GPU = HEAD + f" {'unfused s':>9} {'fused gain':>10} {'fused-unf':>9}"
@@ -179,11 +303,18 @@ def main(argv=None):
     p.add_argument("--backend", default="numpy", choices=("numpy", "cupy"),
                    help="numpy: scratch on NumPy vs torch on the CPU; cupy: scratch on CuPy "
                         "(fused and unfused steps) vs torch's cuDNN GRU")
+    p.add_argument("--ab", metavar="REV",
+                   help="A/B: this working tree's scratch GRU vs the one at git revision REV "
+                        "(and torch), interleaved, CPU time")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     unknown = [n for n in a.shapes.split(",") if n not in SHAPES]
     if unknown:
         p.error(f"unknown shape(s) {unknown}: use {', '.join(SHAPES)}")
+    if a.ab:
+        if a.backend != "numpy":
+            p.error("--ab compares on NumPy only")
+        return main_ab(a)
     try:
         xp = get_xp(a.backend)
     except RuntimeError as e:                                  # BackendError: no GPU here

@@ -2,22 +2,29 @@
 (GRUHead + torch.optim.Adam), side by side in one run, one thread each.
 
     python bench/head.py [--emb 384,768] [--batch 128] [--time 200:256] [--batches 3]
-                         [--pattern bucketed|spread] [--json bench/results/head.json]
+                         [--pattern bucketed|spread] [--features ENTRY] [--no-flush]
+                         [--json bench/results/head.json]
 
-An epoch-like loop over ``--batches`` batches of cached-feature-shaped random data, float32:
-batch b has T_b steps drawn from ``--time`` (lo:hi), review lengths either ``bucketed``
-(within 3% of T_b, as reference.pipeline.data.bucket_batches gives) or ``spread`` (uniform in
-[T_b/4, T_b]), features zero past each length (as the feature cache pads them).  One training
-step = forward (dropout on), BCEWithLogits (sum / B), backward, Adam: scratch's
-``head.loss_and_grads`` + ``Adam.step``, the reference's ``reference.pipeline.train.run_epoch`` body.
-Both sides start from the same weights; each draws its own dropout masks.  The two sides
-alternate batch by batch, so load from other jobs on the machine falls on both alike; the
-ratio of their summed times is the number to read (wall and CPU seconds are both reported).
+An epoch-like loop over ``--batches`` batches, float32.  Random features (the default): batch
+b has T_b steps drawn from ``--time`` (lo:hi), review lengths either ``bucketed`` (within 3% of
+T_b, as reference.pipeline.data.bucket_batches gives) or ``spread`` (uniform in [T_b/4, T_b]), features
+zero past each length (as the feature cache pads them).  ``--features ENTRY``: real encoder
+features from a feature-cache entry (a folder with ``index.json``, :class:`scratch.pipeline.features.
+FeatureStore`; ``--emb`` is then its width): batches of the reviews whose lengths lie in
+``--time``, drawn at random, random labels.  One training step = forward (dropout on),
+BCEWithLogits (sum / B), backward, Adam: scratch's ``head.loss_and_grads`` + ``Adam.step``,
+the reference's ``reference.pipeline.train.run_epoch`` body, inside
+``reference.pipeline.train.flush_denormals()`` as ``fit`` runs it (``--no-flush``: without; scratch
+flushes in its own backward, :func:`scratch.gru.denormal_flush`).  Both sides start from the
+same weights; each draws its own dropout masks.  The two sides alternate batch by batch, so
+load from other jobs on the machine falls on both alike; the ratio of their summed CPU times
+is the number to read, with the spread of the per-batch ratios (wall times are reported too).
 A first eval-mode forward checks that the two heads compute the same logits.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -30,6 +37,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.model import GRUHead  # noqa: E402
+from reference.pipeline.train import flush_denormals  # noqa: E402
+from scratch.pipeline.features import FeatureStore  # noqa: E402
 from scratch.optim import Adam  # noqa: E402
 from scratch.sentiment import SentimentHead  # noqa: E402
 
@@ -43,6 +52,20 @@ def make_batches(n, batch, t_lo, t_hi, emb, pattern, seed=0):
         lengths[rng.integers(batch)] = T
         x = rng.standard_normal((batch, T, emb), dtype=np.float32)
         x[np.arange(T)[None, :] >= lengths[:, None]] = 0
+        yield x, lengths, rng.integers(0, 2, batch).astype(np.float32)
+
+
+def cached_batches(store, n, batch, t_lo, t_hi, seed=0):
+    """``n`` batches of ``batch`` reviews of the cache entry ``store`` with lengths in
+    [t_lo, t_hi], drawn without replacement; features float32 (B, L_max, E), random labels."""
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero((store.lengths >= t_lo) & (store.lengths <= t_hi))
+    if len(pool) < n * batch:
+        raise SystemExit(f"{store.folder}: {len(pool)} reviews of {t_lo}-{t_hi} tokens, "
+                         f"{n} batches of {batch} need {n * batch}")
+    picked = rng.permutation(pool)[:n * batch].reshape(n, batch)
+    for rows in picked:
+        x, lengths = store.batch(np.sort(rows))
         yield x, lengths, rng.integers(0, 2, batch).astype(np.float32)
 
 
@@ -67,6 +90,10 @@ def bench(emb, a):
         return loss
 
     def reference_step(x, lengths, y):
+        with flush_denormals() if a.flush else contextlib.nullcontext():
+            return reference_train_step(x, lengths, y)
+
+    def reference_train_step(x, lengths, y):
         ref.train()
         logits = ref(torch.from_numpy(x), torch.from_numpy(lengths)).squeeze(1)
         loss = crit(logits, torch.from_numpy(y))
@@ -75,7 +102,8 @@ def bench(emb, a):
         topt.step()
         return float(loss.detach()) / len(y)
 
-    data = list(make_batches(a.batches, a.batch, a.t_lo, a.t_hi, emb, a.pattern))
+    data = list(cached_batches(a.store, a.batches, a.batch, a.t_lo, a.t_hi) if a.store
+                else make_batches(a.batches, a.batch, a.t_lo, a.t_hi, emb, a.pattern))
     x0, l0, _ = data[0]
     with torch.no_grad():
         want = ref.eval()(torch.from_numpy(x0), torch.from_numpy(l0)).numpy()
@@ -83,20 +111,25 @@ def bench(emb, a):
     check = float(np.abs(got - want).max()) / float(np.abs(want).max())
     sums = {"scratch": [0.0, 0.0], "reference": [0.0, 0.0]}
     losses = {"scratch": [], "reference": []}
+    batch_ratios = []
     for i, (x, lengths, y) in enumerate(data):
+        cpus = {}
         for side, fn in (("scratch", scratch_step), ("reference", reference_step)):
-            loss, wall, cpu = timed(lambda: fn(x, lengths, y))
+            loss, wall, cpu = timed(lambda: fn(x, lengths, y))          # noqa: B023
             sums[side][0] += wall
             sums[side][1] += cpu
+            cpus[side] = cpu
             losses[side].append(loss)
             print(f"  E={emb} batch {i + 1}/{len(data)} T={x.shape[1]} {side:>9}: "
                   f"{wall:6.2f} s wall {cpu:6.2f} s CPU  loss {loss:.4f}", flush=True)
+        batch_ratios.append(cpus["scratch"] / cpus["reference"])
     row = dict(emb=emb, batches=len(data), tokens=int(sum(int(L.sum()) for _, L, _ in data)),
                scratch_s=sums["scratch"][0], reference_s=sums["reference"][0],
                scratch_cpu_s=sums["scratch"][1], reference_cpu_s=sums["reference"][1],
                ratio=sums["scratch"][0] / sums["reference"][0],
                cpu_ratio=sums["scratch"][1] / sums["reference"][1],
-               first_forward_max_rel_diff=check, losses=losses)
+               cpu_ratio_per_batch=batch_ratios, first_forward_max_rel_diff=check,
+               losses=losses)
     return row
 
 
@@ -108,24 +141,35 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--pattern", default="bucketed", choices=("bucketed", "spread"))
+    p.add_argument("--features", metavar="ENTRY",
+                   help="a feature-cache entry (folder with index.json): real features")
+    p.add_argument("--no-flush", dest="flush", action="store_false",
+                   help="the reference without flush_denormals (fit flushes)")
     p.add_argument("--json", default="bench/results/head.json")
     a = p.parse_args(argv)
     a.t_lo, a.t_hi = (int(v) for v in a.time.split(":"))
+    a.store = FeatureStore(a.features) if a.features else None
+    if a.store:
+        a.emb = str(a.store.hidden_size)
     torch.set_num_threads(1)
     rows = []
     with threadpool_limits(1):
         print(f"torch {torch.__version__}, numpy {np.__version__}, 1 thread per side; batch "
               f"{a.batch}, T in [{a.t_lo}, {a.t_hi}] ({a.pattern}), hidden {a.hidden}, 2-layer "
-              f"BiGRU, dropout 0.25, float32; forward + BCE + backward + Adam", flush=True)
+              f"BiGRU, dropout 0.25, float32; forward + BCE + backward + Adam; features "
+              f"{a.features or 'random'}; reference {'flushed' if a.flush else 'unflushed'}",
+              flush=True)
         for emb in (int(e) for e in a.emb.split(",")):
             rows.append(bench(emb, a))
     print(f"\n{'E':>4} {'batches':>7} {'scratch s':>10} {'reference s':>12} {'ratio':>6} "
-          f"{'CPU ratio':>9} {'logit diff':>10}")
+          f"{'CPU ratio':>9} {'per batch (min-max)':>19} {'logit diff':>10}")
     for r in rows:
+        per = r["cpu_ratio_per_batch"]
         print(f"{r['emb']:>4} {r['batches']:>7} {r['scratch_s']:>10.2f} {r['reference_s']:>12.2f} "
-              f"{r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} {r['first_forward_max_rel_diff']:>10.1e}")
+              f"{r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} {min(per):>9.2f}-{max(per):<9.2f} "
+              f"{r['first_forward_max_rel_diff']:>10.1e}")
     meta = {"torch": torch.__version__, "numpy": np.__version__, "threads": 1,
-            **{k: v for k, v in vars(a).items()}}
+            **{k: v for k, v in vars(a).items() if k != "store"}}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {a.json}")

@@ -45,6 +45,13 @@ Where the time goes, and what is done about it:
   product and the kernel, instead of about a dozen small ones.  NumPy keeps the element-wise
   passes written out beside it (the same equations, one ``out=`` pass each).
   ``SCRATCH_FUSED=0`` (or ``scratch.gru.FUSED = False``) makes CuPy take the NumPy passes too.
+* Denormals: through hundreds of steps the gradient underflows below float32's smallest normal
+  number (1.2e-38), where x86 CPUs may compute many times slower.  On NumPy, float32,
+  :func:`scan_backward` flushes those values to zero at every step (:func:`denormal_flush`:
+  d_h, d_gi_t and d_gh_t's n block), so no denormal reaches a product; values below 1.2e-38
+  may become 0, as on torch's side under ``set_flush_denormal``.  The forward needs no flush:
+  its gates and states are O(1) (a sigmoid here is never below 3e-8) unless x itself holds
+  denormals.
 
 Gradients are spelled ``d_<quantity>`` throughout: ``d_h_n`` is dL/dh_n, ``d_gi`` dL/d gi,
 ``d_a_n`` dL/da_n (a_n the pre-activation of n), ``d_w_hh`` dL/dW_hh.
@@ -58,33 +65,14 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import array_module, as_float_array, float_dtype, get_xp, state_arrays, to_numpy
+from .backend import array_module, as_float_array, float_dtype, get_xp, state_arrays
 from .gru_cell import split3
-
-
-def _check_size(name, v):
-    """An int >= 1 (not a bool, not a float such as 3.0, not a string): TypeError / ValueError."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-    if v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return int(v)
-
-
-def _check_flag(name, v):
-    """True or False only: the string "False" is truthy, and reading it as True would silently
-    change the layout or the model, so it is a TypeError (torch.nn.GRU itself accepts a string
-    for ``bidirectional``)."""
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(v).__name__} {v!r}")
-    return bool(v)
-
+from .gru_checks import check_dropout, check_flag, check_h0, check_lengths, check_size, check_x
 
 # --------------------------------------------------------------------------------------------
 # The module.
@@ -117,23 +105,20 @@ class GRU:
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  dtype="float32", seed=None, xp=None):
-        self.input_size = _check_size("input_size", input_size)
-        self.hidden_size = _check_size("hidden_size", hidden_size)
-        self.num_layers = _check_size("num_layers", num_layers)
-        self.bias = _check_flag("bias", bias)
-        self.batch_first = _check_flag("batch_first", batch_first)
-        self.bidirectional = _check_flag("bidirectional", bidirectional)
-        if (isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real)
-                or not 0.0 <= dropout <= 1.0):
-            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        self.dropout = float(dropout)
+        self.input_size = check_size("input_size", input_size)
+        self.hidden_size = check_size("hidden_size", hidden_size)
+        self.num_layers = check_size("num_layers", num_layers)
+        self.bias = check_flag("bias", bias)
+        self.batch_first = check_flag("batch_first", batch_first)
+        self.bidirectional = check_flag("bidirectional", bidirectional)
+        self.dropout = check_dropout(dropout)
         self.num_directions = 2 if bidirectional else 1
         self.dtype = float_dtype(dtype)
         self.xp = xp if xp is not None else get_xp()
         self.generator = np.random.default_rng(seed)
-        k = 1.0 / math.sqrt(self.hidden_size)
+        bound = 1.0 / math.sqrt(self.hidden_size)
         self.params = {name: self.xp.asarray(
-            self.generator.uniform(-k, k, size=shape).astype(self.dtype))
+            self.generator.uniform(-bound, bound, size=shape).astype(self.dtype))
             for name, shape in self.param_shapes().items()}
         self.grads: dict = {}
         self.dropout_masks: list = []
@@ -151,12 +136,12 @@ class GRU:
         shapes = {}
         for layer in range(self.num_layers):
             in_size = self.input_size if layer == 0 else D * H
-            for sfx in self._suffixes():
-                shapes[f"weight_ih_l{layer}{sfx}"] = (3 * H, in_size)
-                shapes[f"weight_hh_l{layer}{sfx}"] = (3 * H, H)
+            for suffix in self._suffixes():
+                shapes[f"weight_ih_l{layer}{suffix}"] = (3 * H, in_size)
+                shapes[f"weight_hh_l{layer}{suffix}"] = (3 * H, H)
                 if self.bias:
-                    shapes[f"bias_ih_l{layer}{sfx}"] = (3 * H,)
-                    shapes[f"bias_hh_l{layer}{sfx}"] = (3 * H,)
+                    shapes[f"bias_ih_l{layer}{suffix}"] = (3 * H,)
+                    shapes[f"bias_hh_l{layer}{suffix}"] = (3 * H,)
         return shapes
 
     def state_dict(self) -> dict:
@@ -171,10 +156,10 @@ class GRU:
 
     def _layer(self, layer):
         """Per direction of ``layer``: (W_ih, W_hh, b_ih or None, b_hh or None)."""
-        p = self.params
-        return [(p[f"weight_ih_l{layer}{s}"], p[f"weight_hh_l{layer}{s}"],
-                 p.get(f"bias_ih_l{layer}{s}"), p.get(f"bias_hh_l{layer}{s}"))
-                for s in self._suffixes()]
+        params = self.params
+        return [(params[f"weight_ih_l{layer}{suffix}"], params[f"weight_hh_l{layer}{suffix}"],
+                 params.get(f"bias_ih_l{layer}{suffix}"), params.get(f"bias_hh_l{layer}{suffix}"))
+                for suffix in self._suffixes()]
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -199,10 +184,10 @@ class GRU:
             GI = u W^T + c     W = [W_ih_fwd; W_ih_bwd] (D 3H, I_k), c = b_ih + [b_hr, b_hz, 0]
             output[..., dH:(d+1)H], h_n[k D + d] = scan(GI[..., d 3H:(d+1) 3H]) per direction d
         """
-        xp, H, D, dt = self.xp, self.hidden_size, self.num_directions, self.dtype
+        xp, H, D, dtype = self.xp, self.hidden_size, self.num_directions, self.dtype
         for name, flag in (("training", training), ("enforce_sorted", enforce_sorted),
                            ("cache", cache)):
-            _check_flag(name, flag)
+            check_flag(name, flag)
         x, h0, lengths, layout = self._check_input(x, h0, lengths, enforce_sorted)
         T, B = x.shape[0], x.shape[1]
         n_active = active_rows(lengths, T, B)
@@ -217,23 +202,23 @@ class GRU:
             dirs = self._layer(layer)
             w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)       # (D 3H, I)
             u_p = pack(u, valid)                                # (N, I_k)
-            gi = ws.get("gi", (u_p.shape[0], D * 3 * H), dt, xp)
+            gi = ws.get("gi", (u_p.shape[0], D * 3 * H), dtype, xp)
             xp.matmul(u_p, w_cat.T, out=gi)                     # all steps: one product
             if self.bias:
                 gi += xp.concatenate([b_ih + xp.concatenate([b_hh[:2 * H], 0 * b_hh[2 * H:]])
                                       for _, _, b_ih, b_hh in dirs])
             last = layer == self.num_layers - 1
-            out = (xp.empty((T, B, D * H), dtype=dt) if last    # handed back: never reused
-                   else ws.get(f"out{layer}", (T, B, D * H), dt, xp))
+            out = (xp.empty((T, B, D * H), dtype=dtype) if last    # handed back: never reused
+                   else ws.get(f"out{layer}", (T, B, D * H), dtype, xp))
             gates, g_hn = [], []
             for d, (_, w_hh, _, b_hh) in enumerate(dirs):
-                b_hn = b_hh[2 * H:] if self.bias else xp.zeros(H, dtype=dt)
-                idx, slots = layer * D + d, T if cache else 1
-                h_n[idx], gates_d, g_hn_d = scan_forward(
-                    gi[:, d * 3 * H:(d + 1) * 3 * H], w_hh, b_hn, h0[idx],
+                b_hn = b_hh[2 * H:] if self.bias else xp.zeros(H, dtype=dtype)
+                state, slots = layer * D + d, T if cache else 1
+                h_n[state], gates_d, g_hn_d = scan_forward(
+                    gi[:, d * 3 * H:(d + 1) * 3 * H], w_hh, b_hn, h0[state],
                     out[..., d * H:(d + 1) * H], n_active, reverse=d == 1,
-                    gates=ws.get(f"gates{layer}.{d}.{slots}", (slots, B, 3 * H), dt, xp),
-                    g_hn=ws.get(f"g_hn{layer}.{d}.{slots}", (slots, B, H), dt, xp))
+                    gates=ws.get(f"gates{layer}.{d}.{slots}", (slots, B, 3 * H), dtype, xp),
+                    g_hn=ws.get(f"g_hn{layer}.{d}.{slots}", (slots, B, H), dtype, xp))
                 gates.append(gates_d)
                 g_hn.append(g_hn_d)
             layers.append(LayerCache(u_p, out, gates, g_hn))
@@ -243,74 +228,6 @@ class GRU:
         if cache:
             self._cache = ForwardCache(layers, h0, lengths, n_active, valid, layout)
         return layout.to_user(u), layout.to_user(h_n, state=True)
-
-    def _check_input(self, x, h0, lengths, enforce_sorted):
-        """Validate the forward's arguments and bring them to the internal layout.
-
-        Returns x (T, B, I) contiguous, h0 (L D, B, H), lengths (B,) int64 in decreasing
-        order (None without lengths), and the :class:`Layout` that undoes the change.
-        """
-        xp = self.xp
-        x = as_float_array(x, "x", xp=xp)
-        if x.ndim not in (2, 3):
-            layout = "(batch, time, input_size)" if self.batch_first else "(time, batch, input_size)"
-            raise ValueError(f"x must be 3-D {layout} or 2-D (time, input_size) unbatched, "
-                             f"got shape {tuple(x.shape)}")
-        if x.dtype != self.dtype:
-            raise ValueError(f"x has dtype {x.dtype} but the GRU's parameters are {self.dtype}; "
-                             "convert one of them (nothing is cast silently)")
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"x has feature size {x.shape[-1]} but input_size is "
-                             f"{self.input_size}")
-        unbatched = x.ndim == 2
-        T = x.shape[0] if unbatched or not self.batch_first else x.shape[1]
-        B = 1 if unbatched else x.shape[1 if not self.batch_first else 0]
-        if T == 0:
-            raise ValueError("x must have at least one time step, got time=0")
-        LD, H = self.num_layers * self.num_directions, self.hidden_size
-        if h0 is not None:
-            h0 = as_float_array(h0, "h0", xp=xp)
-            want = (LD, H) if unbatched else (LD, B, H)
-            if tuple(h0.shape) != want:
-                raise ValueError(f"h0 must have shape {want} (num_layers * num_directions"
-                                 f"{'' if unbatched else ', batch'}, hidden_size), got "
-                                 f"{tuple(h0.shape)}")
-            if h0.dtype != self.dtype:
-                raise ValueError(f"h0 has dtype {h0.dtype} but the GRU's parameters are "
-                                 f"{self.dtype}")
-        order = None
-        if lengths is not None:
-            if unbatched:
-                raise ValueError("lengths needs batched input (packed sequences are batches)")
-            lengths = self._check_lengths(lengths, T, B, enforce_sorted)
-            if np.any(np.diff(lengths) > 0):
-                order = np.argsort(-lengths, kind="stable")
-                lengths = lengths[order]
-        layout = Layout(self.batch_first, unbatched, order, xp)
-        x = xp.ascontiguousarray(layout.to_internal(x))
-        h0 = (xp.zeros((LD, B, H), dtype=self.dtype) if h0 is None
-              else layout.to_internal(h0, state=True))
-        return x, h0, lengths, layout
-
-    @staticmethod
-    def _check_lengths(lengths, T, B, enforce_sorted):
-        """lengths as an int64 host array (B,) in [1, T]; unsorted ones only if allowed."""
-        lengths = to_numpy(lengths)
-        if lengths.ndim != 1 or lengths.shape[0] != B:
-            raise ValueError(f"lengths must have shape ({B},) (one per sequence), got "
-                             f"{tuple(lengths.shape)}")
-        if lengths.dtype.kind not in "iu" and not (
-                lengths.dtype.kind == "f" and np.all(np.isfinite(lengths))
-                and np.all(lengths == np.round(lengths))):
-            raise ValueError(f"lengths must be integers, got {lengths!r}")
-        lengths = lengths.astype(np.int64)
-        if B and (lengths.min() < 1 or lengths.max() > T):
-            raise ValueError(f"lengths must be in [1, {T}] (the time steps of x), got "
-                             f"min {lengths.min()}, max {lengths.max()}")
-        if enforce_sorted and np.any(np.diff(lengths) > 0):
-            raise ValueError("lengths are not sorted in decreasing order but "
-                             "enforce_sorted=True; sort the batch or pass enforce_sorted=False")
-        return lengths
 
     def _draw_mask(self, layout, shape):
         """A dropout mask for a layer output of internal shape (T, B, F): drawn and recorded
@@ -336,26 +253,27 @@ class GRU:
             d_W_ih = d_gi^T u    d_b_ih = sum d_gi    d_u = d_gi W     (one product each)
             d_W_hh = sum_t d_gh_t^T h_{t-1}           d_b_hh = sum d_gh
         """
-        c = self._cache
+        cache = self._cache
         d_out, d_h_n = self._check_backward_input(d_output, d_h_n)
-        xp, H, D, dt = self.xp, self.hidden_size, self.num_directions, self.dtype
-        T, B, h0, n_active = c.T, c.B, c.h0, c.n_active
-        lengths = c.lengths if c.lengths is not None else np.full(B, T)
+        xp, H, D, dtype = self.xp, self.hidden_size, self.num_directions, self.dtype
+        T, B, h0, n_active = cache.T, cache.B, cache.h0, cache.n_active
+        lengths = cache.lengths if cache.lengths is not None else np.full(B, T)
         rows = xp.arange(B)
         d_h0 = xp.empty_like(h0)
         grads = {}
         for layer in range(self.num_layers - 1, -1, -1):
-            lc, dirs = c.layers[layer], self._layer(layer)
+            layer_cache, dirs = cache.layers[layer], self._layer(layer)
             if layer < self.num_layers - 1 and self.dropout_masks:
-                d_out = d_out * c.layout.to_internal(self.dropout_masks[layer])
-            d_gi = self.workspace.get("d_gi", (lc.u.shape[0], D * 3 * H), dt, xp)
+                d_out = d_out * cache.layout.to_internal(self.dropout_masks[layer])
+            d_gi = self.workspace.get("d_gi", (layer_cache.u.shape[0], D * 3 * H), dtype, xp)
             for d, (_, w_hh, _, _) in enumerate(dirs):
-                idx, sfx = layer * D + d, ("", "_reverse")[d]
-                y = lc.out[..., d * H:(d + 1) * H]
-                d_gh = self.workspace.get(f"d_gh{d}", (T, B, 3 * H), dt, xp)
-                d_h0[idx] = scan_backward(
-                    None if d_out is None else d_out[..., d * H:(d + 1) * H], d_h_n[idx], lc.gates[d], lc.g_hn[d],
-                    states_entering(y, h0[idx], n_active, reverse=d == 1), w_hh,
+                state, suffix = layer * D + d, ("", "_reverse")[d]
+                y = layer_cache.out[..., d * H:(d + 1) * H]
+                d_gh = self.workspace.get(f"d_gh{d}", (T, B, 3 * H), dtype, xp)
+                d_h0[state] = scan_backward(
+                    None if d_out is None else d_out[..., d * H:(d + 1) * H], d_h_n[state],
+                    layer_cache.gates[d], layer_cache.g_hn[d],
+                    states_entering(y, h0[state], n_active, reverse=d == 1), w_hh,
                     d_gi[:, d * 3 * H:(d + 1) * 3 * H], d_gh, n_active, reverse=d == 1)
                 # d_W_hh = sum_t d_gh_t^T h_{t-1}: the state entering step t is y[t-1]
                 # (forward) or y[t+1] (reverse; zero past the end), or h0 at the sequence's
@@ -366,43 +284,63 @@ class GRU:
                 else:
                     d_w_hh = d_gh[:-1].reshape(-1, 3 * H).T @ y[1:].reshape(-1, H)
                     first = d_gh[xp.asarray(lengths - 1), rows]
-                grads[f"weight_hh_l{layer}{sfx}"] = d_w_hh + first.T @ h0[idx]
+                grads[f"weight_hh_l{layer}{suffix}"] = d_w_hh + first.T @ h0[state]
                 if self.bias:
-                    grads[f"bias_hh_l{layer}{sfx}"] = d_gh.sum(axis=(0, 1))
-            d_w_ih = d_gi.T @ lc.u
+                    grads[f"bias_hh_l{layer}{suffix}"] = d_gh.sum(axis=(0, 1))
+            d_w_ih = d_gi.T @ layer_cache.u
             d_b_ih = d_gi.sum(axis=0) if self.bias else None
             if layer > 0 or need_dx:
                 w_cat = xp.concatenate([w_ih for w_ih, _, _, _ in dirs], axis=0)
-                d_out = unpack(d_gi @ w_cat, c.valid, T, B)     # dL/d(this layer's input)
-            for d, sfx in enumerate(self._suffixes()):
-                grads[f"weight_ih_l{layer}{sfx}"] = d_w_ih[d * 3 * H:(d + 1) * 3 * H]
+                d_out = unpack(d_gi @ w_cat, cache.valid, T, B)     # dL/d(this layer's input)
+            for d, suffix in enumerate(self._suffixes()):
+                grads[f"weight_ih_l{layer}{suffix}"] = d_w_ih[d * 3 * H:(d + 1) * 3 * H]
                 if self.bias:
-                    grads[f"bias_ih_l{layer}{sfx}"] = d_b_ih[d * 3 * H:(d + 1) * 3 * H]
+                    grads[f"bias_ih_l{layer}{suffix}"] = d_b_ih[d * 3 * H:(d + 1) * 3 * H]
         self.grads = {name: grads[name] for name in self.param_shapes()}
-        return (c.layout.to_user(d_out) if need_dx else None,
-                c.layout.to_user(d_h0, state=True))
+        return (cache.layout.to_user(d_out) if need_dx else None,
+                cache.layout.to_user(d_h0, state=True))
+
+    # ---- argument checks (scratch.gru_checks) ----------------------------------------------
+
+    def _check_input(self, x, h0, lengths, enforce_sorted):
+        """Validate the forward's arguments and bring them to the internal layout.
+
+        Returns x (T, B, I) contiguous, h0 (L D, B, H), lengths (B,) int64 in decreasing
+        order (None without lengths), and the :class:`Layout` that undoes the change.
+        """
+        xp, H, LD = self.xp, self.hidden_size, self.num_layers * self.num_directions
+        x, T, B, unbatched = check_x(x, self.input_size, self.dtype, self.batch_first, xp)
+        h0 = check_h0(h0, (LD, H) if unbatched else (LD, B, H), self.dtype, xp)
+        order = None
+        if lengths is not None:
+            lengths, order = check_lengths(lengths, T, B, enforce_sorted, unbatched)
+        layout = Layout(self.batch_first, unbatched, order, xp)
+        x = xp.ascontiguousarray(layout.to_internal(x))
+        h0 = (xp.zeros((LD, B, H), dtype=self.dtype) if h0 is None
+              else layout.to_internal(h0, state=True))
+        return x, h0, lengths, layout
 
     def _check_backward_input(self, d_output, d_h_n):
         """Validate backward's arguments against the cached forward and bring them to the
         internal layout: (d_out (T, B, D H) or None, d_h_n (L D, B, H), zeros if None)."""
-        c = self._cache
-        if c is None:
+        cache = self._cache
+        if cache is None:
             raise RuntimeError("call forward (with cache=True) before backward")
         xp, LD, H = self.xp, self.num_layers * self.num_directions, self.hidden_size
         if d_output is not None:
             d_output = as_float_array(d_output, "d_output", dtype=self.dtype, xp=xp)
-            want = c.layout.user_shape((c.T, c.B, self.num_directions * H))
+            want = cache.layout.user_shape((cache.T, cache.B, self.num_directions * H))
             if tuple(d_output.shape) != want:
                 raise ValueError(f"d_output must have the output's shape {want}, got "
                                  f"{tuple(d_output.shape)}")
-            d_output = c.layout.to_internal(d_output)
+            d_output = cache.layout.to_internal(d_output)
         if d_h_n is None:
-            return d_output, xp.zeros_like(c.h0)
+            return d_output, xp.zeros_like(cache.h0)
         d_h_n = as_float_array(d_h_n, "d_h_n", dtype=self.dtype, xp=xp)
-        want = (LD, H) if c.layout.unbatched else (LD, c.B, H)
+        want = (LD, H) if cache.layout.unbatched else (LD, cache.B, H)
         if tuple(d_h_n.shape) != want:
             raise ValueError(f"d_h_n must have h_n's shape {want}, got {tuple(d_h_n.shape)}")
-        return d_output, c.layout.to_internal(d_h_n, state=True)
+        return d_output, cache.layout.to_internal(d_h_n, state=True)
 
     def __repr__(self):
         return (f"GRU({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
@@ -505,7 +443,8 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g
     pairs, time-major: torch's ``PackedSequence.data`` layout, where step t's rows are
     ``gi[s_t : s_t + n_t]`` with s_t = n_0 + ... + n_{t-1} (without lengths: (T B, 3H), the
     (T, B, 3H) array flattened).  w_hh (3H, H), b_hn (H,), h0 (B, H).  ``out`` (T, B, H), a
-    view to write h_t into (and 0 where a sequence has ended).  ``n_active[t]``: rows [:n_t] run at step t (sorted batch).
+    view to write h_t into (and 0 where a sequence has ended).  ``n_active[t]``: rows [:n_t]
+    run at step t (sorted batch).
     ``gates`` (T, B, 3H) and ``g_hn`` (T, B, H): where to keep the cache (allocated if None);
     with a leading 1 instead of T, every step overwrites the same slot (inference: no cache).
 
@@ -530,46 +469,48 @@ def scan_forward(gi, w_hh, b_hn, h0, out, n_active, reverse=False, gates=None, g
     h = h0.copy()
     g_buf = xp.empty((B, H3), dtype=gi.dtype)
     tmp_buf = xp.empty((B, H), dtype=gi.dtype)
-    w_t = w_hh.T
+    w_hh_T = w_hh.T
     fused = gru_step_kernels(xp)
     for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        m, s = n_active[t], t if keep else 0
-        if m < B:
-            out[t, m:] = 0                              # ended (or not yet started)
-        if m == 0:
+        n_t, slot = n_active[t], t if keep else 0
+        if n_t < B:
+            out[t, n_t:] = 0                              # ended (or not yet started)
+        if n_t == 0:
             continue
-        hb, g, tmp, gt, it = h[:m], g_buf[:m], tmp_buf[:m], gates[s, :m], gi[starts[t]:starts[t] + m]
-        xp.matmul(hb, w_t, out=g)
-        ghn = g_hn[s, :m]
+        h_run, g, tmp = h[:n_t], g_buf[:n_t], tmp_buf[:n_t]          # the running rows
+        gi_t, gates_t, g_hn_t = gi[starts[t]:starts[t] + n_t], gates[slot, :n_t], g_hn[slot, :n_t]
+        xp.matmul(h_run, w_hh_T, out=g)
         if fused:                                       # CuPy: everything below, one kernel
-            fused.forward(*split3(it), *split3(g), b_hn, *split3(gt), ghn, hb, out[t, :m])
+            fused.forward(*split3(gi_t), *split3(g), b_hn, *split3(gates_t), g_hn_t, h_run,
+                          out[t, :n_t])
             continue
-        rz = gt[:, :2 * H]
-        xp.add(it[:, :2 * H], g[:, :2 * H], out=rz)
+        rz = gates_t[:, :2 * H]
+        xp.add(gi_t[:, :2 * H], g[:, :2 * H], out=rz)
         _sigmoid_(rz, xp)
-        r, z, n = gt[:, :H], gt[:, H:2 * H], gt[:, 2 * H:]
-        xp.add(g[:, 2 * H:], b_hn, out=ghn)
-        xp.multiply(r, ghn, out=n)
-        n += it[:, 2 * H:]
+        r, z, n = gates_t[:, :H], gates_t[:, H:2 * H], gates_t[:, 2 * H:]
+        xp.add(g[:, 2 * H:], b_hn, out=g_hn_t)
+        xp.multiply(r, g_hn_t, out=n)
+        n += gi_t[:, 2 * H:]
         xp.tanh(n, out=n)
-        xp.subtract(hb, n, out=tmp)
+        xp.subtract(h_run, n, out=tmp)
         tmp *= z
-        xp.add(n, tmp, out=hb)
-        out[t, :m] = hb
+        xp.add(n, tmp, out=h_run)
+        out[t, :n_t] = h_run
     return h, gates, g_hn
 
 
 def scan_backward(d_out, d_h_n, gates, g_hn, h_prev, w_hh, d_gi, d_gh, n_active, reverse=False):
     r"""Backpropagation through time for :func:`scan_forward`, steps in reverse order.
 
-    d_out (T, B, H) or None: dL/d out; d_h_n (B, H): dL/d h_T.  ``h_prev(t, m)`` gives the state
-    that entered step t, rows [:m].  Writes, for every step, into d_gi (N, 3H) = [d_a_r, d_a_z,
-    d_a_n] (packed like :func:`scan_forward`'s gi) and d_gh (T, B, 3H) = [d_a_r, d_a_z,
-    d_a_n * r] (the gradients of the input and recurrent projections; d_gh's rows that do not
-    run are set to 0).  Per step, running rows::
+    d_out (T, B, H) or None: dL/d out; d_h_n (B, H): dL/d h_T.  ``h_prev(t, n_t)`` gives the
+    state that entered step t, rows [:n_t].  Writes, for every step, into d_gi (N, 3H) =
+    [d_a_r, d_a_z, d_a_n] (packed like :func:`scan_forward`'s gi) and d_gh (T, B, 3H) =
+    [d_a_r, d_a_z, d_a_n * r] (the gradients of the input and recurrent projections; d_gh's
+    rows that do not run are set to 0).  Per step, running rows::
 
         d_h  += d_out[t]
-        d_a_n = d_h (1 - z) (1 - n^2)
+        d_h   = flush(d_h)                                   float32 on NumPy: below
+        d_a_n = d_h (1 - z) (1 - n^2)                        :func:`flush_denormals_`
         d_a_z = d_h (h_prev - n) z (1 - z)
         d_a_r = d_a_n g_hn r (1 - r)
         d_h   = d_h z + d_gh W_hh                            one (n, 3H) x (3H, H) product
@@ -581,66 +522,72 @@ def scan_backward(d_out, d_h_n, gates, g_hn, h_prev, w_hh, d_gi, d_gh, n_active,
     H = H3 // 3
     starts = packed_starts(n_active)
     d_h = d_h_n.copy()
-    omz_buf = xp.empty((B, H), dtype=gates.dtype)
-    tmp_buf = xp.empty((B, H), dtype=gates.dtype)
-    mm_buf = xp.empty((B, H), dtype=gates.dtype)
+    one_minus_z_buf, tmp_buf, d_gh_w_buf = (xp.empty((B, H), dtype=gates.dtype) for _ in range(3))
+    flush = denormal_flush((B, H3), gates.dtype, xp)
     fused = gru_step_kernels(xp)
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
-        m = n_active[t]
-        if m < B:
-            d_gh[t, m:] = 0
-        if m == 0:
+        n_t = n_active[t]
+        if n_t < B:
+            d_gh[t, n_t:] = 0
+        if n_t == 0:
             continue
-        d_hb, omz, tmp, mm = d_h[:m], omz_buf[:m], tmp_buf[:m], mm_buf[:m]
-        r, z, n = split3(gates[t, :m])
-        d_gi_t, d_gh_t = d_gi[starts[t]:starts[t] + m], d_gh[t, :m]
+        d_h_run = d_h[:n_t]                                          # the running rows
+        one_minus_z, tmp, d_gh_w = one_minus_z_buf[:n_t], tmp_buf[:n_t], d_gh_w_buf[:n_t]
+        r, z, n = split3(gates[t, :n_t])
+        d_gi_t, d_gh_t = d_gi[starts[t]:starts[t] + n_t], d_gh[t, :n_t]
         if fused:                    # CuPy: the element-wise part in one kernel, then the product
-            fused.backward(r, z, n, g_hn[t, :m], h_prev(t, m),
-                           0 if d_out is None else d_out[t, :m],
-                           *split3(d_gi_t), *split3(d_gh_t), d_hb)
-            fused.accumulate(d_gh_t, w_hh, d_hb)       # d_h += d_gh W_hh
+            fused.backward(r, z, n, g_hn[t, :n_t], h_prev(t, n_t),
+                           0 if d_out is None else d_out[t, :n_t],
+                           *split3(d_gi_t), *split3(d_gh_t), d_h_run)
+            fused.accumulate(d_gh_t, w_hh, d_h_run)     # d_h += d_gh W_hh
             continue
         if d_out is not None:
-            d_hb += d_out[t, :m]
+            d_h_run += d_out[t, :n_t]
+        if flush:
+            flush(d_h_run)
         d_a_r, d_a_z, d_a_n = split3(d_gi_t)
-        xp.subtract(1, z, out=omz)                     # 1 - z
-        xp.multiply(n, n, out=d_a_n)                   # d_a_n = d_h (1 - z) (1 - n^2)
+        xp.subtract(1, z, out=one_minus_z)
+        xp.multiply(n, n, out=d_a_n)                    # d_a_n = d_h (1 - z) (1 - n^2)
         xp.subtract(1, d_a_n, out=d_a_n)
-        d_a_n *= omz
-        d_a_n *= d_hb
-        xp.subtract(h_prev(t, m), n, out=d_a_z)        # d_a_z = d_h (h_prev - n) z (1 - z)
-        d_a_z *= d_hb
+        d_a_n *= one_minus_z
+        d_a_n *= d_h_run
+        xp.subtract(h_prev(t, n_t), n, out=d_a_z)       # d_a_z = d_h (h_prev - n) z (1 - z)
+        d_a_z *= d_h_run
         d_a_z *= z
-        d_a_z *= omz
-        xp.subtract(1, r, out=tmp)                     # d_a_r = d_a_n g_hn r (1 - r)
+        d_a_z *= one_minus_z
+        xp.subtract(1, r, out=tmp)                      # d_a_r = d_a_n g_hn r (1 - r)
         tmp *= r
-        xp.multiply(d_a_n, g_hn[t, :m], out=d_a_r)
+        xp.multiply(d_a_n, g_hn[t, :n_t], out=d_a_r)
         d_a_r *= tmp
-        d_gh_t[:, :2 * H] = d_gi_t[:, :2 * H]
+        if flush:
+            flush(d_gi_t)
+        d_gh_t[:, :2 * H] = d_gi_t[:, :2 * H]           # d_gh = [d_a_r, d_a_z, d_a_n r]
         xp.multiply(d_a_n, r, out=d_gh_t[:, 2 * H:])
-        d_hb *= z                                      # d_h = d_h z + d_gh W_hh
-        xp.matmul(d_gh_t, w_hh, out=mm)
-        d_hb += mm
+        if flush:
+            flush(d_gh_t[:, 2 * H:])
+        d_h_run *= z                                    # d_h = d_h z + d_gh W_hh
+        xp.matmul(d_gh_t, w_hh, out=d_gh_w)
+        d_h_run += d_gh_w
     return d_h
 
 
 def states_entering(y, h0, n_active, reverse):
-    """h_prev(t, m): the state entering step t, rows [:m] (a view where possible), from the
+    """h_prev(t, n_t): the state entering step t, rows [:n_t] (a view where possible), from the
     direction's outputs y (T, B, H) and its h0 (B, H)."""
     T = y.shape[0]
     if not reverse:
-        return lambda t, m: y[t - 1, :m] if t > 0 else h0[:m]
+        return lambda t, n_t: y[t - 1, :n_t] if t > 0 else h0[:n_t]
     buf = array_module(y).empty_like(h0)
 
-    def h_prev(t, m):
-        k = n_active[t + 1] if t + 1 < T else 0      # rows that ran at t + 1
-        if k == 0:
-            return h0[:m]
-        if k >= m:
-            return y[t + 1, :m]
-        buf[:k] = y[t + 1, :k]                        # joined earlier
-        buf[k:m] = h0[k:m]                            # join now, from h0
-        return buf[:m]
+    def h_prev(t, n_t):
+        n_next = n_active[t + 1] if t + 1 < T else 0      # rows that ran at t + 1
+        if n_next == 0:
+            return h0[:n_t]
+        if n_next >= n_t:
+            return y[t + 1, :n_t]
+        buf[:n_next] = y[t + 1, :n_next]                        # joined earlier
+        buf[n_next:n_t] = h0[n_next:n_t]                            # join now, from h0
+        return buf[:n_t]
     return h_prev
 
 
@@ -660,7 +607,8 @@ class StepKernels:
         forward(i_r, i_z, i_n, g_r, g_z, g_n, b_hn,  ->  r, z, n, g_hn, h, y)
             r = sigmoid(i_r + g_r)   z = sigmoid(i_z + g_z)   g_hn = g_n + b_hn
             n = tanh(i_n + r g_hn)   h = n + z (h - n)        y = h        (h read, then written)
-        backward(r, z, n, g_hn, h_prev, d_out,  ->  d_a_r, d_a_z, d_a_n, d_gh_r, d_gh_z, d_gh_n, d_h)
+        backward(r, z, n, g_hn, h_prev, d_out,
+                 ->  d_a_r, d_a_z, d_a_n, d_gh_r, d_gh_z, d_gh_n, d_h)
             d = d_h + d_out   d_a_n = (1 - n^2)(1 - z) d   d_a_z = (h_prev - n) d z (1 - z)
             d_a_r = d_a_n g_hn r (1 - r)   d_gh = [d_a_r, d_a_z, d_a_n r]   d_h = d z
         accumulate(d_gh, w_hh, d_h):  d_h += d_gh W_hh   (one cuBLAS gemm, beta = 1)
@@ -733,6 +681,48 @@ def _sigmoid_(a, xp=np):
     xp.tanh(a, out=a)
     a *= 0.5
     a += 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Denormals: the vanishing gradient, flushed to zero (NumPy, float32).
+# --------------------------------------------------------------------------------------------
+
+FLUSH_DENORMALS = True
+
+
+def denormal_flush(shape, dtype, xp):
+    """The flush of :func:`scan_backward`: a function ``flush(a)`` that sets to 0, in place,
+    the entries of ``a`` (2-D, at most ``shape``) below float32's smallest normal number,
+    |a| < 1.2e-38; or None where no flush is done.
+
+    Backpropagation through hundreds of steps is the vanishing gradient made literal: d_h
+    shrinks step by step below 1.2e-38 into *denormal* numbers (at 512 steps, 14% of the
+    input projection's gradient), and x86 CPUs without flush-to-zero take microcode assists
+    on them (many times slower on some Intel cores; no measurable cost on AMD Zen 3).  NumPy
+    has no flush-to-zero switch, so scan_backward flushes, at every step, the three arrays
+    through which the gradient goes on: d_h before it enters the step, d_gi_t = [d_a_r, d_a_z,
+    d_a_n] and d_gh_t's n block (d_a_n r) once computed.  No denormal then reaches a matrix
+    product (``d_gh W_hh`` per step, d_W_ih, d_W_hh, d_x after the loop) or the next step.
+    Values below 1.2e-38 become 0, as torch's ``set_flush_denormal(True)`` (reference.pipeline.train)
+    makes them; nothing else changes (NaN stays NaN, a result differs by less than 1.2e-38
+    times the weights it passes through).  Only float32 on NumPy: float64's denormals (below
+    2.2e-308) lie thousands of steps of a decaying gradient away, and GPUs compute on
+    denormals at full speed.  ``scratch.gru.FLUSH_DENORMALS = False`` turns it off.
+    Cost: three passes over 5H numbers per row and step; against the unflushed code, forward +
+    backward at B 128, T 64, 768 -> 256, 2 layers, both directions: 1.015x (median of 9
+    interleaved repeats, 0.96-1.06; ``bench/gru.py --ab``).
+    """
+    if xp is not np or np.dtype(dtype) != np.float32 or not FLUSH_DENORMALS:
+        return None
+    tiny = np.finfo(np.float32).tiny
+    magnitude, denormal = np.empty(shape, dtype=dtype), np.empty(shape, dtype=bool)
+
+    def flush(a):                      # copyto writes only where needed: the cheapest of the
+        m, n = a.shape                 # NumPy spellings tried (a *= |a| >= tiny: 1.8x its time)
+        np.abs(a, out=magnitude[:m, :n])
+        np.less(magnitude[:m, :n], tiny, out=denormal[:m, :n])           # False for NaN
+        np.copyto(a, 0, where=denormal[:m, :n])
+    return flush
 
 
 def packed_starts(n_active):

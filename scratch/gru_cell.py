@@ -12,15 +12,15 @@ Forward (torch's equations; note ``b_hn`` sits *inside* the reset gate's product
     n  = tanh(i_n + r * g_n)                               g_n = W_hn h + b_hn
     h' = (1 - z) * n + z * h                               = n + z * (h - n)
 
-Backward, given dh' = dL/dh' (B, H); a_* are the pre-activations::
+Backward, given d_h' = dL/dh' (B, H); a_* are the pre-activations::
 
-    dn    = dh' * (1 - z)            da_n = dn * (1 - n^2)             (tanh' from its output)
-    dz    = dh' * (h - n)            da_z = dz * z * (1 - z)           (sigmoid' from its output)
-    dr    = da_n * g_n               da_r = dr * r * (1 - r)
-    d[i_r, i_z, i_n] = [da_r, da_z, da_n]                 = dgi  (B, 3H)
-    d[g_r, g_z, g_n] = [da_r, da_z, da_n * r]             = dgh  (B, 3H)
-    dx = dgi W_ih        dW_ih = dgi^T x       db_ih = sum_B dgi
-    dh = dh' * z + dgh W_hh        dW_hh = dgh^T h        db_hh = sum_B dgh
+    d_n = d_h' (1 - z)         d_a_n = d_n (1 - n^2)              (tanh' from its output)
+    d_z = d_h' (h - n)         d_a_z = d_z z (1 - z)              (sigmoid' from its output)
+    d_r = d_a_n g_n            d_a_r = d_r r (1 - r)
+    d[i_r, i_z, i_n] = [d_a_r, d_a_z, d_a_n]                = d_gi  (B, 3H)
+    d[g_r, g_z, g_n] = [d_a_r, d_a_z, d_a_n r]              = d_gh  (B, 3H)
+    d_x = d_gi W_ih              d_W_ih = d_gi^T x          d_b_ih = sum_B d_gi
+    d_h = d_h' z + d_gh W_hh     d_W_hh = d_gh^T h          d_b_hh = sum_B d_gh
 
 The textbook GRU (d2l) writes ``n = tanh(W_in x + W_hn (r * h) + b)``: the reset gate multiplies
 h *before* the matrix product, and its candidate mixes as ``h' = z h + (1 - z) n`` with the same
@@ -73,18 +73,18 @@ def gru_cell_forward(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
     return h_new, CellCache(x, h, r, z, n, g_n)
 
 
-def gru_cell_backward(dh_new, cache: CellCache, w_ih, w_hh):
+def gru_cell_backward(d_h_new, cache: CellCache, w_ih, w_hh):
     """Vector-Jacobian product of :func:`gru_cell_forward` (module docstring).
 
-    Returns (dx, dh, dW_ih, dW_hh, db_ih, db_hh).
+    Returns (d_x, d_h, d_W_ih, d_W_hh, d_b_ih, d_b_hh).
     """
-    xp = array_module(dh_new)
+    xp = array_module(d_h_new)
     c = cache
-    da_n = dh_new * (1 - c.z) * tanh_grad(c.n)
-    da_z = dh_new * (c.h - c.n) * sigmoid_grad(c.z)
-    da_r = da_n * c.g_n * sigmoid_grad(c.r)
-    dgi = xp.concatenate([da_r, da_z, da_n], axis=-1)
-    dgh = xp.concatenate([da_r, da_z, da_n * c.r], axis=-1)
-    dx = dgi @ w_ih
-    dh = dh_new * c.z + dgh @ w_hh
-    return dx, dh, dgi.T @ c.x, dgh.T @ c.h, dgi.sum(axis=0), dgh.sum(axis=0)
+    d_a_n = d_h_new * (1 - c.z) * tanh_grad(c.n)
+    d_a_z = d_h_new * (c.h - c.n) * sigmoid_grad(c.z)
+    d_a_r = d_a_n * c.g_n * sigmoid_grad(c.r)
+    d_gi = xp.concatenate([d_a_r, d_a_z, d_a_n], axis=-1)                        # (B, 3H)
+    d_gh = xp.concatenate([d_a_r, d_a_z, d_a_n * c.r], axis=-1)                  # (B, 3H)
+    d_x = d_gi @ w_ih                                                            # (B, I)
+    d_h = d_h_new * c.z + d_gh @ w_hh                                            # (B, H)
+    return d_x, d_h, d_gi.T @ c.x, d_gh.T @ c.h, d_gi.sum(axis=0), d_gh.sum(axis=0)

@@ -607,3 +607,41 @@ def test_backward_without_output_gradient_or_dx(lengths, dropout, xp):
     np.testing.assert_array_equal(to_numpy(none_h0), to_numpy(d_h0))
     for name, g in a.grads.items():
         np.testing.assert_array_equal(to_numpy(b.grads[name]), to_numpy(g))
+
+
+# --------------------------------------------------------------------------------------------
+# denormals
+# --------------------------------------------------------------------------------------------
+
+def test_backward_flushes_denormals_and_changes_nothing_else(monkeypatch):
+    """600 steps: the vanishing gradient falls below float32's smallest normal (1.2e-38).
+    Unflushed (``FLUSH_DENORMALS = False``), the gradients of the projections hold denormals;
+    flushed (the default), none is left in any array that enters a matrix product (d_gi,
+    d_gh), and every result agrees with the unflushed one to float32 rounding of its scale
+    (values below 1.2e-38 become 0; growing back out of that range, a gradient carries the
+    few lost bits as a ~1e-7 relative difference, no more than denormals' own lost bits)."""
+    tiny = np.finfo(np.float32).tiny
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 8, 16), dtype=np.float32)
+    lengths = rng.integers(550, 601, 8)
+    d_out = np.zeros((600, 8, 32), np.float32)
+    d_out[[0, -1]] = 1.0
+
+    def run(flush):
+        monkeypatch.setattr(gru_module, "FLUSH_DENORMALS", flush)
+        gru = GRU(16, 16, num_layers=2, bidirectional=True, dtype="float32", seed=0)
+        gru(x, lengths=lengths)
+        results = [*gru.backward(d_out), *gru.grads.values()]
+        products = [a for name, a in gru.workspace._arrays.items()
+                    if name.startswith(("d_gi", "d_gh"))]
+        return results, products
+
+    def denormal(a):
+        return int(((a != 0) & (np.abs(a) < tiny)).sum())
+
+    unflushed, products = run(False)
+    assert sum(denormal(a) for a in products) > 1000
+    flushed, products = run(True)
+    assert [denormal(a) for a in products] == [0] * len(products)
+    for i, (got, want) in enumerate(zip(flushed, unflushed, strict=True)):
+        shared_assert_close(got, want, 1e-6, f"result {i}", atol=4 * tiny, dtype=np.float32)

@@ -127,6 +127,28 @@ def test_fit_trains_with_denormals_flushed_and_restores_the_setting(tmp_path, mo
     assert not train.denormals_flushed()
 
 
+def test_flush_denormals_reaches_every_intra_op_thread():
+    """torch.set_flush_denormal sets only the calling thread: with 2 intra-op threads already
+    started, half of a large element-wise product (computed by both) used to stay denormal
+    inside the block.  flush_denormals flushes on both threads, and restores both after."""
+    tiny = torch.finfo(torch.float32).tiny
+
+    def denormal_results():
+        r = torch.full((4_000_000,), 1e-30) * 1e-10                  # 1e-40: denormal
+        return int(((r != 0) & (r.abs() < tiny)).sum())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert denormal_results() == 4_000_000                       # the pool has started
+        with train.flush_denormals():
+            assert denormal_results() == 0
+        assert denormal_results() == 4_000_000
+        assert not train.denormals_flushed()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_resume_gives_the_uninterrupted_run(tmp_path):
     store, labels = toy_data()
     tr, va = splits(store, labels)

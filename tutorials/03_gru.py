@@ -76,17 +76,19 @@ print("one step, max |scratch - torch| =", np.abs(h_new - h_torch).max())
 # The input side sees $[\partial a_r, \partial a_z, \partial a_n]$, the recurrent side
 # $[\partial a_r, \partial a_z, \partial a_n \odot r]$: the reset gate scales only the recurrent
 # product. Weight gradients are outer products summed over the batch (and, through time,
-# over the steps). Against autograd:
+# over the steps). The code spells every gradient `d_<quantity>` (`d_a_n` is $\partial a_n$,
+# `d_h` is $\partial h_{t-1}$, `d_W_hh` is $\partial L / \partial W_{hh}$). Against autograd:
 
 # %%
-dh_new = rng.standard_normal((3, 4))
+d_h_new = rng.standard_normal((3, 4))
 xt = torch.tensor(x1, requires_grad=True)
 ht = torch.tensor(h, requires_grad=True)
-(cell(xt, ht) * torch.from_numpy(dh_new)).sum().backward()
-dx, dh, dw_ih, dw_hh, db_ih, db_hh = gru_cell_backward(dh_new, cache, w[0], w[1])
-for name, ours, theirs in [("dx", dx, xt.grad), ("dh", dh, ht.grad),
-                           ("dW_ih", dw_ih, cell.weight_ih.grad), ("dW_hh", dw_hh, cell.weight_hh.grad),
-                           ("db_hh", db_hh, cell.bias_hh.grad)]:
+(cell(xt, ht) * torch.from_numpy(d_h_new)).sum().backward()
+d_x1, d_h, d_w_ih, d_w_hh, d_b_ih, d_b_hh = gru_cell_backward(d_h_new, cache, w[0], w[1])
+for name, ours, theirs in [("d_x", d_x1, xt.grad), ("d_h", d_h, ht.grad),
+                           ("d_W_ih", d_w_ih, cell.weight_ih.grad),
+                           ("d_W_hh", d_w_hh, cell.weight_hh.grad),
+                           ("d_b_hh", d_b_hh, cell.bias_hh.grad)]:
     print(f"{name:6s} max |scratch - autograd| = {np.abs(ours - theirs.numpy()).max():.1e}")
 
 # %% [markdown]
@@ -163,8 +165,8 @@ def grad_reach(scale):
     g(rng.standard_normal((T, 1, 12)))
     d = np.zeros((T, 1, 8))
     d[-1] = 1.0
-    dx_, _ = g.backward(d)
-    return np.linalg.norm(dx_[:, 0], axis=1)
+    d_x_t, _ = g.backward(d)
+    return np.linalg.norm(d_x_t[:, 0], axis=1)
 
 
 fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -208,7 +210,7 @@ show(fig, "03_gradient_reach")
 #
 # 1. Write the textbook GRU step (reset *before* the product: `tanh(W_in x + W_hn (r * h) + b)`)
 #    and show, with the same weights, that its outputs differ from `torch.nn.GRUCell`'s.
-# 2. Derive `dW_hh` for one step from the equations above and check it against
+# 2. Derive `d_W_hh` for one step from the equations above and check it against
 #    `gru_cell_backward`'s output with a finite difference.
 # 3. In `grad_reach`, which weights decide the rate of decay?  Scale only `weight_hh_l0` and
 #    see whether the gradient still vanishes.

@@ -35,9 +35,12 @@ metrics and printing are rank 0's; ``--resume`` restores every rank's generator.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
+import re
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,9 +132,50 @@ def denormals_flushed() -> bool:
     return float(torch.tensor([tiny / 4]) * torch.tensor([1.0])) == 0.0
 
 
+def openmp_runtime():
+    """The OpenMP runtime already loaded in this process (torch's intra-op threads: libgomp,
+    libiomp5 or libomp) as a ctypes library with ``GOMP_parallel``, or None (no such runtime
+    found: another platform, or torch built without OpenMP)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/lib" in line}
+    except OSError:
+        return None
+    for path in sorted(p for p in paths if re.search(r"/lib(gomp|iomp5|omp)\b[^/]*\.so", p)):
+        lib = ctypes.CDLL(path)
+        if hasattr(lib, "GOMP_parallel"):
+            return lib
+    return None
+
+
+def on_every_intra_op_thread(fn) -> dict:
+    """Run ``fn()`` once on each of torch's intra-op threads, the calling thread included:
+    ``{native thread id: fn()'s result}``.
+
+    A team of ``torch.get_num_threads()`` is started on the OpenMP runtime's own entry point
+    (``GOMP_parallel(fn, data, num_threads, flags)``, which libgomp and libiomp5 both export),
+    so it runs on the very pool threads torch's parallel operations use.  Without an OpenMP
+    runtime, only on the calling thread."""
+    results, lock = {}, threading.Lock()
+
+    def body(_data):
+        result = fn()
+        with lock:
+            results[threading.get_native_id()] = result
+
+    omp, threads = openmp_runtime(), torch.get_num_threads()
+    if omp is None or threads == 1:
+        body(None)
+        return results
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(body)
+    omp.GOMP_parallel(callback, None, ctypes.c_uint(threads), ctypes.c_uint(0))
+    return results
+
+
 @contextmanager
 def flush_denormals():
-    """Flush denormal floats to zero inside the block, then restore the previous setting.
+    """Flush denormal floats to zero inside the block, on every thread that computes, then
+    restore each thread's previous setting.
 
     Backpropagation through a long review is the vanishing gradient made literal: the gradient
     reaching the first tokens underflows below float32's smallest normal number (1.2e-38), and
@@ -139,13 +183,21 @@ def flush_denormals():
     features (128 reviews of 511 tokens, 768 wide, one thread, untrained head): 14% of the
     input gradient's entries are denormal (median 5e-24), and the head's backward takes 86 s
     unflushed against 5 s flushed; the forward, 4 s, is unchanged.  Flushing changes only
-    numbers below 1.2e-38 (2.2e-308 in float64), which round away against the weights."""
-    before = denormals_flushed()
-    torch.set_flush_denormal(True)
+    numbers below 1.2e-38 (2.2e-308 in float64), which round away against the weights.
+
+    ``torch.set_flush_denormal`` sets the calling thread's CPU flags only, and the intra-op
+    threads torch has already started keep theirs (with 2 threads, half of a large element-wise
+    product stayed denormal), so the flag is set on each of them
+    (:func:`on_every_intra_op_thread`).  Threads started later inherit it from the thread that
+    starts them."""
+    before = on_every_intra_op_thread(denormals_flushed)
+    caller_before = denormals_flushed()
+    on_every_intra_op_thread(lambda: torch.set_flush_denormal(True))
     try:
         yield
     finally:
-        torch.set_flush_denormal(before)
+        on_every_intra_op_thread(lambda: torch.set_flush_denormal(
+            before.get(threading.get_native_id(), caller_before)))
 
 
 @flush_denormals()
