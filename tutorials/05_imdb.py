@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers import BertConfig, BertModel
-from tutorial_kit import OUT, ROOT, imdb, pick, plt, results, show, table
+from tutorial_kit import OUT, ROOT, imdb, pick, plt, results, show, show_html, table
 
 from reference.model import BERTGRUSentiment, GRUHead, count_parameters, freeze_bert
 from reference.pipeline.data import stratified_subset, tokenize, train_valid_split
@@ -112,8 +112,8 @@ assert torch.allclose(y_fast, y_ref, atol=1e-5)
 # ## 3. Why the encoder's output is cached
 # The encoder is frozen: a review's token vectors are the same in every epoch.  The
 # assignment recomputed them anyway, every batch of every epoch.  Computing them once and
-# storing them (`reference.pipeline.features`: float16 safetensors shards) makes every epoch cost only
-# the GRU, and lets validation, test and later runs reuse them.  The price is disk space:
+# storing them (`reference.pipeline.features`: float16 safetensors shards) makes every epoch
+# cost only the GRU, and lets validation, test and later runs reuse them.  The price is disk space:
 # about tokens x hidden x 2 bytes, e.g. 25,000 reviews x ~275 tokens x 384 x 2 B = 5.3 GB per
 # split for MiniLM (2x that for bert-base, hidden 768).  Timing one batch of reviews, and
 # counting the encoder's cost per token (about 2 multiply-adds per weight outside the
@@ -122,9 +122,11 @@ assert torch.allclose(y_fast, y_ref, atol=1e-5)
 # %%
 text = torch.randint(1000, 30000, pick((16, 128), (4, 32)))
 with torch.no_grad():
-    feats, t_enc = best_time(lambda: enc.model(text, attention_mask=torch.ones_like(text))[0], repeat=2)
+    feats, t_enc = best_time(lambda: enc.model(text, attention_mask=torch.ones_like(text))[0],
+                             repeat=2)
 head.train()
-_, t_head = best_time(lambda: head(feats, torch.full((len(text),), text.shape[1])).sum().backward(), repeat=2)
+full_length = torch.full((len(text),), text.shape[1])
+_, t_head = best_time(lambda: head(feats, full_length).sum().backward(), repeat=2)
 head.eval()
 
 
@@ -143,8 +145,8 @@ print(f"MiniLM forward {t_enc:.2f} s, head forward+backward {t_head:.2f} s: cach
 # A stratified subset of the real IMDB reviews (split 70/30 into train and validation) and a
 # stratified subset of the test reviews, each review cut to its first `max_length` tokens.
 # Features go through the cache (`reference.pipeline.features.extract_features`); the loop is
-# `reference.pipeline.train.fit`, the one `python -m reference.pipeline.train` uses: Adam, BCE with logits,
-# length-bucketed batches, the exact packed GRU, the best validation loss checkpointed.
+# `reference.pipeline.train.fit`, the one `python -m reference.pipeline.train` uses: Adam, BCE
+# with logits, length-bucketed batches, the exact packed GRU, the best validation loss checkpointed.
 
 # %%
 def synthetic_reviews(n, seed):
@@ -157,7 +159,8 @@ def synthetic_reviews(n, seed):
     for i in range(n):
         y = i % 2
         words = [f"{rng.choice(things)} was {rng.choice(good if y else bad)}" for _ in range(3)]
-        words.insert(int(rng.integers(0, 3)), f"{rng.choice(things)} was {rng.choice(good if not y else bad)}")
+        odd_one = f"{rng.choice(things)} was {rng.choice(good if not y else bad)}"
+        words.insert(int(rng.integers(0, 3)), odd_one)
         texts.append(", ".join(words) + ".")
         labels.append(y)
     return texts, np.array(labels)
@@ -168,12 +171,15 @@ data = imdb()
 if data is not None:
     tr = data["train"].subset(stratified_subset(data["train"].labels, N_TRAIN, 3407))
     te = data["test"].subset(stratified_subset(data["test"].labels, N_TEST, 3407))
-    (train_texts, train_labels), (test_texts, test_labels) = (tr.texts, tr.labels), (te.texts, te.labels)
+    train_texts, train_labels = tr.texts, tr.labels
+    test_texts, test_labels = te.texts, te.labels
     source = "IMDB subset"
 else:
-    (train_texts, train_labels), (test_texts, test_labels) = synthetic_reviews(N_TRAIN, 0), synthetic_reviews(N_TEST, 1)
+    train_texts, train_labels = synthetic_reviews(N_TRAIN, 0)
+    test_texts, test_labels = synthetic_reviews(N_TEST, 1)
     source = "synthetic reviews"
-print(f"{source}: {len(train_texts)} train+valid, {len(test_texts)} test, first {MAX_LENGTH} tokens; "
+print(f"{source}: {len(train_texts)} train+valid, {len(test_texts)} test, "
+      f"first {MAX_LENGTH} tokens; "
       f"e.g. {train_texts[0][:100]!r}")
 
 cache = ROOT / ".cache" / "features"
@@ -186,9 +192,12 @@ train_split = Split(store, tr_idx, train_labels[tr_idx])
 valid_split = Split(store, va_idx, train_labels[va_idx])
 torch.manual_seed(3407)
 head = GRUHead(enc.hidden_size, 256, 1, 2, True, 0.25)
-history = fit(head, train_split, valid_split, OUT / "05_run", epochs=EPOCHS, batch_size=16, seed=3407)
-test_loss, test_acc = run_epoch(head.eval(), Split(test_store, np.arange(len(test_texts)), test_labels), 64)
-print(f"test loss {test_loss:.4f}, accuracy {test_acc:.2%} (last epoch's weights, {len(test_texts)} reviews)")
+history = fit(head, train_split, valid_split, OUT / "05_run", epochs=EPOCHS, batch_size=16,
+              seed=3407)
+test_split = Split(test_store, np.arange(len(test_texts)), test_labels)
+test_loss, test_acc = run_epoch(head.eval(), test_split, 64)
+print(f"test loss {test_loss:.4f}, accuracy {test_acc:.2%} "
+      f"(last epoch's weights, {len(test_texts)} reviews)")
 
 # %%
 ep = [r["epoch"] for r in history]
@@ -249,9 +258,9 @@ test_ids = tokenize(enc.tokenizer, test_texts, MAX_LENGTH)           # [CLS] ...
 probe, _ = pad(test_ids[:4], enc.pad_id)
 with torch.no_grad():
     p = scores(probe)
-    assert np.allclose(p["both fixes"], torch.sigmoid(fixed(torch.from_numpy(probe)))[:, 0].numpy(), atol=1e-6)
-    assert np.allclose(p["no fix (the assignment)"], torch.sigmoid(faithful(torch.from_numpy(probe)))[:, 0].numpy(),
-                       atol=1e-6)
+    for name, model in (("both fixes", fixed), ("no fix (the assignment)", faithful)):
+        whole = torch.sigmoid(model(torch.from_numpy(probe)))[:, 0].numpy()
+        assert np.allclose(p[name], whole, atol=1e-6)
 print("scores: 'both fixes' == BERTGRUSentiment, 'no fix' == BERTGRUSentiment(faithful=True)")
 
 # %% [markdown]
@@ -266,15 +275,18 @@ extra = pick([16, 64, 256], [8, 32])
 alone = {i: scores(test_ids[i][None]) for i in shortest}            # each review unpadded
 change = {name: [] for name in FIXES}
 for k in extra:
-    padded = {i: scores(np.concatenate([test_ids[i], np.full(k, enc.pad_id)])[None]) for i in shortest}
+    padded = {i: scores(np.concatenate([test_ids[i], np.full(k, enc.pad_id)])[None])
+              for i in shortest}
     for name in FIXES:
-        change[name].append(float(np.mean([abs(padded[i][name][0] - alone[i][name][0]) for i in shortest])))
-print(f"{len(shortest)} reviews of {len(test_ids[shortest[0]])}-{len(test_ids[shortest[-1]])} tokens:")
+        moved = [abs(padded[i][name][0] - alone[i][name][0]) for i in shortest]
+        change[name].append(float(np.mean(moved)))
+print(f"{len(shortest)} reviews of "
+      f"{len(test_ids[shortest[0]])}-{len(test_ids[shortest[-1]])} tokens:")
 table([(k, *(change[name][j] for name in FIXES)) for j, k in enumerate(extra)],
       ["extra [PAD] k", *FIXES], "{:.2e}")
 
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
-for name, marker in zip(FIXES, "os^D"):
+for name, marker in zip(FIXES, "os^D", strict=True):
     ax.plot(extra, np.maximum(change[name], 1e-9), marker + "-", label=name)
 ax.set(xscale="log", yscale="log", xlabel="extra [PAD] tokens k", ylim=(1e-9, 1), xticks=extra,
        xticklabels=[str(k) for k in extra],
@@ -310,7 +322,8 @@ ref = probs["both fixes"]
 table([(name, correct[name].mean(), np.abs(p - ref).mean(), np.abs(p - ref).max(),
         int(((p > 0.5) != (ref > 0.5)).sum())) for name, p in probs.items()],
       ["variant", "accuracy", "mean |dP| vs both fixes", "max |dP|", "verdicts flipped"], "{:.4f}")
-print(f"padding: {np.mean([len(test_ids[i]) for i in order]):.0f} real tokens per review on average, "
+print(f"padding: {np.mean([len(test_ids[i]) for i in order]):.0f} real tokens per review "
+      "on average, "
       f"batches padded to {np.mean([max(len(test_ids[i]) for i in b) for b in batches]):.0f}")
 
 # %% [markdown]
@@ -319,8 +332,8 @@ print(f"padding: {np.mean([len(test_ids[i]) for i in order]):.0f} real tokens pe
 # the last batch is smaller, its reviews weigh more: with the real test set (25,000 reviews,
 # batches of 128) the last batch has 40 reviews, and each of them counts
 # `25000 / (196 x 40) = 3.2` times as much as a review in a full batch.  The true accuracy is
-# `#correct / N` (what `reference.pipeline.train.run_epoch` reports).  On this head's right and wrong
-# verdicts (both fixes), the difference between the two for several batch sizes: in the order
+# `#correct / N` (what `reference.pipeline.train.run_epoch` reports).  On this head's right and
+# wrong verdicts (both fixes), the difference between the two for several batch sizes: in the order
 # used above, and its spread over many random orders (the error depends only on which reviews
 # land in the short last batch).
 
@@ -330,7 +343,8 @@ orders = [np.random.default_rng(seed).permutation(len(ok)) for seed in range(pic
 
 
 def batch_mean_error(order, size):
-    """(mean of batch accuracies - accuracy) in percentage points, batches of ``size`` in ``order``."""
+    """(mean of batch accuracies - accuracy) in percentage points, batches of ``size`` in
+    ``order``."""
     means = [ok[order[i:i + size]].mean() for i in range(0, len(order), size)]
     return 100 * (np.mean(means) - ok.mean())
 
@@ -381,9 +395,9 @@ show(fig, "05_batch_means")
 # reports 91.21% test accuracy with bert-base-uncased.
 #
 # MiniLM (6 layers, hidden 384) is what ships with this project; MPNet (all-mpnet-base-v2,
-# bert-base's size: 12 layers, hidden 768, installed by `python -m reference.pipeline.encoders install
-# mpnet`) is the closest offline stand-in for bert-base-uncased.  Same head, same recipe, same
-# split: the encoder alone moves the accuracy.
+# bert-base's size: 12 layers, hidden 768, installed by
+# `python -m reference.pipeline.encoders install mpnet`) is the closest offline stand-in for
+# bert-base-uncased.  Same head, same recipe, same split: the encoder alone moves the accuracy.
 
 # %%
 runs = results("imdb_runs.json")
@@ -440,6 +454,58 @@ from reference.pipeline.predict import predict_sentiment  # noqa: E402
 
 for s in ("This film is terrible", "This film is great"):
     print(f"{s!r}: P(positive) = {predict_sentiment(fixed, enc.tokenizer, s, MAX_LENGTH):.3f}")
+
+# %% [markdown]
+# ## 8. What the head looks at
+# Which words moved a verdict?  Integrated gradients (Sundararajan et al. 2017) over the head's
+# input, the frozen encoder's features `x` (T, E): walk the straight line from the baseline
+# `x' = 0` to `x`, average the gradient of the logit along it, multiply by the distance:
+#
+#     IG[t, e] = (x - x')[t, e] * integral_0^1  d logit(x' + a (x - x')) / d x[t, e]  da
+#
+# summed over `e` for one number per token, and over word pieces for one per word.  The
+# attributions add up to `logit(x) - logit(0)` ("completeness"), up to the error of the
+# quadrature (`--steps` Gauss-Legendre points, 50 by default).  `predict --explain` prints this on
+# both sides: the scratch side takes the gradient from the head's own backward pass
+# ([`scratch/explain.py`](../scratch/explain.py), `SentimentHead.input_gradient`), the
+# reference side from Captum; `tests/test_explain.py` holds them equal to 1e-9 in float64.
+#
+# Below, the head trained above (both fixes) on short test reviews: the ones it gets right with
+# the most confidence and the ones it gets most confidently wrong.  Green pushes towards
+# positive, red towards negative; the line under each review is the completeness check.
+
+# %%
+from reference.pipeline.explain import explain_reviews  # noqa: E402
+from reference.pipeline.predict import token_ids  # noqa: E402
+from scratch.pipeline.explain import STYLE, review_html  # noqa: E402
+
+p_test, right = probs["both fixes"], correct["both fixes"]
+short = np.array([len(ids) <= pick(80, MAX_LENGTH) for ids in test_ids])   # fits on a screen
+confidence = np.abs(p_test - 0.5)
+
+
+def most_confident(where, n):
+    """Indices of the ``n`` test reviews in ``where`` with P(positive) furthest from 0.5."""
+    found = np.flatnonzero(where & short)
+    return found[np.argsort(-confidence[found])][:n].tolist()
+
+
+chosen = most_confident(right, 2) + most_confident(~right, 2)
+texts = [test_texts[i] for i in chosen]
+why = explain_reviews(fixed, enc.tokenizer, texts, [float(p_test[i]) for i in chosen],
+                      [token_ids(enc.tokenizer, t, MAX_LENGTH) for t in texts],
+                      steps=pick(50, 8))
+for i, e in zip(chosen, why, strict=True):
+    truth = "positive" if test_labels[i] == 1 else "negative"
+    print(f"test review {i} (labelled {truth}, {'right' if right[i] else 'WRONG'}):")
+    print(e.text_block(), end="\n\n")
+show_html(f"<style>{STYLE}</style>" + "\n".join(review_html(e, i + 1)
+                                                for i, e in enumerate(why)), "05_explain")
+
+# %% [markdown]
+# *Each review's words coloured by their attribution to the logit (hover a word in the HTML page
+# `05_explain.html` for its value); the `[CLS]`/`[SEP]` markers carry attribution too, since
+# the GRU reads their feature vectors like any other token's.*
 
 # %% [markdown]
 # ## Exercises

@@ -3,7 +3,8 @@
 * ``TUTORIAL_FAST=1`` (CI, ``tests/test_tutorials.py``) runs every tutorial with small sizes
   through the same code: a tutorial writes ``pick(full, fast)`` wherever a size is chosen.
 * Figures are saved as PNG under ``$TUTORIAL_OUT`` (default ``tutorials/_build/``) and, inside
-  a notebook, shown inline (``make tutorials`` executes the notebooks; a script run only saves).
+  a notebook, shown inline (``make tutorials`` executes the notebooks; a script run only saves);
+  ``show_html`` does the same for HTML (coloured text).
 * ``imdb()`` finds the archive through ``IMDB_PATH`` (``reference.pipeline.data.find_imdb``) and
   says in one line what happens instead when it is missing.
 
@@ -50,6 +51,15 @@ def show(fig, name: str) -> None:
 
         display(fig)
     plt.close(fig)
+
+
+def show_html(body: str, name: str) -> None:
+    """Save ``body`` as ``$TUTORIAL_OUT/name.html``; render it when in a notebook."""
+    (OUT / f"{name}.html").write_text(body, encoding="utf-8")
+    if IN_NOTEBOOK:
+        from IPython.display import HTML, display
+
+        display(HTML(body))
 
 
 def table(rows, columns=None, floatfmt="{:.4g}") -> str:
