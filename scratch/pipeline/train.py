@@ -110,24 +110,26 @@ def fit(head: SentimentHead, train: Split, valid: Split, out, *, epochs: int,
         history, best, start = list(state["history"]), state["best_valid_loss"], state["epoch"] + 1
     for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
-        tl, ta = run_epoch(head, train, batch_size, optimizer, seed + epoch, progress,
-                           f"epoch {epoch}/{epochs} train")
+        train_loss, train_acc = run_epoch(head, train, batch_size, optimizer, seed + epoch,
+                                          progress, f"epoch {epoch}/{epochs} train")
         t1 = time.perf_counter()
-        vl, va = run_epoch(head, valid, batch_size, None, 0, progress,
-                           f"epoch {epoch}/{epochs} valid")
+        valid_loss, valid_acc = run_epoch(head, valid, batch_size, None, 0, progress,
+                                          f"epoch {epoch}/{epochs} valid")
         t2 = time.perf_counter()
-        rec = {"epoch": epoch, "train_loss": tl, "train_acc": ta, "valid_loss": vl,
-               "valid_acc": va, "train_seconds": round(t1 - t0, 2),
-               "valid_seconds": round(t2 - t1, 2), "best": vl < best}
-        if vl < best:
-            best = vl
+        rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+               "valid_loss": valid_loss, "valid_acc": valid_acc,
+               "train_seconds": round(t1 - t0, 2), "valid_seconds": round(t2 - t1, 2),
+               "best": valid_loss < best}
+        if valid_loss < best:
+            best = valid_loss
             ckpt.save_weights(out, head, config)
         history.append(rec)
         ckpt.save_state(out, {"model": head.state_dict(), "optimizer": optimizer.state_dict(),
                               "epoch": epoch, "history": history, "best_valid_loss": best,
                               "rng": head.rng_state(), "config": config or {}})
-        log(f"epoch {epoch}: train loss {tl:.4f} acc {ta:.2%} | valid loss {vl:.4f} acc {va:.2%}"
-            f" | {t1 - t0:.0f} s + {t2 - t1:.0f} s{'  (best, saved)' if rec['best'] else ''}")
+        log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2%} | valid loss "
+            f"{valid_loss:.4f} acc {valid_acc:.2%} | {t1 - t0:.0f} s + {t2 - t1:.0f} s"
+            f"{'  (best, saved)' if rec['best'] else ''}")
     return history
 
 
@@ -217,120 +219,177 @@ RUN_KEYS = ("encoder", "max_length", "limit_train", "limit_test", "seed", "batch
             "model", "dtype", "init")
 
 
-def check_args(p, a) -> Encoder:
+def check_args(parser, args) -> Encoder:
     """Every option before anything slow is read (the encoder's config.json only)."""
-    if not 0 <= a.dropout < 1:
-        p.error(f"--dropout must be in [0, 1), got {a.dropout}")
-    if a.limit_train is not None and a.limit_train < 10:
-        p.error(f"--limit-train must be >= 10 (train and valid both need reviews), "
-                f"got {a.limit_train}")
-    out = cli.check_folder(p, "--out", a.out)
-    cli.check_folder(p, "--cache", a.cache)
-    if a.resume and not (out / ckpt.STATE).exists():
-        p.error(f"--resume: {out / ckpt.STATE} does not exist (nothing to resume)")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.limit_train is not None and args.limit_train < 10:
+        parser.error(f"--limit-train must be >= 10 (train and valid both need reviews), "
+                     f"got {args.limit_train}")
+    out = cli.check_folder(parser, "--out", args.out)
+    cli.check_folder(parser, "--cache", args.cache)
+    if args.resume and not (out / ckpt.STATE).exists():
+        parser.error(f"--resume: {out / ckpt.STATE} does not exist (nothing to resume)")
     try:
-        encoder = Encoder.inspect(a.encoder)
+        encoder = Encoder.inspect(args.encoder)
     except (EncoderNameError, OSError, ValueError, KeyError) as e:
-        p.error(cli.one_line(e))
-    if not 2 <= a.max_length <= encoder.max_length:
-        p.error(f"--max-length must be in 2..{encoder.max_length} ({encoder.name}'s positions), "
-                f"got {a.max_length}")
+        parser.error(cli.one_line(e))
+    if not 2 <= args.max_length <= encoder.max_length:
+        parser.error(f"--max-length must be in 2..{encoder.max_length} ({encoder.name}'s "
+                     f"positions), got {args.max_length}")
     return encoder
+
+
+def check_init(parser, args, encoder: Encoder) -> SentimentHead | None:
+    """The head of ``--init`` (read and verified now, used once the features are there)."""
+    if not args.init:
+        return None
+    try:
+        init, _ = ckpt.load_head(args.init, dtype=args.dtype, require_checksum=True)
+    except ckpt.CheckpointError as e:
+        parser.error(f"--init: {cli.one_line(e)}")
+    want = {"emb_dim": encoder.hidden_size, "hidden_dim": args.hidden_dim, "output_dim": 1,
+            "n_layers": args.n_layers, "bidirectional": True}
+    if diff := {k: v for k, v in want.items() if getattr(init, k) != v}:
+        parser.error(f"--init {args.init}: a head with {init.config()}, this run needs {diff}")
+    return init
+
+
+@dataclass
+class Run:
+    """What one ``scratch.pipeline.train`` command works with, once its inputs are checked."""
+    args: argparse.Namespace
+    encoder: Encoder
+    data_path: Path
+    reviews: dict                    # {"train": Reviews, "test": Reviews}
+    config: dict                     # config.json: RUN_KEYS, encoder_source, ... (+ checksum)
+    metrics: dict
+    init: SentimentHead | None = None    # --init's head
+    state: dict | None = None        # the resume state of --resume
+
+    @property
+    def progress(self) -> bool:
+        return not self.args.no_progress
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+
+def prepare(parser, args, encoder: Encoder, init: SentimentHead | None = None) -> Run:
+    """Data, subsets, the tokenizer, the run's config and (--resume) its saved state."""
+    path, data = cli.load_data(parser, args.data, args)
+    reviews = {split: cli.check_limit(parser, f"--limit-{split}", data[split], limit, args.seed)
+               for split, limit in (("train", args.limit_train), ("test", args.limit_test))}
+    try:
+        encoder.load_tokenizer()
+    except BertError as e:
+        parser.error(cli.one_line(e))
+    model = {"emb_dim": encoder.hidden_size, "hidden_dim": args.hidden_dim, "output_dim": 1,
+             "n_layers": args.n_layers, "bidirectional": True, "dropout": args.dropout}
+    config = {"encoder": encoder.name, "encoder_source": encoder.folder,
+              "max_length": args.max_length, "limit_train": args.limit_train,
+              "limit_test": args.limit_test, "seed": args.seed, "batch_size": args.batch_size,
+              "lr": args.lr, "model": model, "dtype": args.dtype, "init": args.init,
+              "trained_by": "scratch"}
+    if reviews["train"].label_names:              # a table's two label values, 0 then 1
+        config["labels"] = list(reviews["train"].label_names)
+    metrics = {"config": config, "numpy": np.__version__, "feature_seconds": {}}
+    run = Run(args, encoder, path, reviews, config, metrics, init)
+    if args.resume:
+        run.state = resume_state(parser, run)
+    print(f"data {path}: {len(reviews['train'])} train / {len(reviews['test'])} test reviews; "
+          f"encoder {encoder.name} (hidden {encoder.hidden_size}); scratch head, {args.dtype}",
+          flush=True)
+    return run
+
+
+def resume_state(parser, run: Run) -> dict:
+    """The state saved in --out, refused when it was trained with other settings."""
+    try:
+        state = ckpt.load_state(run.out)
+    except ckpt.CheckpointError as e:
+        parser.error(f"--resume: {cli.one_line(e)}")
+    old = state.get("config", {})
+    if diff := [k for k in RUN_KEYS if old.get(k) != run.config[k]]:
+        parser.error(f"--resume: {run.out} was trained with different {', '.join(diff)} "
+                     f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
+    print(f"resuming after epoch {state['epoch']} from {run.out / ckpt.STATE}", flush=True)
+    return state
+
+
+def repair_command(run: Run) -> str:
+    """The reference command that recomputes the damaged shards of a reference entry."""
+    a = run.args
+    return " ".join(["python -m reference.pipeline.features", "--data", str(run.data_path),
+                     "--encoder", a.encoder, "--max-length", str(a.max_length), "--cache", a.cache,
+                     *(["--limit-train", str(a.limit_train)] if a.limit_train else []),
+                     *(["--limit-test", str(a.limit_test)] if a.limit_test else []),
+                     "--seed", str(a.seed)])
+
+
+def timed_features(parser, run: Run, split: str):
+    """:func:`features` of ``run``'s ``split`` reviews; the seconds spent computing (waits
+    excluded) go to ``run.metrics``."""
+    a, t0 = run.args, time.perf_counter()
+    try:
+        store = features(run.encoder, run.reviews[split].texts, a.cache, a.max_length,
+                         run.progress, split, repair_command=repair_command(run))
+    except (EncoderNameError, BertError) as e:
+        parser.error(cli.one_line(e))
+    seconds = run.metrics["feature_seconds"][split] = round(
+        time.perf_counter() - t0 - store.wait_seconds, 1)
+    print(f"{split} features: {seconds:.0f} s ({store.folder})", flush=True)
+    return store
+
+
+def train_head(parser, run: Run) -> list[dict]:
+    """Train features, the 70/30 split, the head's epochs (best weights saved): history."""
+    a = run.args
+    store = timed_features(parser, run, "train")
+    labels, n = run.reviews["train"].labels, len(run.reviews["train"])
+    tr_idx, va_idx = train_valid_split(n, round(n * VALID_FRACTION), a.seed)
+    train, valid = Split(store, tr_idx, labels[tr_idx]), Split(store, va_idx, labels[va_idx])
+    head = SentimentHead(**run.config["model"], dtype=a.dtype, seed=a.seed)
+    if run.init is not None and run.state is None:
+        head.load_state_dict(run.init.params)
+    try:
+        history = fit(head, train, valid, run.out, epochs=a.epochs, batch_size=a.batch_size,
+                      seed=a.seed, lr=a.lr, state=run.state, config=run.config,
+                      progress=run.progress, log=lambda msg: print(msg, flush=True))
+    except FloatingPointError as e:
+        parser.error(str(e))
+    run.metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(run.reviews["test"]),
+                       epochs=history)
+    return history
+
+
+def evaluate_test(parser, run: Run, history: list[dict]) -> None:
+    """Test features, then the best checkpoint (loaded and verified) on them: metrics."""
+    a = run.args
+    store = timed_features(parser, run, "test")
+    best, _ = ckpt.load_head(run.out, dtype=a.dtype, require_checksum=True)
+    best_epoch = min(history, key=lambda r: r["valid_loss"])["epoch"]
+    t0 = time.perf_counter()
+    test = Split(store, np.arange(len(store)), run.reviews["test"].labels)
+    loss, acc = run_epoch(best, test, a.batch_size, None, 0, run.progress, "test")
+    run.metrics.update(best_epoch=best_epoch, test_loss=loss, test_acc=acc,
+                       test_seconds=round(time.perf_counter() - t0, 1))
+    print(f"test (best epoch {best_epoch}): loss {loss:.4f} acc {acc:.2%} on {len(test)} "
+          f"reviews; metrics in {run.out / ckpt.METRICS}", flush=True)
 
 
 def main(argv=None) -> int:
     t_start = time.perf_counter()
-    p = build_parser()
-    a = p.parse_args(argv)
-    encoder = check_args(p, a)
-    init = None
-    if a.init:                               # checked now, used once the features are there
-        try:
-            init, _ = ckpt.load_head(a.init, dtype=a.dtype, require_checksum=True)
-        except ckpt.CheckpointError as e:
-            p.error(f"--init: {cli.one_line(e)}")
-        want = {"emb_dim": encoder.hidden_size, "hidden_dim": a.hidden_dim, "output_dim": 1,
-                "n_layers": a.n_layers, "bidirectional": True}
-        if diff := {k: v for k, v in want.items() if getattr(init, k) != v}:
-            p.error(f"--init {a.init}: a head with {init.config()}, this run needs {diff}")
-    path, data = cli.load_data(p, a.data, a)
-    reviews = {split: cli.check_limit(p, f"--limit-{split}", data[split], limit, a.seed)
-               for split, limit in (("train", a.limit_train), ("test", a.limit_test))}
-    try:
-        encoder.load_tokenizer()
-    except BertError as e:
-        p.error(cli.one_line(e))
-    progress, out = not a.no_progress, Path(a.out)
-    model = {"emb_dim": encoder.hidden_size, "hidden_dim": a.hidden_dim, "output_dim": 1,
-             "n_layers": a.n_layers, "bidirectional": True, "dropout": a.dropout}
-    config = {"encoder": encoder.name, "encoder_source": encoder.folder, "max_length": a.max_length,
-              "limit_train": a.limit_train, "limit_test": a.limit_test, "seed": a.seed,
-              "batch_size": a.batch_size, "lr": a.lr, "model": model, "dtype": a.dtype,
-              "init": a.init, "trained_by": "scratch"}
-    if reviews["train"].label_names:              # a table's two label values, 0 then 1
-        config["labels"] = list(reviews["train"].label_names)
-    state = None
-    if a.resume:
-        try:
-            state = ckpt.load_state(out)
-        except ckpt.CheckpointError as e:
-            p.error(f"--resume: {cli.one_line(e)}")
-        old = state.get("config", {})
-        if diff := [k for k in RUN_KEYS if old.get(k) != config[k]]:
-            p.error(f"--resume: {out} was trained with different {', '.join(diff)} "
-                    f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
-        print(f"resuming after epoch {state['epoch']} from {out / ckpt.STATE}", flush=True)
-    print(f"data {path}: {len(reviews['train'])} train / {len(reviews['test'])} test reviews; "
-          f"encoder {encoder.name} (hidden {encoder.hidden_size}); scratch head, {a.dtype}",
-          flush=True)
-    metrics = {"config": config, "numpy": np.__version__, "feature_seconds": {}}
-
-    repair = " ".join(["python -m reference.pipeline.features", "--data", str(path), "--encoder",
-                       a.encoder, "--max-length", str(a.max_length), "--cache", a.cache,
-                       *(["--limit-train", str(a.limit_train)] if a.limit_train else []),
-                       *(["--limit-test", str(a.limit_test)] if a.limit_test else []),
-                       "--seed", str(a.seed)])
-
-    def timed_features(split):
-        t0 = time.perf_counter()
-        try:
-            store = features(encoder, reviews[split].texts, a.cache, a.max_length, progress, split,
-                             repair_command=repair)
-        except (EncoderNameError, BertError) as e:
-            p.error(cli.one_line(e))
-        metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - store.wait_seconds, 1)
-        print(f"{split} features: {metrics['feature_seconds'][split]:.0f} s ({store.folder})",
-              flush=True)
-        return store
-
-    store = timed_features("train")
-    labels, n = reviews["train"].labels, len(reviews["train"])
-    tr_idx, va_idx = train_valid_split(n, round(n * VALID_FRACTION), a.seed)
-    train, valid = Split(store, tr_idx, labels[tr_idx]), Split(store, va_idx, labels[va_idx])
-    head = SentimentHead(**model, dtype=a.dtype, seed=a.seed)
-    if init is not None and state is None:
-        head.load_state_dict(init.params)
-    try:
-        history = fit(head, train, valid, out, epochs=a.epochs, batch_size=a.batch_size,
-                      seed=a.seed, lr=a.lr, state=state, config=config, progress=progress,
-                      log=lambda msg: print(msg, flush=True))
-    except FloatingPointError as e:
-        p.error(str(e))
-    metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(reviews["test"]),
-                   epochs=history)
-
-    test_store = timed_features("test")
-    best, _ = ckpt.load_head(out, dtype=a.dtype, require_checksum=True)
-    best_epoch = min(history, key=lambda r: r["valid_loss"])["epoch"]
-    t0 = time.perf_counter()
-    test = Split(test_store, np.arange(len(test_store)), reviews["test"].labels)
-    loss, acc = run_epoch(best, test, a.batch_size, None, 0, progress, "test")
-    metrics.update(best_epoch=best_epoch, test_loss=loss, test_acc=acc,
-                   test_seconds=round(time.perf_counter() - t0, 1),
-                   total_seconds=round(time.perf_counter() - t_start, 1))
-    write_json(out / ckpt.METRICS, metrics)
-    print(f"test (best epoch {best_epoch}): loss {loss:.4f} acc {acc:.2%} on {len(test)} "
-          f"reviews; metrics in {out / ckpt.METRICS}", flush=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    encoder = check_args(parser, args)
+    init = check_init(parser, args, encoder)
+    run = prepare(parser, args, encoder, init)
+    history = train_head(parser, run)
+    evaluate_test(parser, run, history)
+    run.metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    write_json(run.out / ckpt.METRICS, run.metrics)
     return 0
 
 
