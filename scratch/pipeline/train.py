@@ -220,7 +220,8 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
     is never read: one this function wrote has its damaged shards recomputed (saying so), one
     the reference wrote is refused (:class:`DamagedEntry`) with ``repair_command``.
     ``unfreeze_top`` K > 0: the hidden states entering layer ``L-K`` instead of the last ones
-    (their own entry; one whose ``index.json`` says another K is a :class:`ValueError`)."""
+    (their own entry; one whose ``index.json`` says another K is refused:
+    :class:`scratch.pipeline.unfreeze.EntryMismatch`)."""
     ids = encoder.tokenizer.encode(texts, max_length)
     key = portable_key(encoder.folder, max_length, ids, unfreeze_top)
     try:
@@ -428,7 +429,7 @@ def timed_features(parser, run: Run, split: str):
         store = features(run.encoder, run.reviews[split].texts, a.cache, a.max_length,
                          run.progress, split, repair_command=repair_command(run),
                          unfreeze_top=a.unfreeze_top)
-    except (EncoderNameError, BertError, ValueError) as e:
+    except (EncoderNameError, BertError) as e:
         parser.error(cli.one_line(e))
     seconds = run.metrics["feature_seconds"][split] = round(
         time.perf_counter() - t0 - store.wait_seconds, 1)

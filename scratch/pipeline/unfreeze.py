@@ -27,6 +27,7 @@ import argparse
 import numpy as np
 
 from . import cli
+from .features import CacheError
 
 DEFAULT_ENCODER_LR = 2e-5
 # padded tokens per micro-batch: 8192 = 16 reviews of 512 tokens; one trained bert-base layer
@@ -96,14 +97,19 @@ def entry_meta(unfreeze_top: int, num_layers: int) -> dict:
     return {"unfreeze_top": unfreeze_top, "input_layer": num_layers - unfreeze_top}
 
 
+class EntryMismatch(CacheError):
+    """A feature cache entry made for another ``--unfreeze-top`` (one line; exit status 1
+    through :func:`scratch.pipeline.cli.run`)."""
+
+
 def check_entry(meta: dict, unfreeze_top: int, num_layers: int, folder) -> None:
     """An entry found for ``unfreeze_top`` holds the hidden states entering layer ``L-K``:
-    a ``ValueError`` naming the entry otherwise (one made for another K)."""
+    :class:`EntryMismatch` naming the entry otherwise (one made for another K)."""
     want = entry_meta(unfreeze_top, num_layers)
     got = {k: meta.get(k) for k in ("unfreeze_top", "input_layer") if k in meta}
     if got != want:
         have = got.get("unfreeze_top", 0)
-        raise ValueError(f"feature cache entry {folder} was made for --unfreeze-top {have} "
+        raise EntryMismatch(f"feature cache entry {folder} was made for --unfreeze-top {have} "
                          f"({got or 'the last hidden states'}), this run needs "
                          f"--unfreeze-top {unfreeze_top} ({want or 'the last hidden states'})")
 
