@@ -349,6 +349,43 @@ def test_the_head_alone_refuses_a_checkpoint_with_layers(trained, side):
         load(trained / ("s" if side == "scratch" else "r"))
 
 
+def drop_key_bias(folder):
+    from safetensors.numpy import load_file, save
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["encoder.layer.1.attention.self.key.bias"]
+    data = save(tensors)
+    (folder / "model.safetensors").write_bytes(data)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config,
+                                                    "weights_sha256": sckpt.sha256(data)}))
+
+
+def claim_two_layers(folder):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "unfreeze_top": 2}))
+
+
+@pytest.mark.parametrize("side", ["scratch", "reference"])
+@pytest.mark.parametrize("damage, pattern", [
+    (drop_key_bias, r"encoder layer 1: tensors \['attention.self.key.bias'\] missing"),
+    (claim_two_layers, r"encoder layers \[1\] for unfreeze_top 2 in config.json"),
+], ids=["a layer tensor missing", "unfreeze_top says 2"])
+def test_predict_refuses_a_checkpoint_whose_layers_do_not_fit(trained, tmp_path, capsys, side,
+                                                               damage, pattern):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(trained / "s", folder)
+    damage(folder)
+    main = spredict.main if side == "scratch" else rpredict.main
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(folder), "a fine film"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+
+
 @pytest.mark.parametrize("side", ["scratch", "reference"])
 def test_resume_is_exact_with_trained_layers(world, tmp_path, side):
     """One epoch, then --resume to two: the weights (head and layer) and the losses are those

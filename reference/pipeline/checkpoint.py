@@ -53,7 +53,6 @@ from scratch.pipeline.checkpoint import (  # noqa: F401
     read_json,
     sha256,
 )
-from scratch.top_layers import split_layer_params
 
 from ..model import BERTGRUSentiment, GRUHead
 from ..top_layers import TopGRUHead, layer_state
@@ -141,8 +140,7 @@ def load_parts(folder) -> tuple[GRUHead, dict, dict]:
     against the encoder they go into: :func:`top_head`, :func:`full_model`)."""
     config = read_config(folder)
     where = Path(folder) / WEIGHTS
-    scratch_ckpt.load_checkpoint(folder)            # layer names, count and unfreeze_top
-    rest, layers = split_layer_params(read_weights(folder, config))
+    rest, layers = scratch_ckpt.split_layers(read_weights(folder, config), config, folder)
     head = GRUHead(**config["model"])
     load_head_state(head, rest, str(where))
     return head.eval(), layers, config

@@ -180,27 +180,36 @@ def load_checkpoint(folder, dtype="float32", xp=None, require_checksum: bool = F
     layers are ``unfreeze_top`` consecutive top layers with every tensor of a BERT layer."""
     config = read_config(folder, require_checksum)
     path = Path(folder) / WEIGHTS
-    k = unfreeze_top(config, Path(folder) / CONFIG)
-    tensors = read_weights(folder, config)
-    try:
-        rest, layers = split_layer_params(tensors)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {_one_line(e)}") from None
-    indices = sorted(layers)
-    if len(indices) != k or indices != list(range(indices[0] if indices else 0,
-                                                  (indices[0] if indices else 0) + k)):
-        raise CheckpointError(f"{path}: encoder layers {indices} for unfreeze_top {k} in "
-                              f"{CONFIG} (the top {k} layers expected)")
-    for i, names in layers.items():
-        if odd := sorted(set(names) ^ set(PARAM_NAMES)):
-            raise CheckpointError(f"{path}: encoder layer {i}: tensors {odd[:3]} missing or "
-                                  "unexpected")
+    rest, layers = split_layers(read_weights(folder, config), config, folder)
     head = SentimentHead(**config["model"], dtype=dtype, xp=xp)
     try:
         head.load_state_dict(rest)
     except ValueError as e:
         raise CheckpointError(f"{path}: {_one_line(e)}") from None
     return head, layers, config
+
+
+def split_layers(tensors: dict, config: dict, folder) -> tuple[dict, dict]:
+    """(the head's tensors, trained layers ``{index: {name: tensor}}``) of a checkpoint's
+    tensors (NumPy or torch), checked: config.json's ``unfreeze_top`` K consecutive layers,
+    each with exactly a BERT layer's tensor names (:data:`scratch.encoder_layer.PARAM_NAMES`).
+    (``reference.pipeline.checkpoint`` checks through this too.)"""
+    path = Path(folder) / WEIGHTS
+    k = unfreeze_top(config, Path(folder) / CONFIG)
+    try:
+        rest, layers = split_layer_params(tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {_one_line(e)}") from None
+    indices = sorted(layers)
+    first = indices[0] if indices else 0
+    if len(indices) != k or indices != list(range(first, first + k)):
+        raise CheckpointError(f"{path}: encoder layers {indices} for unfreeze_top {k} in "
+                              f"{CONFIG} (the top {k} layers expected)")
+    for i, names in layers.items():
+        if odd := sorted(set(names) ^ set(PARAM_NAMES)):
+            raise CheckpointError(f"{path}: encoder layer {i}: tensors {odd[:3]} missing or "
+                                  "unexpected")
+    return rest, layers
 
 
 # ---- the resume state: nested dicts of arrays and JSON values, one safetensors file ---------
