@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.model import GRUHead  # noqa: E402
 from reference.pipeline.train import flush_denormals  # noqa: E402
-from scratch.pipeline.features import FeatureStore  # noqa: E402
 from scratch.optim import Adam  # noqa: E402
+from scratch.pipeline.features import FeatureStore  # noqa: E402
 from scratch.sentiment import SentimentHead  # noqa: E402
 
 

@@ -170,11 +170,11 @@ def numpy_kernel(source):
         dt = outputs[0].dtype
         ns = {"tanh": np.tanh}
         ns.update((n, np.asarray(a) if np.ndim(a) else dt.type(a))
-                  for n, a in zip(in_names, args[:len(in_names)]))
-        ns.update((n, a.copy()) for n, a in zip(out_names, outputs))
-        for st in statements:
-            exec(st, ns)                                        # noqa: S102 (our own source)
-        for n, a in zip(out_names, outputs):
+                  for n, a in zip(in_names, args[:len(in_names)], strict=False))
+        ns.update((n, a.copy()) for n, a in zip(out_names, outputs, strict=True))
+        for statement in statements:
+            exec(statement, ns)                                        # noqa: S102 (our own source)
+        for n, a in zip(out_names, outputs, strict=True):
             a[...] = ns[n]
     return run
 
@@ -256,10 +256,10 @@ def test_fast_path_equals_the_readable_cell_loop(xp):
     for t in range(8, -1, -1):
         dx_t, dh, *g = gru_cell_backward(dh + d_out[t], caches[t], w_ih, w_hh)
         dxs.append(dx_t)
-        acc = [a + b for a, b in zip(acc, g)]
+        acc = [a + b for a, b in zip(acc, g, strict=True)]
     np.testing.assert_allclose(d_x, np.stack(dxs[::-1]), atol=1e-13)
     np.testing.assert_allclose(d_h0[0], dh, atol=1e-13)
-    for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), acc):
+    for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), acc, strict=True):
         np.testing.assert_allclose(to_numpy(gru.grads[name + "_l0"]), g, atol=1e-12)
 
 
@@ -282,7 +282,7 @@ def test_cell_matches_torch_gru_cell_autograd(xp, device, batch, input_size, hid
     got = gru_cell_backward(on(xp, dh_new), cache, w[0], w[1])
     want = [x.grad, h.grad, cell.weight_ih.grad, cell.weight_hh.grad, cell.bias_ih.grad,
             cell.bias_hh.grad]
-    for g, t in zip(got, want):
+    for g, t in zip(got, want, strict=True):
         np.testing.assert_allclose(to_numpy(g), to_numpy(t), atol=1e-13)
 
 
@@ -315,7 +315,7 @@ def test_state_dict_round_trip_through_torch_is_exact(dtype):
     back.load_state_dict({k: torch.from_numpy(v) for k, v in gru.state_dict().items()})
     x = torch.randn(3, 8, 5, dtype=tdt)
     with torch.no_grad():
-        for a, b in zip(ref(x), back(x)):
+        for a, b in zip(ref(x), back(x), strict=True):
             assert torch.equal(a, b)
         out, h_n = gru(x.numpy())
         assert_close("output", out, ref(x)[0].numpy(), np.dtype(dtype))
@@ -580,7 +580,7 @@ def test_inference_mode_and_reused_buffers_never_leak_into_results(xp):
         gru.backward(d_out)
     gru(x2)                                              # same shapes, other data, no lengths
     gru.backward(d_out)
-    for a, b in zip((out1, h1, d_x1), kept):
+    for a, b in zip((out1, h1, d_x1), kept, strict=True):
         same(a, b)
     gru(x1, lengths=[6, 2, 5, 1, 3])                      # and back: padded rows zero again
     d_x, _ = gru.backward(d_out)

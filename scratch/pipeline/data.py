@@ -114,7 +114,7 @@ def load_imdb(path, splits=SPLITS) -> dict[str, Reviews]:
     if not path.exists():
         raise ImdbError(f"{path}: no such file or directory. {HOW_TO_GET}")
     items = _iter_directory(path) if path.is_dir() else _iter_archive(path)
-    found: dict[tuple, list] = {(s, l): [] for s in splits for l in LABELS}
+    found: dict[tuple, list] = {(s, label): [] for s in splits for label in LABELS}
     for name, raw in items:
         split, label, rid, _rating = MEMBER.match(name).groups()
         if split in splits:
@@ -151,7 +151,7 @@ def stratified_subset(labels, n: int, seed: int = 3407) -> np.ndarray:
     classes, counts = np.unique(labels, return_counts=True)
     take = np.floor(counts / counts.sum() * n).astype(int)
     take[np.argsort(-(counts / counts.sum() * n - take))[: n - take.sum()]] += 1
-    idx = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+    idx = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take, strict=True)]
     return np.sort(np.concatenate(idx))
 
 
