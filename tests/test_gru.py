@@ -49,7 +49,8 @@ def build(c, xp=np, device="cpu"):
     gru.load_state_dict({n: rng.uniform(-k, k, s) for n, s in gru.param_shapes().items()})
     B, T, D, LD = c["batch"], c["time"], gru.num_directions, gru.num_directions * c["num_layers"]
     if c["unbatched"]:
-        x_shape, h_shape, out_shape = (T, c["input_size"]), (LD, c["hidden_size"]), (T, D * c["hidden_size"])
+        x_shape, h_shape, out_shape = ((T, c["input_size"]), (LD, c["hidden_size"]),
+                                       (T, D * c["hidden_size"]))
     else:
         x_shape = (B, T, c["input_size"]) if c["batch_first"] else (T, B, c["input_size"])
         h_shape, out_shape = (LD, B, c["hidden_size"]), x_shape[:2] + (D * c["hidden_size"],)
@@ -88,7 +89,8 @@ def check_against_torch(c, training=False, xp=np, device="cpu"):
         assert_close(name, g, r["grads"][name], dt)
     if lengths is not None:                      # padded steps: output 0, no gradient to x
         t = np.arange(c["time"])
-        pad = (t[None, :] >= lengths[:, None]) if c["batch_first"] else (t[:, None] >= lengths[None, :])
+        pad = ((t[None, :] >= lengths[:, None]) if c["batch_first"]
+               else (t[:, None] >= lengths[None, :]))
         assert not out[pad].any() and not d_x[pad].any()
 
 
@@ -191,7 +193,8 @@ def test_fused_kernel_sources_run_by_numpy_equal_the_numpy_passes(monkeypatch, d
                                       numpy_kernel(gru_module.BACKWARD_STEP),
                                       lambda d_gh, w_hh, d_h: d_h.__iadd__(d_gh @ w_hh))
     rng = np.random.default_rng(5)
-    x, d_out, d_hn = (rng.standard_normal(s).astype(dtype) for s in ((4, 7, 3), (4, 7, 8), (4, 4, 4)))
+    x, d_out, d_hn = (rng.standard_normal(s).astype(dtype)
+                      for s in ((4, 7, 3), (4, 7, 8), (4, 4, 4)))
     results = []
     for kernels in (None, emulated):
         monkeypatch.setattr(gru_module, "gru_step_kernels", lambda xp, k=kernels: k)
@@ -241,8 +244,10 @@ def test_fast_path_equals_the_readable_cell_loop(xp):
     rng = np.random.default_rng(2)
     gru = GRU(6, 5, dtype="float64", seed=0, xp=xp)
     p = {k: to_numpy(v) for k, v in gru.params.items()}
-    w_ih, w_hh, b_ih, b_hh = (p[k + "_l0"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-    x, h0, d_out = rng.standard_normal((9, 4, 6)), rng.standard_normal((4, 5)), rng.standard_normal((9, 4, 5))
+    w_ih, w_hh, b_ih, b_hh = (p[k + "_l0"]
+                              for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    x, h0, d_out = (rng.standard_normal((9, 4, 6)), rng.standard_normal((4, 5)),
+                    rng.standard_normal((9, 4, 5)))
     out, h_n = gru(*on(xp, x, h0[None]))
     d_x, d_h0 = gru.backward(on(xp, d_out))
     out, h_n, d_x, d_h0 = (to_numpy(a) for a in (out, h_n, d_x, d_h0))
@@ -296,7 +301,8 @@ def test_parameters_names_shapes_and_init_like_torch():
     assert list(gru.state_dict()) == list(ref.state_dict())
     for name, t in ref.state_dict().items():
         assert gru.state_dict()[name].shape == tuple(t.shape)
-    assert list(GRU(3, 4, bias=False).state_dict()) == list(torch.nn.GRU(3, 4, bias=False).state_dict())
+    assert (list(GRU(3, 4, bias=False).state_dict())
+            == list(torch.nn.GRU(3, 4, bias=False).state_dict()))
     # U(-1/sqrt(H), 1/sqrt(H)): bounded, mean ~0, variance k^2 / 3
     k = 1 / np.sqrt(20)
     w = np.concatenate([v.ravel() for v in gru.state_dict().values()])

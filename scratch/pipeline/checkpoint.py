@@ -11,8 +11,8 @@ A checkpoint folder (the same as ``reference.pipeline.checkpoint``'s)::
     metrics.json         written by the training script
 
 Writing: model.safetensors first, then config.json with its checksum, each atomically
-(:mod:`scratch.pipeline.atomic`).  A crash between the two leaves new weights beside an old checksum: a
-refusal to load, never a wrong load.
+(:mod:`scratch.pipeline.atomic`).  A crash between the two leaves new weights beside an old
+checksum: a refusal to load, never a wrong load.
 
 Loading (:func:`load_head`) checks everything before a weight is used, and says what is wrong in
 a one-line :class:`CheckpointError` naming the file: the folder and both files exist, config.json
@@ -114,7 +114,8 @@ def read_config(folder, require_checksum: bool = False) -> dict:
         if not re.fullmatch(r"[0-9a-f]{64}", str(config.get(CHECKSUM, ""))):
             raise CheckpointError(
                 f"{path}: no valid {CHECKSUM} (a sha256 hex digest; written before checksums?); "
-                f"if you trust {WEIGHTS}, run: python -m reference.pipeline.checkpoint stamp {folder}")
+                f"if you trust {WEIGHTS}, run: "
+                f"python -m reference.pipeline.checkpoint stamp {folder}")
     return config
 
 
@@ -145,7 +146,8 @@ def read_weights(folder, config: dict) -> dict[str, np.ndarray]:
 def load_head(folder, dtype="float32", xp=None, require_checksum: bool = False
               ) -> tuple[SentimentHead, dict]:
     """(SentimentHead with the saved weights, config) from a checkpoint folder written by
-    :func:`save_weights` or by ``reference.pipeline.train``; every check of the module docstring passed."""
+    :func:`save_weights` or by ``reference.pipeline.train``; every check of the module
+    docstring passed."""
     config = read_config(folder, require_checksum)
     tensors = read_weights(folder, config)
     head = SentimentHead(**config["model"], dtype=dtype, xp=xp)
