@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 THREADS = int(os.environ.get("BENCH_THREADS", "1"))
@@ -101,11 +102,11 @@ def main(argv=None) -> int:
                 swap_attention(model, **(VARIANTS[name] or {"attention": "softmax"}))
             ours = enc.with_attention(**VARIANTS[name]) if VARIANTS[name] else enc
 
-            def torch_fn():
+            def torch_fn(tids=tids, tmask=tmask):
                 with torch.no_grad():
                     return model(tids, attention_mask=tmask).last_hidden_state.numpy()
 
-            (s, t), (sc, tc), (so, to) = side_by_side(lambda: ours(ids, mask), torch_fn,
+            (s, t), (sc, tc), (so, to) = side_by_side(partial(ours, ids, mask), torch_fn,
                                                       a.repeat)
             diff = float(np.abs(so - to).max())
             rows.append(dict(B=B, T=T, attention=name, scratch_s=s, torch_s=t, ratio=s / t,

@@ -43,6 +43,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +133,8 @@ def bench_shape(name, s, repeat, packed=True, quiet=False, xp=np, device="cpu"):
         for kind, s_fn, t_fn, bwd in (("forward", scratch_fwd, torch_fwd, False),
                                       ("fwd+bwd", scratch_fwd_bwd, torch_fwd_bwd, True)):
             s_call, t_call = synchronized(s_fn, xp, device), synchronized(t_fn, xp, device)
-            s_out, s_t = best_time(lambda: s_call(L), repeat)
-            t_out, t_t = best_time(lambda: t_call(L), repeat)
+            s_out, s_t = best_time(partial(s_call, L), repeat)
+            t_out, t_t = best_time(partial(t_call, L), repeat)
             s_out, t_out = to_numpy(s_out), to_numpy(t_out)
             flops = gru_flops(s, steps, backward=bwd)
             scale = max(1.0, float(np.abs(t_out).max()))
@@ -144,7 +145,7 @@ def bench_shape(name, s, repeat, packed=True, quiet=False, xp=np, device="cpu"):
             if xp is not np:                # the same scratch call without the fused kernels
                 gru_module.FUSED = False
                 try:
-                    u_out, u_t = best_time(lambda: s_call(L), repeat)
+                    u_out, u_t = best_time(partial(s_call, L), repeat)
                 finally:
                     gru_module.FUSED = True
                 row.update(scratch_unfused_s=u_t, fused_speedup=u_t / s_t,

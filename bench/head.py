@@ -7,13 +7,13 @@
 
 An epoch-like loop over ``--batches`` batches, float32.  Random features (the default): batch
 b has T_b steps drawn from ``--time`` (lo:hi), review lengths either ``bucketed`` (within 3% of
-T_b, as reference.pipeline.data.bucket_batches gives) or ``spread`` (uniform in [T_b/4, T_b]), features
-zero past each length (as the feature cache pads them).  ``--features ENTRY``: real encoder
-features from a feature-cache entry (a folder with ``index.json``, :class:`scratch.pipeline.features.
-FeatureStore`; ``--emb`` is then its width): batches of the reviews whose lengths lie in
-``--time``, drawn at random, random labels.  One training step = forward (dropout on),
-BCEWithLogits (sum / B), backward, Adam: scratch's ``head.loss_and_grads`` + ``Adam.step``,
-the reference's ``reference.pipeline.train.run_epoch`` body, inside
+T_b, as reference.pipeline.data.bucket_batches gives) or ``spread`` (uniform in [T_b/4, T_b]),
+features zero past each length (as the feature cache pads them).  ``--features ENTRY``: real encoder
+features from a feature-cache entry (a folder with ``index.json``,
+:class:`scratch.pipeline.features.FeatureStore`; ``--emb`` is then its width): batches of the
+reviews whose lengths lie in ``--time``, drawn at random, random labels.  One training step =
+forward (dropout on), BCEWithLogits (sum / B), backward, Adam: scratch's ``head.loss_and_grads`` +
+``Adam.step``, the reference's ``reference.pipeline.train.run_epoch`` body, inside
 ``reference.pipeline.train.flush_denormals()`` as ``fit`` runs it (``--no-flush``: without; scratch
 flushes in its own backward, :func:`scratch.gru.denormal_flush`).  Both sides start from the
 same weights; each draws its own dropout masks.  The two sides alternate batch by batch, so
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.model import GRUHead  # noqa: E402
 from reference.pipeline.train import flush_denormals  # noqa: E402
-from scratch.pipeline.features import FeatureStore  # noqa: E402
 from scratch.optim import Adam  # noqa: E402
+from scratch.pipeline.features import FeatureStore  # noqa: E402
 from scratch.sentiment import SentimentHead  # noqa: E402
 
 

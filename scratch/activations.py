@@ -62,19 +62,19 @@ def gelu_float32(x):
     GELU).  |error| <= 2e-7 max(1, |x|) against the exact GELU (tested); exactly 0 below
     -4 sqrt 2, exactly x above 6."""
     xp = array_module(x)
-    dt = x.dtype.type
-    z = xp.clip(x, dt(-_PHI_CLIP), dt(_PHI_CLIP))           # (..., I)
+    scalar = x.dtype.type                                   # constants in x's precision
+    z = xp.clip(x, scalar(-_PHI_CLIP), scalar(_PHI_CLIP))   # (..., I)
     u = z * z                                               # x^2
-    p = u * dt(_MINUS_2_PHI_TANH[-1])
-    p += dt(_MINUS_2_PHI_TANH[-2])
+    p = u * scalar(_MINUS_2_PHI_TANH[-1])
+    p += scalar(_MINUS_2_PHI_TANH[-2])
     for c in _MINUS_2_PHI_TANH[-3::-1]:                     # Horner: p = -2 P(x^2)
         p *= u
-        p += dt(c)
+        p += scalar(c)
     p *= z                                                  # -2y
     xp.exp(p, out=p)                                        # e^{-2y} (< e^{20}: finite)
-    p += dt(1.0)
+    p += scalar(1.0)
     xp.divide(x, p, out=p)                                  # x / (1 + e^{-2y}) = x Phi(x)
-    p[x < dt(-_PHI_CLIP)] = 0                               # Phi < 7.6e-9 there: 0
+    p[x < scalar(-_PHI_CLIP)] = 0                               # Phi < 7.6e-9 there: 0
     return p
 
 

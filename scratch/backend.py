@@ -81,12 +81,12 @@ def to_numpy(x) -> np.ndarray:
 def float_dtype(dtype) -> np.dtype:
     """Normalise ``"float32"``, ``np.float64``, ... to a NumPy float dtype; reject the rest."""
     try:
-        dt = np.dtype(dtype)
+        resolved = np.dtype(dtype)
     except TypeError as e:
         raise ValueError(f"not a dtype: {dtype!r}") from e
-    if dt not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be float32 or float64, got {dt}")
-    return dt
+    if resolved not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32 or float64, got {resolved}")
+    return resolved
 
 
 def as_float_array(x, name: str = "x", dtype=None, xp=None, finite: bool = True):

@@ -308,14 +308,14 @@ class BertEncoder:
             raise BertError(f"{folder}: not a folder (a BERT or MPNet folder holds {CONFIG} "
                             f"and {WEIGHTS})")
         try:
-            dt = float_dtype(dtype)
+            dtype = float_dtype(dtype)
         except ValueError as e:
             raise BertError(str(e)) from None
         cfg = BertConfig.from_folder(folder)
         choice = AttentionChoice.make(cfg.num_hidden_layers, attention, swap_layers,
                                       normalization, alpha, eps)
         encoder = MPNetEncoder if isinstance(cfg, MPNetConfig) else BertEncoder
-        return encoder(cfg, read_weights(folder, cfg), dt, choice, get_xp(backend))
+        return encoder(cfg, read_weights(folder, cfg), dtype, choice, get_xp(backend))
 
     def with_attention(self, attention="softmax", *, swap_layers=None, normalization="softmax",
                        alpha=1.0, eps=1e-6) -> BertEncoder:

@@ -362,7 +362,8 @@ class EncoderLayer:
         on = lambda a: xp.ascontiguousarray(xp.asarray(a), dtype=dt)     # noqa: E731
         s = "attention.self."
         return Layer(
-            w_qkv=on(self.xp.concatenate([p[s + n + ".weight"] for n in ("query", "key", "value")]).T),
+            w_qkv=on(self.xp.concatenate([p[s + n + ".weight"]
+                                          for n in ("query", "key", "value")]).T),
             b_qkv=on(self.xp.concatenate([p[s + n + ".bias"] for n in ("query", "key", "value")])),
             w_o=on(p["attention.output.dense.weight"].T), b_o=on(p["attention.output.dense.bias"]),
             ln1_g=on(p["attention.output.LayerNorm.weight"]),
@@ -462,7 +463,8 @@ class EncoderLayer:
         unknown = set(masks) - set(DROPOUT_SITES)
         if unknown:
             raise ValueError(f"unknown dropout sites {sorted(unknown)}: use {DROPOUT_SITES}")
-        shapes = {"attention": (B, self.num_heads, T, T), "attention_output": (B, T, self.hidden_size),
+        shapes = {"attention": (B, self.num_heads, T, T),
+                  "attention_output": (B, T, self.hidden_size),
                   "output": (B, T, self.hidden_size)}
         out = {}
         for site in DROPOUT_SITES:

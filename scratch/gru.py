@@ -703,11 +703,11 @@ def denormal_flush(shape, dtype, xp):
     through which the gradient goes on: d_h before it enters the step, d_gi_t = [d_a_r, d_a_z,
     d_a_n] and d_gh_t's n block (d_a_n r) once computed.  No denormal then reaches a matrix
     product (``d_gh W_hh`` per step, d_W_ih, d_W_hh, d_x after the loop) or the next step.
-    Values below 1.2e-38 become 0, as torch's ``set_flush_denormal(True)`` (reference.pipeline.train)
-    makes them; nothing else changes (NaN stays NaN, a result differs by less than 1.2e-38
-    times the weights it passes through).  Only float32 on NumPy: float64's denormals (below
-    2.2e-308) lie thousands of steps of a decaying gradient away, and GPUs compute on
-    denormals at full speed.  ``scratch.gru.FLUSH_DENORMALS = False`` turns it off.
+    Values below 1.2e-38 become 0, as torch's ``set_flush_denormal(True)``
+    (reference.pipeline.train) makes them; nothing else changes (NaN stays NaN, a result differs
+    by less than 1.2e-38 times the weights it passes through).  Only float32 on NumPy: float64's
+    denormals (below 2.2e-308) lie thousands of steps of a decaying gradient away, and GPUs
+    compute on denormals at full speed.  ``scratch.gru.FLUSH_DENORMALS = False`` turns it off.
     Cost: three passes over 5H numbers per row and step; against the unflushed code, forward +
     backward at B 128, T 64, 768 -> 256, 2 layers, both directions: 1.015x (median of 9
     interleaved repeats, 0.96-1.06; ``bench/gru.py --ab``).

@@ -189,7 +189,7 @@ def test_tokenizer_ids_equal_reference_pipeline_on_real_reviews(minilm, imdb_pat
     ours = BertTokenizer.from_pretrained(minilm).encode(texts, max_length=max_length)
     ref = tokenize(load_encoder("minilm").tokenizer, texts, max_length=max_length)
     assert len(ours) == len(ref)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         assert a.dtype == np.int32 and np.array_equal(a, b)
     assert max(len(a) for a in ours) == max_length       # some review was truncated
 

@@ -145,7 +145,8 @@ def torch_layer_run(layer, x, mask=None, bias=None, d_out=None, training=False, 
 
 def scratch_layer(model, index=0, dtype="float64", seed=0, xp=np):
     cfg = model.config
-    sd = {n: p.detach().double().numpy() for n, p in model.encoder.layer[index].state_dict().items()}
+    sd = {n: p.detach().double().numpy()
+          for n, p in model.encoder.layer[index].state_dict().items()}
     return EncoderLayer(sd, cfg.num_attention_heads, cfg.hidden_act, cfg.layer_norm_eps,
                         cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob, dtype=dtype,
                         seed=seed, xp=xp)
@@ -483,9 +484,11 @@ def test_layers_from_the_encoder_equal_its_forward_and_write_back(bert_folder):
     assert err(after, before) > 1e-3
     assert err(chain(), after) <= 1e-12
     # and transformers agrees with the updated encoder
-    model.encoder.layer[2].load_state_dict({n: torch.tensor(a) for n, a in top.state_dict().items()})
+    model.encoder.layer[2].load_state_dict({n: torch.tensor(a)
+                                            for n, a in top.state_dict().items()})
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+        ref = model(input_ids=torch.tensor(ids),
+                    attention_mask=torch.tensor(mask)).last_hidden_state
     assert err(after[mask.astype(bool)], ref.numpy()[mask.astype(bool)]) <= 1e-10
 
 

@@ -3,8 +3,8 @@ MPNetModel: on random small MPNets (hypothesis; float64 and float32), long enoug
 every bucket of the relative position bias, the installed all-mpnet-base-v2 on real IMDB
 reviews; padding (pad id 1, left or right) never changes a real token's output; the attention
 switch drops the bias in swapped layers only; bad MPNet folders and inputs are one BertError
-each; scratch.pipeline.train computes MPNet features and scratch.pipeline.predict scores an MPNet checkpoint as
-the reference pipeline does."""
+each; scratch.pipeline.train computes MPNet features and scratch.pipeline.predict scores an MPNet
+checkpoint as the reference pipeline does."""
 from __future__ import annotations
 
 import json

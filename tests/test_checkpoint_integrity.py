@@ -1,10 +1,11 @@
-"""Checkpoints refuse to load when damaged (issue 10), and reference.pipeline.predict reads reviews from
-files and standard input, in batches, quietly.
+"""Checkpoints refuse to load when damaged (issue 10), and reference.pipeline.predict reads reviews
+from files and standard input, in batches, quietly.
 
-A damaged checkpoint is a :class:`CheckpointError` naming the file, and ``reference.pipeline.predict``
-turns it into one line and exit status 2 before any encoder is loaded.  The checksum (the
-sha256 of model.safetensors, in config.json) catches changed bytes; the other checks catch
-damage that came with a matching checksum (a file stamped or trained that way)."""
+A damaged checkpoint is a :class:`CheckpointError` naming the file, and
+``reference.pipeline.predict`` turns it into one line and exit status 2 before any encoder is
+loaded.  The checksum (the sha256 of model.safetensors, in config.json) catches changed bytes;
+the other checks catch damage that came with a matching checksum (a file stamped or trained
+that way)."""
 import json
 import os
 import re
@@ -96,24 +97,43 @@ def drop_tensor(f):
 
 
 DAMAGE = [
-    ("flipped weight bytes", flip_a_weight_byte, r"model.safetensors: sha256 \w+\.\.\. is not the weights_sha256 \w+\.\.\. in config.json \(damaged or replaced file\)"),
-    ("truncated file", truncate, r"model.safetensors: sha256 .* \(damaged or replaced file\)"),
-    ("truncated file, checksum matching", lambda f: truncate(f, stamp=True), r"model.safetensors: not a valid safetensors file"),
-    ("NaN tensor", with_value(float("nan")), r"model.safetensors: out.bias holds 1 NaN or infinite values"),
-    ("inf tensor", with_value(float("-inf")), r"model.safetensors: out.bias holds 1 NaN or infinite values"),
-    ("garbled header", garble_header, r"model.safetensors: not a valid safetensors file"),
-    ("header length past the end", huge_header_length, r"model.safetensors: not a valid safetensors file"),
-    ("bad JSON", lambda f: (f / ckpt.CONFIG).write_text('{"model": {"emb_dim": 16,'), r"config.json: not valid JSON \(Expecting"),
-    ("JSON not an object", lambda f: (f / ckpt.CONFIG).write_text("[1, 2]"), r"config.json: not a JSON object"),
-    ("binary config", lambda f: (f / ckpt.CONFIG).write_bytes(b"\xff\xfe\x00garbage"), r"config.json: not valid JSON"),
-    ("no checksum (old checkpoint)", edit_config(lambda c: c.pop(ckpt.CHECKSUM)), r"config.json: no valid weights_sha256 .*python -m reference.pipeline.checkpoint stamp"),
-    ("checksum not hex", edit_config(lambda c: c.update({ckpt.CHECKSUM: "abc"})), r"no valid weights_sha256"),
-    ("model argument of the wrong type", edit_config(lambda c: c["model"].update(hidden_dim="5")), r"config.json: model argument hidden_dim='5' is not valid"),
-    ("model arguments missing", edit_config(lambda c: c["model"].pop("n_layers")), r"config.json: model arguments \['n_layers'\] missing"),
-    ("dropout out of range", edit_config(lambda c: c["model"].update(dropout=1.5)), r"model argument dropout=1.5 is not valid"),
-    ("float64 tensors", as_float64, r"model.safetensors: \S+ is torch.float64, the model wants torch.float32"),
-    ("a tensor missing", drop_tensor, r"model.safetensors: head tensors \['out.weight'\] missing or unexpected"),
-    ("weights file gone", lambda f: (f / ckpt.WEIGHTS).unlink(), r"ckpt: no model.safetensors \(not a finished"),
+    ("flipped weight bytes", flip_a_weight_byte,
+     r"model.safetensors: sha256 \w+\.\.\. is not the weights_sha256 \w+\.\.\. in config.json "
+     r"\(damaged or replaced file\)"),
+    ("truncated file", truncate,
+     r"model.safetensors: sha256 .* \(damaged or replaced file\)"),
+    ("truncated file, checksum matching", lambda f: truncate(f, stamp=True),
+     r"model.safetensors: not a valid safetensors file"),
+    ("NaN tensor", with_value(float("nan")),
+     r"model.safetensors: out.bias holds 1 NaN or infinite values"),
+    ("inf tensor", with_value(float("-inf")),
+     r"model.safetensors: out.bias holds 1 NaN or infinite values"),
+    ("garbled header", garble_header,
+     r"model.safetensors: not a valid safetensors file"),
+    ("header length past the end", huge_header_length,
+     r"model.safetensors: not a valid safetensors file"),
+    ("bad JSON", lambda f: (f / ckpt.CONFIG).write_text('{"model": {"emb_dim": 16,'),
+     r"config.json: not valid JSON \(Expecting"),
+    ("JSON not an object", lambda f: (f / ckpt.CONFIG).write_text("[1, 2]"),
+     r"config.json: not a JSON object"),
+    ("binary config", lambda f: (f / ckpt.CONFIG).write_bytes(b"\xff\xfe\x00garbage"),
+     r"config.json: not valid JSON"),
+    ("no checksum (old checkpoint)", edit_config(lambda c: c.pop(ckpt.CHECKSUM)),
+     r"config.json: no valid weights_sha256 .*python -m reference.pipeline.checkpoint stamp"),
+    ("checksum not hex", edit_config(lambda c: c.update({ckpt.CHECKSUM: "abc"})),
+     r"no valid weights_sha256"),
+    ("model argument of the wrong type", edit_config(lambda c: c["model"].update(hidden_dim="5")),
+     r"config.json: model argument hidden_dim='5' is not valid"),
+    ("model arguments missing", edit_config(lambda c: c["model"].pop("n_layers")),
+     r"config.json: model arguments \['n_layers'\] missing"),
+    ("dropout out of range", edit_config(lambda c: c["model"].update(dropout=1.5)),
+     r"model argument dropout=1.5 is not valid"),
+    ("float64 tensors", as_float64,
+     r"model.safetensors: \S+ is torch.float64, the model wants torch.float32"),
+    ("a tensor missing", drop_tensor,
+     r"model.safetensors: head tensors \['out.weight'\] missing or unexpected"),
+    ("weights file gone", lambda f: (f / ckpt.WEIGHTS).unlink(),
+     r"ckpt: no model.safetensors \(not a finished"),
 ]
 
 
@@ -210,7 +230,7 @@ def test_fit_stops_on_a_diverged_loss_before_saving_it(tmp_path):
     assert not (tmp_path / ckpt.WEIGHTS).exists()
 
 
-# --- reference.pipeline.predict: files, standard input, batches, quiet -------------------------------------
+# --- reference.pipeline.predict: files, standard input, batches, quiet ----------------------------
 
 TEXTS = ["a great film", "an awful, boring film that I hated from start to end " * 3,
          "ok", "word " * 700, "brilliant", "dull dull dull"]

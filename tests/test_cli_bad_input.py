@@ -71,14 +71,16 @@ NO_CUDA = "--device cuda: no CUDA device is available"
 FEATURES = [
     (["--encoder", "nope"], 2, r"unknown encoder 'nope'", False),
     (["--encoder", "{empty}"], 2, r"empty: no readable config.json", False),
-    (["--max-length", "1"], 2, r"--max-length must be in 2\.\.512 \(tiny-bert's positions\), got 1", False),
+    (["--max-length", "1"], 2,
+     r"--max-length must be in 2\.\.512 \(tiny-bert's positions\), got 1", False),
     (["--max-length", "513"], 2, r"--max-length must be in 2\.\.512 .*got 513", False),
     (["--max-length", "ten"], 2, r"argument --max-length: invalid int value: 'ten'", False),
     (["--limit-train", "0"], 2, r"argument --limit-train: must be > 0, got 0", False),
     (["--limit-test", "-3"], 2, r"argument --limit-test: must be > 0, got -3", False),
     (["--limit-train", "13"], 2, r"--limit-train 13 is larger than the split \(12 reviews\)", True),
     (["--limit-test", "99"], 2, r"--limit-test 99 is larger than the split \(12 reviews\)", True),
-    (["--batch-tokens", "100"], 2, r"--batch-tokens must be >= --max-length \(512\).*got 100", False),
+    (["--batch-tokens", "100"], 2,
+     r"--batch-tokens must be >= --max-length \(512\).*got 100", False),
     (["--batch-tokens", "0"], 2, r"argument --batch-tokens: must be > 0, got 0", False),
     (["--shard-size", "0"], 2, r"argument --shard-size: must be > 0, got 0", False),
     (["--seed", "-1"], 2, r"argument --seed: must be >= 0, got -1", False),
@@ -86,7 +88,8 @@ FEATURES = [
     (["--device", "tpu"], 2, r"argument --device: invalid choice: 'tpu'", False),
     (["--cache", "{file}"], 2, r"--cache .*a-file: exists and is not a directory", False),
     (["--cache", "{file}/sub"], 2, r"--cache .*a-file/sub: .*a-file is not a directory", False),
-    (["--data", "/no/such/imdb.tar.gz"], 2, r"/no/such/imdb.tar.gz: no such file or directory", False),
+    (["--data", "/no/such/imdb.tar.gz"], 2,
+     r"/no/such/imdb.tar.gz: no such file or directory", False),
     (["--data", "{bad}"], 2, r"bad.tar.gz: no reviews under aclImdb/train/neg/", True),
     (["--bogus"], 2, r"unrecognized arguments: --bogus", False),
 ]
@@ -99,7 +102,8 @@ def test_features_bad_input(world, tmp_path, guarded, monkeypatch, capsys, argv,
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     before = files_under(tmp_path)
     base = ["--data", "{data}", "--encoder", "{enc}", "--cache", "{tmp}/cache", "--no-progress"]
-    assert_one_line_failure(features.main, fill(base + argv, world, tmp_path), code, pattern, capsys)
+    assert_one_line_failure(features.main, fill(base + argv, world, tmp_path), code, pattern,
+                            capsys)
     assert guarded() == reads_data
     assert files_under(tmp_path) == before                  # no cache entry, no folder
 
@@ -155,7 +159,8 @@ PREDICT = [
     (["fine", " \t\n "], 2, r"review argument 2 is whitespace only: nothing to score"),
     (["bad \udcff byte"], 2, r"review argument 1 is not valid UTF-8 \(byte 0xff at position 5\)"),
     (["--file", "{tmp}/nope.txt"], 2, r"--file .*nope.txt: No such file or directory"),
-    (["--file", "{tmp}/latin1.txt"], 2, r"--file .*latin1.txt: line 2 is not valid UTF-8 \(byte 0xe9 at position 7\)"),
+    (["--file", "{tmp}/latin1.txt"], 2,
+     r"--file .*latin1.txt: line 2 is not valid UTF-8 \(byte 0xe9 at position 7\)"),
     (["--file", "{tmp}/blank.txt"], 2, r"--file .*blank.txt: line 2 is empty"),
     (["--file", "{tmp}/empty.txt"], 2, r"no review to score"),
     (["--device", "cuda", "fine"], 2, NO_CUDA),
@@ -186,7 +191,8 @@ DEMO = [
 ]
 
 
-@pytest.mark.parametrize("argv, env, pattern", DEMO, ids=[" ".join(r[0]) or str(r[1]) for r in DEMO])
+@pytest.mark.parametrize("argv, env, pattern", DEMO,
+                         ids=[" ".join(r[0]) or str(r[1]) for r in DEMO])
 def test_demo_bad_input(world, tmp_path, guarded, monkeypatch, capsys, argv, env, pattern):
     monkeypatch.delenv("IMDB_PATH", raising=False)
     for k, v in env.items():

@@ -65,7 +65,8 @@ def test_real_archive_counts_and_exact_bytes(imdb_path):
     for split in ("train", "test"):
         r = d[split]
         assert len(r) == 25_000 and int(r.labels.sum()) == 12_500
-        lines += [f"{hashlib.sha256(t.encode('utf-8')).hexdigest()}  {n}\n" for t, n in zip(r.texts, r.names)]
+        lines += [f"{hashlib.sha256(t.encode('utf-8')).hexdigest()}  {n}\n"
+                  for t, n in zip(r.texts, r.names, strict=True)]
     lines.sort(key=lambda s: s.split("  ", 1)[1])
     digest = hashlib.sha256("".join(lines).encode()).hexdigest()
     assert digest == "b155ae18c4016500d64b7ea091f3f04c4ea9e702ab3bdb2b4aa0effbd4da11c6"
@@ -112,8 +113,10 @@ def test_bucket_batches_cover_everything_and_pad_little():
     random_batches = np.array_split(rng.permutation(1000), 32)
     assert pad(D.bucket_batches(lengths, 32, seed=3)) < 0.1 * pad(random_batches)
     a = D.bucket_batches(lengths, 32, seed=3)
-    assert all(np.array_equal(x, y) for x, y in zip(a, D.bucket_batches(lengths, 32, seed=3)))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, D.bucket_batches(lengths, 32, seed=4)))
+    assert all(np.array_equal(x, y)
+               for x, y in zip(a, D.bucket_batches(lengths, 32, seed=3), strict=True))
+    assert not all(np.array_equal(x, y)
+                   for x, y in zip(a, D.bucket_batches(lengths, 32, seed=4), strict=True))
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):

@@ -235,18 +235,38 @@ def test_a_failing_rank_fails_the_job_and_the_entry_resumes(tmp_path):
     assert again.reviews < len(IDS) and kept < n_shards
 
 
-def test_an_entry_is_never_completed_over_a_shard_of_another_plan(tmp_path):
-    """A shard renamed in by a writer that broke the one-writer rule (say, a straggling rank
-    of a job whose rank 0 already died) does not fit the plan: refused, removed, recomputed."""
+def test_an_entry_is_never_completed_over_a_shard_of_another_plan(tmp_path, caplog):
+    """A shard of another plan (say, from a straggling rank of a job whose rank 0 already died)
+    is never part of a finished entry: found at the start of a run, it is named and recomputed;
+    renamed in while the run writes, it fails the run (removed, no index.json), and the next
+    run recomputes that shard alone."""
     write(tmp_path / "one", Encoder())
     write(tmp_path / "five", Encoder(), shard_size=5)
+    foreign = (tmp_path / "five" / "shard_00001.safetensors").read_bytes()
     folder = tmp_path / "job"
     write(folder, Encoder())
+
+    # there before the run starts: its bytes are not the ones recorded with it
     (folder / "index.json").unlink()
-    (folder / "shard_00001.safetensors").write_bytes(
-        (tmp_path / "five" / "shard_00001.safetensors").read_bytes())
+    (folder / "shard_00001.safetensors").write_bytes(foreign)
+    enc = Encoder()
+    with caplog.at_level("WARNING", logger="scratch.pipeline.features"):
+        write(folder, enc)
+    assert [m for m in caplog.messages if "shard_00001.safetensors" in m and "recomputing" in m]
+    assert enc.reviews == 4                                      # that shard alone, again
+    assert_same_entry(tmp_path / "one", folder)
+
+    # renamed in by another writer while this run computes shard 2
+    (folder / "index.json").unlink()
+    (folder / "shard_00002.safetensors").unlink()
+
+    class Straggler(Encoder):
+        def __call__(self, batch):
+            (folder / "shard_00001.safetensors").write_bytes(foreign)
+            return super().__call__(batch)
+
     with pytest.raises(RuntimeError, match=r"shard_00001.safetensors does not hold the reviews"):
-        write(folder, Encoder())
+        write(folder, Straggler())
     assert not (folder / "index.json").exists()
     assert not (folder / "shard_00001.safetensors").exists()
     enc = Encoder()

@@ -24,6 +24,14 @@ from tests.imdb_fixtures import make_tree, save_tiny_encoder
 SHARDS = [f"shard_{s:05d}.safetensors" for s in range(5)]       # 20 reviews, 4 to a shard
 
 
+@pytest.fixture(autouse=True)
+def float32_features(monkeypatch):
+    """The pristine entry is float32 (``--no-autocast``); the train commands, which choose bf16
+    autocast on a CPU with native bf16 (AVX512-BF16/AMX), must look for that same entry on
+    every machine."""
+    monkeypatch.setattr(rfeatures, "bf16_supported", lambda device="cpu": False)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")

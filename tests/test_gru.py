@@ -49,7 +49,8 @@ def build(c, xp=np, device="cpu"):
     gru.load_state_dict({n: rng.uniform(-k, k, s) for n, s in gru.param_shapes().items()})
     B, T, D, LD = c["batch"], c["time"], gru.num_directions, gru.num_directions * c["num_layers"]
     if c["unbatched"]:
-        x_shape, h_shape, out_shape = (T, c["input_size"]), (LD, c["hidden_size"]), (T, D * c["hidden_size"])
+        x_shape, h_shape, out_shape = ((T, c["input_size"]), (LD, c["hidden_size"]),
+                                       (T, D * c["hidden_size"]))
     else:
         x_shape = (B, T, c["input_size"]) if c["batch_first"] else (T, B, c["input_size"])
         h_shape, out_shape = (LD, B, c["hidden_size"]), x_shape[:2] + (D * c["hidden_size"],)
@@ -88,7 +89,8 @@ def check_against_torch(c, training=False, xp=np, device="cpu"):
         assert_close(name, g, r["grads"][name], dt)
     if lengths is not None:                      # padded steps: output 0, no gradient to x
         t = np.arange(c["time"])
-        pad = (t[None, :] >= lengths[:, None]) if c["batch_first"] else (t[:, None] >= lengths[None, :])
+        pad = ((t[None, :] >= lengths[:, None]) if c["batch_first"]
+               else (t[:, None] >= lengths[None, :]))
         assert not out[pad].any() and not d_x[pad].any()
 
 
@@ -170,11 +172,11 @@ def numpy_kernel(source):
         dt = outputs[0].dtype
         ns = {"tanh": np.tanh}
         ns.update((n, np.asarray(a) if np.ndim(a) else dt.type(a))
-                  for n, a in zip(in_names, args[:len(in_names)]))
-        ns.update((n, a.copy()) for n, a in zip(out_names, outputs))
-        for st in statements:
-            exec(st, ns)                                        # noqa: S102 (our own source)
-        for n, a in zip(out_names, outputs):
+                  for n, a in zip(in_names, args[:len(in_names)], strict=False))
+        ns.update((n, a.copy()) for n, a in zip(out_names, outputs, strict=True))
+        for statement in statements:
+            exec(statement, ns)                                        # noqa: S102 (our own source)
+        for n, a in zip(out_names, outputs, strict=True):
             a[...] = ns[n]
     return run
 
@@ -191,7 +193,8 @@ def test_fused_kernel_sources_run_by_numpy_equal_the_numpy_passes(monkeypatch, d
                                       numpy_kernel(gru_module.BACKWARD_STEP),
                                       lambda d_gh, w_hh, d_h: d_h.__iadd__(d_gh @ w_hh))
     rng = np.random.default_rng(5)
-    x, d_out, d_hn = (rng.standard_normal(s).astype(dtype) for s in ((4, 7, 3), (4, 7, 8), (4, 4, 4)))
+    x, d_out, d_hn = (rng.standard_normal(s).astype(dtype)
+                      for s in ((4, 7, 3), (4, 7, 8), (4, 4, 4)))
     results = []
     for kernels in (None, emulated):
         monkeypatch.setattr(gru_module, "gru_step_kernels", lambda xp, k=kernels: k)
@@ -241,8 +244,10 @@ def test_fast_path_equals_the_readable_cell_loop(xp):
     rng = np.random.default_rng(2)
     gru = GRU(6, 5, dtype="float64", seed=0, xp=xp)
     p = {k: to_numpy(v) for k, v in gru.params.items()}
-    w_ih, w_hh, b_ih, b_hh = (p[k + "_l0"] for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-    x, h0, d_out = rng.standard_normal((9, 4, 6)), rng.standard_normal((4, 5)), rng.standard_normal((9, 4, 5))
+    w_ih, w_hh, b_ih, b_hh = (p[k + "_l0"]
+                              for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    x, h0, d_out = (rng.standard_normal((9, 4, 6)), rng.standard_normal((4, 5)),
+                    rng.standard_normal((9, 4, 5)))
     out, h_n = gru(*on(xp, x, h0[None]))
     d_x, d_h0 = gru.backward(on(xp, d_out))
     out, h_n, d_x, d_h0 = (to_numpy(a) for a in (out, h_n, d_x, d_h0))
@@ -256,10 +261,10 @@ def test_fast_path_equals_the_readable_cell_loop(xp):
     for t in range(8, -1, -1):
         dx_t, dh, *g = gru_cell_backward(dh + d_out[t], caches[t], w_ih, w_hh)
         dxs.append(dx_t)
-        acc = [a + b for a, b in zip(acc, g)]
+        acc = [a + b for a, b in zip(acc, g, strict=True)]
     np.testing.assert_allclose(d_x, np.stack(dxs[::-1]), atol=1e-13)
     np.testing.assert_allclose(d_h0[0], dh, atol=1e-13)
-    for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), acc):
+    for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), acc, strict=True):
         np.testing.assert_allclose(to_numpy(gru.grads[name + "_l0"]), g, atol=1e-12)
 
 
@@ -282,7 +287,7 @@ def test_cell_matches_torch_gru_cell_autograd(xp, device, batch, input_size, hid
     got = gru_cell_backward(on(xp, dh_new), cache, w[0], w[1])
     want = [x.grad, h.grad, cell.weight_ih.grad, cell.weight_hh.grad, cell.bias_ih.grad,
             cell.bias_hh.grad]
-    for g, t in zip(got, want):
+    for g, t in zip(got, want, strict=True):
         np.testing.assert_allclose(to_numpy(g), to_numpy(t), atol=1e-13)
 
 
@@ -296,7 +301,8 @@ def test_parameters_names_shapes_and_init_like_torch():
     assert list(gru.state_dict()) == list(ref.state_dict())
     for name, t in ref.state_dict().items():
         assert gru.state_dict()[name].shape == tuple(t.shape)
-    assert list(GRU(3, 4, bias=False).state_dict()) == list(torch.nn.GRU(3, 4, bias=False).state_dict())
+    assert (list(GRU(3, 4, bias=False).state_dict())
+            == list(torch.nn.GRU(3, 4, bias=False).state_dict()))
     # U(-1/sqrt(H), 1/sqrt(H)): bounded, mean ~0, variance k^2 / 3
     k = 1 / np.sqrt(20)
     w = np.concatenate([v.ravel() for v in gru.state_dict().values()])
@@ -315,7 +321,7 @@ def test_state_dict_round_trip_through_torch_is_exact(dtype):
     back.load_state_dict({k: torch.from_numpy(v) for k, v in gru.state_dict().items()})
     x = torch.randn(3, 8, 5, dtype=tdt)
     with torch.no_grad():
-        for a, b in zip(ref(x), back(x)):
+        for a, b in zip(ref(x), back(x), strict=True):
             assert torch.equal(a, b)
         out, h_n = gru(x.numpy())
         assert_close("output", out, ref(x)[0].numpy(), np.dtype(dtype))
@@ -580,7 +586,7 @@ def test_inference_mode_and_reused_buffers_never_leak_into_results(xp):
         gru.backward(d_out)
     gru(x2)                                              # same shapes, other data, no lengths
     gru.backward(d_out)
-    for a, b in zip((out1, h1, d_x1), kept):
+    for a, b in zip((out1, h1, d_x1), kept, strict=True):
         same(a, b)
     gru(x1, lengths=[6, 2, 5, 1, 3])                      # and back: padded rows zero again
     d_x, _ = gru.backward(d_out)

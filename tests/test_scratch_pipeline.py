@@ -71,7 +71,8 @@ def test_scratch_computes_missing_features_equal_to_the_reference(world, tmp_pat
     """No entry: the scratch encoder writes one (float32, stored float16); the reference
     encoder's float32 features of the same texts agree to float16 rounding."""
     mine = strain.features(scratch_encoder(world / "tiny-bert"), TEXTS, tmp_path / "s", 32, False)
-    assert mine.folder.name.startswith("scratch-") and mine.meta["computed_by"].startswith("scratch")
+    assert (mine.folder.name.startswith("scratch-")
+            and mine.meta["computed_by"].startswith("scratch"))
     ref = rfeatures.extract_features(load_encoder(str(world / "tiny-bert")), TEXTS,
                                      tmp_path / "r", max_length=32, autocast=False, progress=False)
     np.testing.assert_array_equal(mine.lengths, ref.lengths)
@@ -126,7 +127,8 @@ def test_fit_follows_reference_fit_step_for_step(tmp_path, n_layers):
     for r, s in zip(r_hist, s_hist, strict=True):
         for k in ("train_loss", "valid_loss"):
             assert abs(r[k] - s[k]) <= 1e-9 * abs(r[k]), (k, r[k], s[k])
-        assert (r["train_acc"], r["valid_acc"], r["best"]) == (s["train_acc"], s["valid_acc"], s["best"])
+        assert ((r["train_acc"], r["valid_acc"], r["best"])
+                == (s["train_acc"], s["valid_acc"], s["best"]))
     for name, w in ref.state_dict().items():
         np.testing.assert_allclose(mine.params[name], w.numpy(), rtol=1e-9, atol=1e-12)
 
@@ -139,7 +141,8 @@ def test_fit_resumes_exactly(tmp_path):
 
     def run(out, epochs, state=None):
         head = SentimentHead(6, 5, dtype="float64", seed=3)
-        h = strain.fit(head, strain.Split(Store(), tr, labels[tr]), strain.Split(Store(), va, labels[va]),
+        h = strain.fit(head, strain.Split(Store(), tr, labels[tr]),
+                       strain.Split(Store(), va, labels[va]),
                        out, epochs=epochs, batch_size=4, seed=7, state=state, log=lambda *_: None)
         return head, h
 
@@ -155,8 +158,9 @@ def test_fit_resumes_exactly(tmp_path):
 
 def run_train(world, out, *extra):
     return strain.main(["--data", str(world / "aclImdb"), "--encoder", str(world / "tiny-bert"),
-                        "--out", str(out), "--cache", str(out.parent / "cache"), "--max-length", "32",
-                        "--epochs", "2", "--batch-size", "4", "--no-progress", *extra])
+                        "--out", str(out), "--cache", str(out.parent / "cache"),
+                        "--max-length", "32", "--epochs", "2", "--batch-size", "4",
+                        "--no-progress", *extra])
 
 
 def test_scratch_train_cli_writes_a_checkpoint_the_reference_loads(world, tmp_path, capsys):
@@ -174,7 +178,8 @@ def test_scratch_train_cli_writes_a_checkpoint_the_reference_loads(world, tmp_pa
 
 
 def test_scratch_predict_equals_reference_predict_on_a_reference_checkpoint(world, tmp_path):
-    """A head trained by reference.pipeline.train, scored by both pipelines' whole models (encoder + head)."""
+    """A head trained by reference.pipeline.train, scored by both pipelines' whole models
+    (encoder + head)."""
     assert rtrain.main(["--data", str(world / "aclImdb"), "--encoder", str(world / "tiny-bert"),
                         "--out", str(tmp_path / "ref"), "--cache", str(tmp_path / "cache"),
                         "--max-length", "32", "--epochs", "1", "--batch-size", "4",
@@ -194,8 +199,10 @@ def test_scratch_train_init_starts_from_given_weights(world, tmp_path):
                  dropout=0.25)
     torch.manual_seed(3407)
     rckpt.save_weights(tmp_path / "init", GRUHead(**model), {"encoder": "tiny", "model": model})
-    assert run_train(world, tmp_path / "run", "--init", str(tmp_path / "init"), "--epochs", "1") == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["init"] == str(tmp_path / "init")
+    assert run_train(world, tmp_path / "run", "--init", str(tmp_path / "init"),
+                     "--epochs", "1") == 0
+    assert (json.loads((tmp_path / "run" / "config.json").read_text())["init"]
+            == str(tmp_path / "init"))
     with pytest.raises(SystemExit) as e:
         run_train(world, tmp_path / "bad", "--init", str(tmp_path / "init"), "--hidden-dim", "8")
     assert e.value.code == 2
@@ -244,7 +251,8 @@ def test_scratch_train_and_predict_run_where_torch_cannot_be_imported(world, tmp
                               text=True, cwd=ROOT, timeout=600,
                               env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
                                    "PYTHONPATH": str(ROOT)})
-    r = run("scratch.pipeline.train", "--data", str(world / "aclImdb"), "--encoder", str(world / "tiny-bert"),
+    r = run("scratch.pipeline.train", "--data", str(world / "aclImdb"),
+            "--encoder", str(world / "tiny-bert"),
             "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--max-length",
             "32", "--epochs", "1", "--batch-size", "4", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]

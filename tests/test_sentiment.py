@@ -214,7 +214,8 @@ def test_reference_given_masks_equal_torch_packed_layerwise(B, T, layers, bi, se
     ref = GRUHead(E, H, 1, layers, bi, 0.5).double()
     x = torch.randn(B, T, E, generator=g, dtype=torch.float64)
     lengths = torch.randint(1, T + 1, (B,), generator=g)
-    rnn_masks = [(torch.rand(B, T, D * H, generator=g) > 0.5).double() * 2 for _ in range(layers - 1)]
+    rnn_masks = [(torch.rand(B, T, D * H, generator=g) > 0.5).double() * 2
+                 for _ in range(layers - 1)]
     hid_mask = (torch.rand(B, D * H, generator=g) > 0.5).double() * 2
     got = ref(x, lengths, masks={"rnn": rnn_masks, "hidden": hid_mask})
     got.sum().backward()

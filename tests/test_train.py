@@ -1,6 +1,7 @@
-"""reference.pipeline.train, reference.pipeline.checkpoint, reference.pipeline.predict: the loop's arithmetic, determinism,
-resume, checkpoints written atomically and loaded safely, CLI errors, and one tiny CLI run
-(a synthetic aclImdb folder and a tiny random BERT with the real uncased vocabulary)."""
+"""reference.pipeline.train, reference.pipeline.checkpoint, reference.pipeline.predict: the loop's
+arithmetic, determinism, resume, checkpoints written atomically and loaded safely, CLI errors,
+and one tiny CLI run (a synthetic aclImdb folder and a tiny random BERT with the real
+uncased vocabulary)."""
 import json
 import math
 import pickle
@@ -50,7 +51,8 @@ def toy_data(n=60, E=4, seed=0):
 
 def splits(store, labels, n_valid=20):
     idx = np.arange(len(labels))
-    return Split(store, idx[n_valid:], labels[n_valid:]), Split(store, idx[:n_valid], labels[:n_valid])
+    return (Split(store, idx[n_valid:], labels[n_valid:]),
+            Split(store, idx[:n_valid], labels[:n_valid]))
 
 
 def new_head(seed=0, E=4):
@@ -89,7 +91,8 @@ def test_fit_learns_saves_best_and_is_deterministic(tmp_path):
     h2 = fit(new_head(), tr, va, tmp_path / "b", epochs=6, batch_size=8, seed=1, lr=1e-2,
              config=config, log=str)
     assert strip_times(h1) == strip_times(h2)
-    assert (tmp_path / "a" / ckpt.WEIGHTS).read_bytes() == (tmp_path / "b" / ckpt.WEIGHTS).read_bytes()
+    assert ((tmp_path / "a" / ckpt.WEIGHTS).read_bytes()
+            == (tmp_path / "b" / ckpt.WEIGHTS).read_bytes())
     assert h1[-1]["valid_acc"] >= 0.9 and h1[-1]["train_loss"] < h1[0]["train_loss"]
     # the saved weights are the best validation epoch's: re-evaluating them gives its loss
     best, _ = ckpt.load_head(tmp_path / "a")
@@ -304,7 +307,8 @@ def test_train_and_predict_cli_end_to_end(tiny_world, tmp_path, capsys):
     # same seed, fresh folder (features now from the cache): the same numbers
     assert train.main([*common, "--epochs", "2", "--out", str(tmp_path / "b")]) == 0
     m2 = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert strip_times(m2["epochs"]) == strip_times(m["epochs"]) and m2["test_loss"] == m["test_loss"]
+    assert (strip_times(m2["epochs"]) == strip_times(m["epochs"])
+            and m2["test_loss"] == m["test_loss"])
     # resume to a third epoch: the first two are kept as they were
     assert train.main([*common, "--epochs", "3", "--out", str(tmp_path / "b"), "--resume"]) == 0
     m3 = json.loads((tmp_path / "b" / "metrics.json").read_text())

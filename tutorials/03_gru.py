@@ -171,7 +171,8 @@ def grad_reach(scale):
 
 fig, ax = plt.subplots(figsize=(7, 3.6))
 im = ax.imshow(z_gate.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-ax.set(xlabel="time step t", ylabel="hidden unit", title="update gate z (layer 0, forward direction)")
+ax.set(xlabel="time step t", ylabel="hidden unit",
+       title="update gate z (layer 0, forward direction)")
 ax.grid(False)
 fig.colorbar(im, ax=ax, label="z (0 = write the candidate, 1 = keep the old state)")
 show(fig, "03_update_gate")

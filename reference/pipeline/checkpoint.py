@@ -29,8 +29,7 @@ and raises :class:`CheckpointError` with a one-line message naming the file:
 Checkpoints written before checksums (no ``weights_sha256``) are refused: nothing vouches that
 their bytes are the ones training wrote, and flipped bytes in a float tensor load as plausible
 weights that give confident wrong scores.  ``python -m reference.pipeline.checkpoint stamp DIR``
-adds the checksum of the file as it is now, once every other check passes: its owner vouches
-for it.
+adds the checksum of the file as it is now, once every other check passes: its owner vouches for it.
 The weights load from safetensors; the resume state with ``torch.load(weights_only=True)``
 (no pickle code).
 """
@@ -109,9 +108,8 @@ def save_weights(folder, model: GRUHead, config: dict | None = None) -> None:
 
 
 def read_config(folder, checksum: bool = True) -> dict:
-    """config.json of a finished checkpoint, its model arguments checked (and, with
-    ``checksum``, its ``weights_sha256`` present):
-    :func:`scratch.pipeline.checkpoint.read_config`."""
+    """config.json of a finished checkpoint, its model arguments checked (and, with ``checksum``,
+    its ``weights_sha256`` present): :func:`scratch.pipeline.checkpoint.read_config`."""
     return scratch_ckpt.read_config(folder, require_checksum=checksum)
 
 
@@ -231,8 +229,8 @@ def load_state(folder) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:        # truncated zip, foreign pickle, ...: never run, never half-read
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: unreadable resume state ({type(e).__name__}: "
-                              f"{first})") from e
+        raise CheckpointError(
+            f"{path}: unreadable resume state ({type(e).__name__}: {first})") from e
 
 
 def main(argv=None) -> int:

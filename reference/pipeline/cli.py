@@ -43,7 +43,8 @@ def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/fe
                    help="stratified subset of N train reviews")
     p.add_argument("--limit-test", type=positive(int), metavar="N",
                    help="stratified subset of N test reviews")
-    p.add_argument("--seed", type=non_negative(int), default=3407, help="seed of the split and the subsets")
+    p.add_argument("--seed", type=non_negative(int), default=3407,
+                   help="seed of the split and the subsets")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache", default=cache_default,
                    help="feature cache root (default %(default)s)")
@@ -70,12 +71,12 @@ def check_device(p: argparse.ArgumentParser, device: str) -> str:
 
 
 def check_encoder(p: argparse.ArgumentParser, name: str, max_length: int | None = None):
-    """The encoder's :class:`~reference.pipeline.encoders.EncoderInfo` (config only, no weights); with
-    ``max_length``: it must be in 2..the encoder's learned positions."""
+    """The encoder's :class:`~reference.pipeline.encoders.EncoderInfo` (config only, no weights);
+    with ``max_length``: it must be in 2..the encoder's learned positions."""
     from .encoders import EncoderError, inspect_encoder
 
-    with held_logs("scratch.pipeline.encoder_names") as notes:       # e.g. "auto: using minilm", shown
-        try:                                             # only when the checks pass
+    with held_logs("scratch.pipeline.encoder_names") as notes:  # e.g. "auto: using minilm",
+        try:                                                    # shown only when the checks pass
             info = inspect_encoder(name)
         except EncoderError as e:
             p.error(one_line(e))

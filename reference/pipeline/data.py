@@ -1,5 +1,6 @@
-"""The IMDB data for the reference pipeline: :mod:`scratch.pipeline.data` (torch-free: load, download,
-split, bucket) plus tokenization with a Hugging Face tokenizer, and ``python -m reference.pipeline.data``.
+"""The IMDB data for the reference pipeline: :mod:`scratch.pipeline.data` (torch-free: load,
+download, split, bucket) plus tokenization with a Hugging Face tokenizer, and
+``python -m reference.pipeline.data``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``python -m reference.pipeline.train``: train the assignment's BiGRU head on cached
-frozen-encoder features of IMDB, keep the best-validation checkpoint, report its test loss and
-accuracy.
+frozen-encoder features of IMDB, keep the best-validation checkpoint, report its test loss
+and accuracy.
 
     python -m reference.pipeline.train --data PATH --encoder NAME --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--device auto|cpu|cuda] \\
@@ -21,8 +21,8 @@ Deterministic for a fixed seed on CPU: the head's init and dropout draw from ``t
 generator, epoch ``e`` shuffles its batches with seed ``seed + e``; ``--resume`` restores the
 generator, so an interrupted run resumed gives the same numbers as an uninterrupted one.
 
-Under ``torchrun --nproc-per-node N`` (:mod:`reference.pipeline.distributed`) the N processes
-share the work: the feature extraction by shards, every global batch of ``--batch-size`` reviews by
+Under ``torchrun --nproc-per-node N`` (:mod:`reference.pipeline.distributed`) the N processes share
+the work: the feature extraction by shards, every global batch of ``--batch-size`` reviews by
 slices (:meth:`Ranks.part`), the head in ``DistributedDataParallel``.  Rank ``r``'s loss is
 ``N / B * sum_{i in slice r} loss_i``, so DDP's gradient average ``(1/N) sum_r`` is exactly the
 one-process batch mean ``(1/B) sum_i grad loss_i``, whatever the slices' sizes (a rank with an
@@ -418,7 +418,7 @@ def check_args(p: argparse.ArgumentParser, a):
     if not 0 <= a.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.limit_train is not None and a.limit_train < 10:
-        p.error(f"--limit-train must be >= 10 (train and valid both need reviews), "
+        p.error("--limit-train must be >= 10 (train and valid both need reviews), "
                 f"got {a.limit_train}")
     device = cli.check_device(p, a.device)
     out = cli.check_folder(p, "--out", a.out)

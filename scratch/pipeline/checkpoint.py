@@ -122,8 +122,8 @@ def read_config(folder, require_checksum: bool = False) -> dict:
         if not re.fullmatch(r"[0-9a-f]{64}", str(config.get(CHECKSUM, ""))):
             raise CheckpointError(
                 f"{path}: no valid {CHECKSUM} (a sha256 hex digest; written before checksums?); "
-                f"if you trust {WEIGHTS}, run: python -m reference.pipeline.checkpoint stamp "
-                f"{folder}")
+                f"if you trust {WEIGHTS}, run: "
+                f"python -m reference.pipeline.checkpoint stamp {folder}")
     return config
 
 

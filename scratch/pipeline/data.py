@@ -28,12 +28,14 @@ from tqdm.auto import tqdm
 
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gru-attention" / "imdb"
+DEFAULT_CACHE = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                 / "gru-attention" / "imdb")
 SPLITS, LABELS = ("train", "test"), ("neg", "pos")
 MEMBER = re.compile(r"^(?:\./)?aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
 HOW_TO_GET = (
     "The IMDB data was not found. Pass --data PATH (an aclImdb directory or .tar.gz), set "
-    f"IMDB_PATH, or download it: python -m reference.pipeline.data --download (fetches {IMDB_URL}).")
+    "IMDB_PATH, or download it: python -m reference.pipeline.data --download "
+    f"(fetches {IMDB_URL}).")
 
 
 class ImdbError(ValueError):
@@ -91,7 +93,8 @@ def _iter_archive(path: Path):
 def _iter_directory(path: Path):
     root = path if path.name == "aclImdb" else path / "aclImdb"
     if not root.is_dir():
-        raise ImdbError(f"{path}: no aclImdb/ folder (expected aclImdb/{{train,test}}/{{pos,neg}}/ID_RATING.txt)")
+        raise ImdbError(f"{path}: no aclImdb/ folder "
+                        f"(expected aclImdb/{{train,test}}/{{pos,neg}}/ID_RATING.txt)")
     for split in SPLITS:
         for label in LABELS:
             for f in sorted((root / split / label).glob("*.txt")):
@@ -114,7 +117,7 @@ def load_imdb(path, splits=SPLITS) -> dict[str, Reviews]:
     if not path.exists():
         raise ImdbError(f"{path}: no such file or directory. {HOW_TO_GET}")
     items = _iter_directory(path) if path.is_dir() else _iter_archive(path)
-    found: dict[tuple, list] = {(s, l): [] for s in splits for l in LABELS}
+    found: dict[tuple, list] = {(s, label): [] for s in splits for label in LABELS}
     for name, raw in items:
         split, label, rid, _rating = MEMBER.match(name).groups()
         if split in splits:
@@ -151,7 +154,8 @@ def stratified_subset(labels, n: int, seed: int = 3407) -> np.ndarray:
     classes, counts = np.unique(labels, return_counts=True)
     take = np.floor(counts / counts.sum() * n).astype(int)
     take[np.argsort(-(counts / counts.sum() * n - take))[: n - take.sum()]] += 1
-    idx = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take)]
+    idx = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
+           for c, k in zip(classes, take, strict=True)]
     return np.sort(np.concatenate(idx))
 
 
