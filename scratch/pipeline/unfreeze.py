@@ -16,9 +16,9 @@ train with the head (:mod:`scratch.top_layers`, :mod:`reference.top_layers`):
   gradients add up to the batch's (:func:`micro_batches`).
 
 ``--encoder-lr`` defaults to :data:`DEFAULT_ENCODER_LR` = 2e-5: Sun et al. (2019), "How to
-Fine-Tune BERT for Text Classification", fine-tune BERT on IMDB with Adam at 2e-5 and report
-that larger rates (4e-4 and up) make it fail to converge, the pretrained weights being
-"catastrophically forgotten"; 1e-3, the head's rate, would be far past that.
+Fine-Tune BERT for Text Classification", find on IMDB that a rate as low as 2e-5 is needed for
+BERT to overcome catastrophic forgetting of its pretrained weights, and that at 4e-4 training
+fails to converge; 1e-3, the head's rate, would be far past that.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ from . import cli
 from .features import CacheError
 
 DEFAULT_ENCODER_LR = 2e-5
-# padded tokens per micro-batch: 8192 = 16 reviews of 512 tokens; one trained bert-base layer
-# (h = 12, H = 768, I = 3072) keeps about 1 GB of float32 activations for them, so a batch of
-# 128 x 512 with a few trained layers stays far below 24 GiB (README: measured peaks)
+# padded tokens per micro-batch: 8192 = 16 reviews of 512 tokens.  One step on a batch of
+# 128 x 512 with bert-base-shaped layers, float32, peaked at 2.8-2.9 GiB with one trained layer
+# and 4.0-4.4 GiB with two (bench/unfreeze_memory.py, both pipelines; README)
 DEFAULT_MICRO_TOKENS = 8192
 
 
