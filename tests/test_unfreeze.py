@@ -545,3 +545,23 @@ def test_init_gives_the_head_and_the_layers_their_starting_weights(world, traine
                     else start[f"encoder.layer.1.{name}"])
             np.testing.assert_allclose(got[f"encoder.layer.1.{name}"], want, rtol=1e-6,
                                        atol=1e-7)
+
+
+@pytest.mark.parametrize("side", ["scratch", "reference"])
+def test_an_mpnet_encoder_is_refused_in_one_line(world, tmp_path, capsys, side):
+    """The trained layers are BERT layers (MPNet's carry its relative position bias): refused
+    before anything is loaded."""
+    from transformers import MPNetConfig, MPNetModel
+
+    folder = tmp_path / "tiny-mpnet"
+    MPNetModel(MPNetConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=32),
+               add_pooling_layer=False).save_pretrained(folder)
+    main, args = ((strain.main, argv) if side == "scratch" else (rtrain.main, ref_argv))
+    capsys.readouterr()                                   # save_pretrained's progress bar
+    with pytest.raises(SystemExit) as e:
+        main(args(world, tmp_path / "out", tmp_path / "cache", "--unfreeze-top", "1",
+                  encoder=str(folder)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "--unfreeze-top needs a BERT encoder (this one is mpnet)" in err, err
