@@ -9,10 +9,14 @@ of each), and takes bf16 only when it is at least :data:`MARGIN` times faster.
 
 Why a margin, and why 1.15: bf16 features are not float32's (cosine about 0.999 to them), and
 the scratch pipeline prefers a float32 cache entry, so bf16 has to pay for itself clearly; and
-the probe is short and may share the cores with other jobs: the ratio of a best-of-3 on 8 x 128
-tokens moves by a few percent from run to run and from the 16 x 256 batches of a real run
-(``bench/autocast.py`` measures both).  A gain under 15% is not worth a precision loss that
-noise could have produced.
+the probe is short and may share the cores with other jobs.  Measured with ``bench/autocast.py``
+(one thread, AMX, other jobs on the cores): five probes in a row spread by 2-4% (MiniLM
+2.60-2.80, MPNet 3.02-3.16 at 8 x 128), and the probe's batch shape biases the ratio:
+at 4 x 256 it was 2.70 (MiniLM) and 2.25 (MPNet) against 3.11 and 2.21 at 16 x 256, while at
+8 x 128 MPNet's was 3.20, 45% above.  Hence 256-token sequences, the length of real reviews
+(4 of them: the same 1,024 tokens, the same cost, as 8 x 128), and a margin that covers a few
+percent of noise and of shape: a gain under 15% is not worth a precision loss that noise could
+have produced.
 
 The verdict is cached in ``autocast.json`` under the user cache (``$XDG_CACHE_HOME`` or
 ``~/.cache``, then ``gru-attention/``; ``GRU_ATTENTION_AUTOCAST_CACHE`` names another file),
@@ -44,7 +48,7 @@ from .encoders import bf16_supported
 MODES = ("auto", "bf16", "float32")
 ENV = "GRU_ATTENTION_AUTOCAST"
 CACHE_ENV = "GRU_ATTENTION_AUTOCAST_CACHE"
-PROBE_SHAPE = (8, 128)        # (sequences, tokens) of the synthetic probe batch
+PROBE_SHAPE = (4, 256)        # (sequences, tokens) of the synthetic probe batch
 REPEATS = 3                   # interleaved (float32, bf16) pairs after one warm-up each
 MARGIN = 1.15                 # bf16 only when float32's time / bf16's >= this
 FORMAT = 1
