@@ -92,13 +92,20 @@ def test_the_verdict_is_cached_and_reused(monkeypatch, fresh):
     again = ac.choose_autocast(enc, "cpu")
     assert again.bf16 and len(probes) == 1
     assert again.why.startswith("probe of ") and f"cached in {fresh}" in again.why
-    saved = torch.get_num_threads()                      # another thread count: another key
+    ac._memo.clear()
+    saved = torch.get_num_threads()             # the probe runs on one thread: the same verdict
     try:
         torch.set_num_threads(saved + 1)
         ac.choose_autocast(enc, "cpu")
     finally:
         torch.set_num_threads(saved)
-    assert len(probes) == 2 and len(json.loads(fresh.read_text())["verdicts"]) == 2
+    assert len(probes) == 1
+    ac._memo.clear()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")      # another torch: another verdict
+    ac.choose_autocast(enc, "cpu")
+    ac._memo.clear()
+    ac.choose_autocast(tiny_encoder(hidden=64), "cpu")       # another encoder shape: another
+    assert len(probes) == 3 and len(json.loads(fresh.read_text())["verdicts"]) == 3
 
 
 @pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe", b"[]", b'{"format": 1}',
@@ -140,10 +147,14 @@ def test_forcing_either_way_needs_no_probe(monkeypatch):
         ac.choose_autocast(enc, "cpu")
 
 
-def test_the_real_probe_times_both_precisions():
+def test_the_real_probe_times_both_precisions_on_one_thread(monkeypatch):
+    threads, seen = torch.get_num_threads(), set()
+    real = ac._forward
+    monkeypatch.setattr(ac, "_forward", lambda *a: seen.add(torch.get_num_threads()) or real(*a))
     r = ac.probe(tiny_encoder())
     assert r["float32_s"] > 0 and r["bf16_s"] > 0 and r["ratio"] > 0
-    assert r["shape"] == list(ac.PROBE_SHAPE) and r["threads"] == torch.get_num_threads()
+    assert r["shape"] == list(ac.PROBE_SHAPE) and r["threads"] == 1 and seen == {1}
+    assert torch.get_num_threads() == threads
 
 
 def test_the_line_is_printed_once_and_the_entry_follows_the_choice(monkeypatch, tmp_path, capsys):
@@ -156,7 +167,7 @@ def test_the_line_is_printed_once_and_the_entry_follows_the_choice(monkeypatch, 
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("autocast:")]
     n, length = ac.PROBE_SHAPE
     assert lines == [f"autocast: bf16 (probe: bf16 1.50x faster than float32 here, {n}x{length} "
-                     f"tokens on {torch.get_num_threads()} threads; cached in {ac.cache_path()})"]
+                     f"tokens, one thread; cached in {ac.cache_path()})"]
     assert probed.meta["autocast_bf16"] is True
     forced = Fe.extract_features(enc, TEXTS, tmp_path / "c", autocast="bf16", **kw)
     assert Fe.extract_features(enc, TEXTS, tmp_path / "c", autocast=True, **kw).folder \

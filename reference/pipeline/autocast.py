@@ -7,6 +7,13 @@ probe, the encoder's forward on a fixed synthetic batch of :data:`PROBE_SHAPE` t
 precisions (one warm-up each, then :data:`REPEATS` interleaved pairs, process CPU time, the best
 of each), and takes bf16 only when it is at least :data:`MARGIN` times faster.
 
+The probe runs on one thread, whatever the run uses: what it asks is whether a core computes
+this encoder faster in bf16, and on a shared machine only a one-thread measurement answers
+that.  Here (2 cores, load average about 5.5 from other jobs, MiniLM, 4 x 256) three probes in
+a row on one thread measured ratios 2.94-3.09 (CPU time) and 2.93-3.08 (wall); on two threads
+0.68-0.92 (CPU time, which then counts the threads' spinning at barriers) and 0.73-1.93 (wall):
+a coin toss, where a verdict is cached for good.
+
 Why a margin, and why 1.15: bf16 features are not float32's (cosine about 0.999 to them), and
 the scratch pipeline prefers a float32 cache entry, so bf16 has to pay for itself clearly; and
 the probe is short and may share the cores with other jobs.  Measured with ``bench/autocast.py``
@@ -20,9 +27,10 @@ have produced.
 
 The verdict is cached in ``autocast.json`` under the user cache (``$XDG_CACHE_HOME`` or
 ``~/.cache``, then ``gru-attention/``; ``GRU_ATTENTION_AUTOCAST_CACHE`` names another file),
-keyed by what the speed depends on: the CPU (model name and bf16 flags), torch's version, the
-thread count, the encoder's shape (type, widths, layers, heads, attention implementation) and the
-probe itself; a damaged file is ignored and rewritten.  No probe on CUDA (bf16 where the device
+keyed by what the measured ratio depends on: the CPU (model name and bf16 flags), torch's
+version, the encoder's shape (type, widths, layers, heads, attention implementation) and the
+probe itself (not the thread count: the probe runs on one); a damaged file is ignored and
+rewritten.  No probe on CUDA (bf16 where the device
 supports it) nor on a CPU without native bf16 (float32).  ``GRU_ATTENTION_AUTOCAST=bf16|float32``
 or ``--autocast bf16|float32`` force a precision (``--no-autocast``: float32).
 
@@ -104,9 +112,9 @@ def verdict_key(encoder) -> tuple[str, dict]:
     shape = {k: getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers",
                                               "num_attention_heads", "intermediate_size")}
     shape["attention"] = getattr(c, "_attn_implementation", None)
-    what = {"cpu": cpu_description(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "encoder": shape,
-            "probe": {"shape": list(PROBE_SHAPE), "repeats": REPEATS, "margin": MARGIN}}
+    what = {"cpu": cpu_description(), "torch": torch.__version__, "encoder": shape,
+            "probe": {"shape": list(PROBE_SHAPE), "repeats": REPEATS, "margin": MARGIN,
+                      "threads": 1}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16], what
 
 
@@ -118,25 +126,31 @@ def _forward(model, ids, mask, bf16: bool) -> None:
 
 
 def probe(encoder) -> dict:
-    """CPU seconds of the encoder's forward on the synthetic batch, float32 and bf16 autocast
-    (best of :data:`REPEATS` each, interleaved, after one warm-up each), and their ratio."""
+    """CPU seconds of the encoder's forward on the synthetic batch on one thread, float32 and
+    bf16 autocast (best of :data:`REPEATS` each, interleaved, after one warm-up each), and their
+    ratio.  torch's thread count is restored afterwards."""
     n, length = PROBE_SHAPE
     length = min(length, encoder.max_length)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, encoder.model.config.vocab_size, (n, length), generator=g)
     mask = torch.ones_like(ids)
     best = {False: float("inf"), True: float("inf")}
-    for bf16 in (False, True):
-        _forward(encoder.model, ids, mask, bf16)                 # warm-up (bf16: kernel set-up)
-    for r in range(REPEATS):
-        for bf16 in ((False, True) if r % 2 == 0 else (True, False)):
-            t = _clock()
-            _forward(encoder.model, ids, mask, bf16)
-            best[bf16] = min(best[bf16], _clock() - t)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for bf16 in (False, True):
+            _forward(encoder.model, ids, mask, bf16)             # warm-up (bf16: kernel set-up)
+        for r in range(REPEATS):
+            for bf16 in ((False, True) if r % 2 == 0 else (True, False)):
+                t = _clock()
+                _forward(encoder.model, ids, mask, bf16)
+                best[bf16] = min(best[bf16], _clock() - t)
+    finally:
+        torch.set_num_threads(threads)
     f32, b16 = best[False], best[True]
     return {"float32_s": round(f32, 4), "bf16_s": round(b16, 4),
             "ratio": round(f32 / b16, 3) if b16 > 0 else float("inf"),
-            "shape": [n, length], "threads": torch.get_num_threads()}
+            "shape": [n, length], "threads": 1}
 
 
 def _read(path: Path) -> dict:
@@ -164,7 +178,7 @@ def _describe(v: dict) -> str:
             speed += f", under the {MARGIN:.2f}x margin"
     else:
         speed = f"bf16 {1 / r:.2f}x slower than float32 here"
-    return f"{speed}, {v['shape'][0]}x{v['shape'][1]} tokens on {v['threads']} threads"
+    return f"{speed}, {v['shape'][0]}x{v['shape'][1]} tokens, one thread"
 
 
 def probed_choice(encoder, path: Path | None = None) -> Choice:
