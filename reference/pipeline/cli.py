@@ -52,9 +52,9 @@ def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/fe
                    help="feature cache root (default %(default)s)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--autocast", choices=("auto", "bf16", "float32"),
-                   help="the encoder's precision: auto (the default, or $GRU_ATTENTION_AUTOCAST) "
-                        "takes bf16 autocast on CUDA with bf16, and on a CPU with native bf16 "
-                        "when a short probe, cached per machine, finds it clearly faster")
+                   help="the encoder's precision (default: $GRU_ATTENTION_AUTOCAST, else auto: "
+                        "bf16 autocast on CUDA with bf16, and on a CPU with native bf16 when a "
+                        "short probe, cached per machine, finds it clearly faster)")
     g.add_argument("--no-autocast", dest="autocast", action="store_const", const="float32",
                    help="the same as --autocast float32")
     add_table_args(p)
