@@ -332,9 +332,17 @@ class BertEncoder:
 
     # -- forward --------------------------------------------------------------------------------
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, upto=None):
         """Last hidden states ``(B, T, H)`` of ``input_ids (B, T)``; ``attention_mask (B, T)``
-        1 = token, 0 = padding (default: all tokens); ``token_type_ids`` default 0 (BERT)."""
+        1 = token, 0 = padding (default: all tokens); ``token_type_ids`` default 0 (BERT).
+        ``upto``: run layers ``0 .. upto-1`` only and return the hidden states entering layer
+        ``upto`` (0: the embeddings' LayerNorm output; None: every layer), the frozen bottom
+        of an encoder whose top layers are trained (:mod:`scratch.top_layers`)."""
+        n_layers = len(self.layers)
+        upto = n_layers if upto is None else upto
+        if isinstance(upto, bool) or not isinstance(upto, (int, np.integer)) \
+                or not 0 <= upto <= n_layers:
+            raise BertError(f"upto must be a layer index in 0..{n_layers}, got {upto!r}")
         ids, keep, types = self._check_inputs(input_ids, attention_mask, token_type_ids)
         B, T = ids.shape
         if bool(keep.all()):
@@ -344,7 +352,7 @@ class BertEncoder:
         x = layer_norm(x, self.ln_g, self.ln_b, cfg.layer_norm_eps)   # (B, T, H)
         x = x.reshape(B * T, cfg.hidden_size)                         # (B T, H) rows for BLAS
         bias = self._position_bias(T)                                 # None, or (h, T, T)
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers[:upto]):
             kind = self.choice.attention if index in self.choice.layers else "softmax"
             x = self._layer(x, layer, keep, bias, kind, B, T)
         return x.reshape(B, T, cfg.hidden_size)                       # (B, T, H)

@@ -45,6 +45,8 @@ class BertConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1           # used only where layers are trained
+    attention_probs_dropout_prob: float = 0.1  # (scratch.top_layers); the forward has none
 
     @property
     def head_size(self) -> int:
@@ -106,6 +108,10 @@ class BertConfig:
                             f"(known: {', '.join(ACTIVATIONS)})")
         if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
             raise BertError(f"{path}: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise BertError(f"{path}: {name} must be a number in [0, 1), got {v!r}")
 
 
 @dataclass(frozen=True)

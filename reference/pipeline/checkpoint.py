@@ -4,7 +4,10 @@ A checkpoint directory holds
 
     config.json          the head's constructor arguments, the encoder, max_length, and
                          "weights_sha256": the sha256 (hex) of model.safetensors' bytes
-    model.safetensors    the head's weights (``rnn.*``, ``out.*``: the assignment's names)
+    model.safetensors    the head's weights (``rnn.*``, ``out.*``: the assignment's names);
+                         after ``--unfreeze-top K`` also the trained encoder layers
+                         (``encoder.layer.{l}.*``, BertModel's names; ``"unfreeze_top": K``
+                         in config.json): :func:`load_parts`, :func:`full_model`
     last.pt              resume state after the last finished epoch (optimizer, RNG, history)
     metrics.json         written by reference.pipeline.train
 
@@ -12,8 +15,8 @@ Every file is written to a temporary name in the same folder, flushed, fsync'ed 
 (``os.replace``), so a crash never leaves half a file under a real name.  The weights and their
 checksum are two files, written in that order (:func:`save_weights`): model.safetensors, then
 config.json with its sha256.  A crash between the two leaves new weights beside the old
-checksum, which refuses to load (``reference.pipeline.train --resume`` repeats that epoch and writes
-both again): a refusal, never a wrong load.
+checksum, which refuses to load (``reference.pipeline.train --resume`` repeats that epoch and
+writes both again): a refusal, never a wrong load.
 
 Loading (:func:`load_head`) checks, before a tensor is used and before any encoder is loaded,
 and raises :class:`CheckpointError` with a one-line message naming the file:
@@ -51,6 +54,7 @@ from scratch.pipeline.checkpoint import (  # noqa: F401
 )
 
 from ..model import BERTGRUSentiment, GRUHead
+from ..top_layers import TopGRUHead, layer_state
 
 STATE = "last.pt"          # the reference's resume state (scratch's is last.safetensors)
 
@@ -61,9 +65,16 @@ def head_state(model: GRUHead) -> dict[str, torch.Tensor]:
             if k.startswith(("rnn.", "out."))}
 
 
+def model_state(model: GRUHead) -> dict[str, torch.Tensor]:
+    """The head's tensors and, for a :class:`reference.top_layers.TopGRUHead`, its trained
+    layers' (``encoder.layer.{l}.*``): what model.safetensors holds."""
+    return {**head_state(model), **layer_state(model)}
+
+
 def check_head_state(model: GRUHead, state: dict[str, torch.Tensor], where: str = "state") -> None:
-    """``state`` has exactly the head's tensor names, shapes and dtypes, and finite values."""
-    want = head_state(model)
+    """``state`` has exactly the tensor names, shapes and dtypes of the head (and of the
+    trained layers of a TopGRUHead), and finite values."""
+    want = model_state(model)
     if set(state) != set(want):
         raise CheckpointError(f"{where}: head tensors {sorted(set(state) ^ set(want))} "
                               "missing or unexpected")
@@ -79,7 +90,8 @@ def check_head_state(model: GRUHead, state: dict[str, torch.Tensor], where: str 
 
 
 def load_head_state(model: GRUHead, state: dict[str, torch.Tensor], where: str = "state") -> None:
-    """Copy ``state`` into the head part of ``model`` after :func:`check_head_state`."""
+    """Copy ``state`` into the head part (and trained layers) of ``model`` after
+    :func:`check_head_state`."""
     check_head_state(model, state, where)
     model.load_state_dict(state, strict=False)
 
@@ -90,7 +102,7 @@ def save_weights(folder, model: GRUHead, config: dict | None = None) -> None:
     folder = Path(folder)
     if config is None:
         config = read_json(folder / CONFIG) if (folder / CONFIG).exists() else {}
-    data = st_save(head_state(model))
+    data = st_save(model_state(model))
     atomic_write(folder / WEIGHTS, data)
     write_json(folder / CONFIG, {**config, CHECKSUM: sha256(data)})
 
@@ -109,20 +121,75 @@ def read_weights(folder, config: dict) -> dict[str, torch.Tensor]:
 
 
 def load_head(folder, device="cpu") -> tuple[GRUHead, dict]:
-    """(GRUHead in eval mode with the saved weights, config), every check above passed."""
-    config = read_config(folder)
-    state = read_weights(folder, config)
-    head = GRUHead(**config["model"])
-    load_head_state(head, state, str(Path(folder) / WEIGHTS))
+    """(GRUHead in eval mode with the saved weights, config), every check above passed.  A
+    checkpoint with trained encoder layers is refused (:func:`load_parts` reads it)."""
+    head, layers, config = load_parts(folder)
+    if layers:
+        raise CheckpointError(f"{Path(folder) / WEIGHTS}: holds the {len(layers)} encoder "
+                              f"layers trained with the head (unfreeze_top): the head alone "
+                              f"would score with the untrained ones")
     return head.to(device).eval(), config
 
 
-def full_model(bert, head: GRUHead, config: dict, where, device="cpu") -> BERTGRUSentiment:
-    """BERTGRUSentiment(bert, ...) with ``head``'s weights, eval mode, encoder frozen."""
+def load_parts(folder) -> tuple[GRUHead, dict, dict]:
+    """(GRUHead in eval mode, trained layers ``{index: {name: tensor}}`` (empty for a frozen
+    run), config), every check above passed; the layers' names and count as
+    :func:`scratch.pipeline.checkpoint.load_checkpoint` checks them (their shapes are checked
+    against the encoder they go into: :func:`top_head`, :func:`full_model`)."""
+    config = read_config(folder)
+    where = Path(folder) / WEIGHTS
+    rest, layers = scratch_ckpt.split_layers(read_weights(folder, config), config, folder)
+    head = GRUHead(**config["model"])
+    load_head_state(head, rest, str(where))
+    return head.eval(), layers, config
+
+
+def top_head(bert_config, head: GRUHead, layers: dict, config: dict, where,
+             device="cpu") -> TopGRUHead:
+    """A :class:`TopGRUHead` (eval mode) of ``head`` and ``layers`` (:func:`load_parts`) for an
+    encoder of config ``bert_config`` (transformers'): the layers must be its top ones."""
+    try:
+        model = TopGRUHead(bert_config, min(layers), **config["model"])
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    _check_top(model.encoder.first, sorted(layers), bert_config.num_hidden_layers, where)
+    load_head_state(model, {**head_state(head), **_prefixed(layers)}, str(where))
+    return model.to(device).eval()
+
+
+def _prefixed(layers: dict) -> dict:
+    return {f"encoder.layer.{i}.{n}": t for i, sd in layers.items() for n, t in sd.items()}
+
+
+def _check_top(first: int, indices: list, n_layers: int, where) -> None:
+    if indices != list(range(n_layers - len(indices), n_layers)) or first != indices[0]:
+        raise CheckpointError(f"{where}: trained layers {indices} are not the top layers of an "
+                              f"encoder of {n_layers} layers")
+
+
+def full_model(bert, head: GRUHead, config: dict, where, device="cpu",
+               layers: dict | None = None) -> BERTGRUSentiment:
+    """BERTGRUSentiment(bert, ...) with ``head``'s weights and, given trained ``layers``
+    (:func:`load_parts`), those in place of ``bert``'s top layers (``bert`` is changed); eval
+    mode, encoder frozen."""
     m = dict(config["model"])
     if (emb := m.pop("emb_dim")) != bert.config.hidden_size:
         raise CheckpointError(f"{where}: the head was trained on {emb}-dim features, the encoder "
                               f"gives {bert.config.hidden_size}")
+    if layers:
+        n_layers = bert.config.num_hidden_layers
+        _check_top(min(layers), sorted(layers), n_layers, where)
+        for i, sd in layers.items():
+            module = bert.encoder.layer[i]
+            want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in sd.items()}
+            if want != got:
+                bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+                raise CheckpointError(f"{where}: trained layer {i}: {bad[0]} is "
+                                      f"{got.get(bad[0])}, the encoder's {want.get(bad[0])}")
+            with torch.no_grad():
+                module.load_state_dict({k: v.to(module.state_dict()[k].dtype)
+                                        for k, v in sd.items()})
     model = BERTGRUSentiment(bert, **m)
     load_head_state(model, head_state(head), str(where))
     for name, p in model.named_parameters():
@@ -132,9 +199,9 @@ def full_model(bert, head: GRUHead, config: dict, where, device="cpu") -> BERTGR
 
 
 def load_full_model(folder, bert, device="cpu") -> BERTGRUSentiment:
-    """:func:`full_model` of the checkpoint in ``folder`` (verified by :func:`load_head`)."""
-    head, config = load_head(folder)
-    return full_model(bert, head, config, folder, device)
+    """:func:`full_model` of the checkpoint in ``folder`` (verified by :func:`load_parts`)."""
+    head, layers, config = load_parts(folder)
+    return full_model(bert, head, config, folder, device, layers)
 
 
 def stamp(folder) -> str:

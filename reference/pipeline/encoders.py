@@ -99,6 +99,7 @@ class EncoderInfo:
     source: str            # folder (or hub name) it loads from
     family: Family
     max_length: int        # positions_limit of its config
+    num_layers: int = 0    # its config's num_hidden_layers
 
 
 def inspect_encoder(name: str = "auto") -> EncoderInfo:
@@ -116,7 +117,8 @@ def inspect_encoder(name: str = "auto") -> EncoderInfo:
     except (OSError, ValueError) as e:
         raise EncoderError(f"cannot read the config of encoder {name!r} from {source}: "
                            f"{str(e).splitlines()[0]}") from e
-    return EncoderInfo(canonical, source, family, positions_limit(config))
+    return EncoderInfo(canonical, source, family, positions_limit(config),
+                       config.num_hidden_layers)
 
 
 def check_tokenizer(tok, family: Family = BERT) -> None:

@@ -10,7 +10,10 @@ faster; ``autocast=False`` turns it off), and stored as float16:
     CACHE_ROOT/<key>/index.json                    written last: the cache is complete
 
 ``key`` hashes the encoder (name, config, every weight), ``max_length``, the autocast choice
-and the token ids of every text, so a stale cache is never used.  Each shard is written to a
+and the token ids of every text, so a stale cache is never used.  ``unfreeze_top=K > 0``
+(``reference.pipeline.train --unfreeze-top K``): the hidden states entering layer ``L-K``
+instead of the last ones, in entries of their own (``K`` in the keys; ``K = 0`` keys are those
+of before; :mod:`scratch.pipeline.unfreeze`).  Each shard is written to a
 temporary file and renamed, so a shard on disk is whole; an interrupted run resumes at the
 first missing shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` a cache is
 never read as complete.  One writer per entry at a time (an ``flock`` on ``<key>/.lock``): a
@@ -39,6 +42,7 @@ import torch
 
 from scratch.pipeline import features as scratch_features
 from scratch.pipeline import ranks as scratch_ranks
+from scratch.pipeline import unfreeze
 from scratch.pipeline.atomic import atomic_write
 from scratch.pipeline.features import token_batches, writer_lock  # noqa: F401  (re-exported)
 
@@ -62,9 +66,13 @@ def encoder_fingerprint(encoder: Encoder) -> str:
     return h.hexdigest()
 
 
-def cache_key(encoder: Encoder, ids: list[np.ndarray], max_length: int, autocast: bool) -> str:
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "encoder": encoder_fingerprint(encoder),
-                                   "max_length": max_length, "autocast": autocast}).encode())
+def cache_key(encoder: Encoder, ids: list[np.ndarray], max_length: int, autocast: bool,
+              unfreeze_top: int = 0) -> str:
+    fields = {"format": FORMAT, "encoder": encoder_fingerprint(encoder),
+              "max_length": max_length, "autocast": autocast}
+    if unfreeze_top:
+        fields["unfreeze_top"] = unfreeze_top
+    h = hashlib.sha256(json.dumps(fields).encode())
     for a in ids:
         h.update(len(a).to_bytes(4, "little"))
         h.update(scratch_features.int32_ids(a).tobytes())
@@ -80,8 +88,25 @@ class FeatureStore(scratch_features.FeatureStore):
         return torch.from_numpy(x).to(dtype), torch.from_numpy(lengths)
 
 
-def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device) -> list[np.ndarray]:
-    """Run the encoder on one padded batch; return each review's (L_i, H) float16 features."""
+@contextlib.contextmanager
+def bottom_layers(model, upto: int | None):
+    """Within: ``model`` (a transformers encoder) runs its layers ``0 .. upto-1`` only, so its
+    output is the hidden states entering layer ``upto`` (None: every layer)."""
+    layers = model.encoder.layer
+    if upto is None or upto == len(layers):
+        yield model
+        return
+    model.encoder.layer = torch.nn.ModuleList(list(layers)[:upto])
+    try:
+        yield model
+    finally:
+        model.encoder.layer = layers
+
+
+def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device,
+            upto: int | None = None) -> list[np.ndarray]:
+    """Run the encoder (its layers below ``upto``) on one padded batch; return each review's
+    (L_i, H) float16 features."""
     lengths = [len(a) for a in ids]
     input_ids = torch.full((len(ids), max(lengths)), encoder.pad_id, dtype=torch.long)
     mask = torch.zeros_like(input_ids)
@@ -90,8 +115,8 @@ def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device) -> 
         mask[b, :len(a)] = 1
     amp = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
            if autocast else contextlib.nullcontext())
-    with torch.inference_mode(), amp:
-        hidden = encoder.model(input_ids=input_ids.to(device), attention_mask=mask.to(device))[0]
+    with torch.inference_mode(), amp, bottom_layers(encoder.model, upto) as model:
+        hidden = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))[0]
     hidden = hidden.float().cpu().numpy()
     return [hidden[b, :n].astype(np.float16) for b, n in enumerate(lengths)]
 
@@ -99,7 +124,8 @@ def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device) -> 
 def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_length: int = 512,
                      batch_tokens: int = 16_384, shard_size: int = 2_048,
                      autocast: bool | str | None = None, device: str = "cpu",
-                     progress: bool = True, desc: str = "features", ranks=None) -> FeatureStore:
+                     progress: bool = True, desc: str = "features", ranks=None,
+                     unfreeze_top: int = 0) -> FeatureStore:
     """Token features of ``texts`` from the frozen encoder: from the cache if there, else
     computed (resuming a partial cache) and stored.  ``autocast``: True (bf16) or False, or
     auto | bf16 | float32 | None (:func:`reference.pipeline.autocast.choose_autocast`, rank 0's
@@ -107,7 +133,9 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     A batch holds at most ``batch_tokens`` padded tokens, a shard ``shard_size`` reviews.
     ``ranks`` (default: the torchrun job this process belongs to, if any): every rank calls
     this with the same texts and computes its share of the shards
-    (:func:`scratch.pipeline.ranks.extract_together`)."""
+    (:func:`scratch.pipeline.ranks.extract_together`).  ``unfreeze_top`` K > 0: the hidden
+    states entering layer ``L-K`` (an entry of their own; one whose ``index.json`` says another
+    K is refused: :class:`scratch.pipeline.unfreeze.EntryMismatch`)."""
     ranks = distributed.current() if ranks is None else ranks
     if not isinstance(autocast, bool):
         choice = ranks.share(choose_autocast(encoder, device, autocast) if ranks.main else None)
@@ -115,19 +143,22 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
             say(choice)
         autocast = choice.bf16
     ids = tokenize(encoder.tokenizer, texts, max_length)
-    key = cache_key(encoder, ids, max_length, autocast) if ids else "none"
-    portable = (scratch_features.portable_key(encoder.source, max_length, ids)
+    n_layers = encoder.model.config.num_hidden_layers
+    key = cache_key(encoder, ids, max_length, autocast, unfreeze_top) if ids else "none"
+    portable = (scratch_features.portable_key(encoder.source, max_length, ids, unfreeze_top)
                 if ids and Path(encoder.source).is_dir() else None)
     meta = {"encoder": encoder.name, "source": encoder.source, "max_length": max_length,
             "autocast_bf16": autocast, "hidden_size": encoder.hidden_size,
-            "portable_key": portable}
+            "portable_key": portable, **unfreeze.entry_meta(unfreeze_top, n_layers)}
+    upto = n_layers - unfreeze_top
     store = scratch_ranks.extract(
-        Path(cache_root) / key, ids, lambda batch: _encode(encoder, batch, autocast, device),
+        Path(cache_root) / key, ids, lambda batch: _encode(encoder, batch, autocast, device, upto),
         key=key, meta=meta, batch_tokens=batch_tokens, shard_size=shard_size,
         progress=progress and ranks.main, desc=desc, ranks=ranks)
     if portable and store.meta.get("portable_key") != portable and ranks.main:  # an entry made
         store.meta["portable_key"] = portable                # before the portable key existed
         atomic_write(store.folder / "index.json", json.dumps(store.meta, indent=1).encode())
+    unfreeze.check_entry(store.meta, unfreeze_top, n_layers, store.folder)
     return FeatureStore(store.folder, wait_seconds=store.wait_seconds)
 
 

@@ -12,6 +12,10 @@ probability that each review is positive, from a head trained by
 :func:`predict_batch` gives the same numbers for many reviews at once: the same ids, padded
 to the batch's longest review with the attention mask, which changes no score (the model's
 encoder is masked and its GRU reads each review only up to its length).
+
+A checkpoint of ``reference.pipeline.train --unfreeze-top K`` (or scratch's) holds the trained
+top layers too: they replace the encoder's own, so the model is the frozen bottom, the trained
+top and the head (:func:`reference.pipeline.checkpoint.full_model`).
 """
 from __future__ import annotations
 
@@ -85,11 +89,11 @@ def predict_batch(model, tokenizer, sentences, max_input_length: int = 512,
 
 def load_model(folder, device: str = "cpu"):
     """(BERTGRUSentiment, tokenizer, config) from a reference.pipeline.train checkpoint
-    directory: the head is read and verified first, then the encoder named (or the folder
-    saved) in its config.json is loaded."""
+    directory: the head (and trained layers) is read and verified first, then the encoder
+    named (or the folder saved) in its config.json is loaded."""
     from .encoders import load_encoder
 
-    head, config = ckpt.load_head(folder)
+    head, layers, config = ckpt.load_parts(folder)
     name = config.get("encoder")
     max_length = config.get("max_length", 512)
     if not isinstance(name, str) or not isinstance(max_length, int) or max_length < 2:
@@ -101,7 +105,8 @@ def load_model(folder, device: str = "cpu"):
     if max_length > encoder.max_length:
         raise ckpt.CheckpointError(f"{Path(folder) / ckpt.CONFIG}: max_length {max_length} is "
                                    f"beyond {encoder.name}'s {encoder.max_length} positions")
-    return ckpt.full_model(encoder.model, head, config, folder, device), encoder.tokenizer, config
+    model = ckpt.full_model(encoder.model, head, config, folder, device, layers)
+    return model, encoder.tokenizer, config
 
 
 def main(argv=None) -> int:

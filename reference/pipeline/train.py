@@ -4,7 +4,8 @@ and accuracy.
 
     python -m reference.pipeline.train --data PATH --encoder NAME --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--device auto|cpu|cuda] \\
-        [--seed 3407] [--cache .cache/features] [--resume]
+        [--seed 3407] [--cache .cache/features] [--resume] \\
+        [--unfreeze-top K [--encoder-lr 2e-5] [--micro-batch-tokens 8192]]
 
 The assignment's recipe: Adam (default lr), ``BCEWithLogitsLoss``, 17,500/7,500 train/valid
 split with seed 3407 (with ``--limit-train N``: a stratified N-review subset, split 70/30),
@@ -32,10 +33,20 @@ the gradient summed in another order), with one exception: dropout.  Rank 0 draw
 from the one-process run's generator, rank r > 0 from its own (:func:`distributed.rank_seed`),
 so with dropout on the runs differ by the masks drawn, as two seeds would.  Checkpoints,
 metrics and printing are rank 0's; ``--resume`` restores every rank's generator.
+
+``--unfreeze-top K`` (:mod:`scratch.pipeline.unfreeze`): the top K encoder layers train with the
+head (:class:`reference.top_layers.TopGRUHead`, transformers' own ``BertLayer`` modules) on
+cached hidden states entering layer ``L-K``; one Adam with two parameter groups, the head at
+``--lr`` and the layers at ``--encoder-lr``; each batch (each rank's slice of it) in
+micro-batches of at most ``--micro-batch-tokens`` padded tokens, their gradients accumulated
+before the step (under DDP the gradients are all-reduced once, after the last micro-batch, the
+layers' with the head's).  The checkpoint holds the trained layers beside the head, the resume
+state their Adam moments.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import math
 import os
@@ -52,7 +63,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from scratch.pipeline import unfreeze
+
 from ..model import GRUHead
+from ..top_layers import TopGRUHead
 from . import checkpoint as ckpt
 from . import cli, distributed
 from .data import bucket_batches, train_valid_split
@@ -86,13 +100,21 @@ def _bar(iterable, desc, progress):
 
 def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed: int = 0,
               device="cpu", progress: bool = False, desc: str = "",
-              ranks: Ranks = SINGLE) -> tuple[float, float]:
+              ranks: Ranks = SINGLE, micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS,
+              masks=None) -> tuple[float, float]:
     """One pass over ``split``: trains when ``optimizer`` is given (shuffled buckets, dropout),
     else evaluates (length-sorted, no grad).  Returns (mean loss, accuracy) over examples.
 
     With ``ranks`` of a torchrun job (``head`` wrapped in DistributedDataParallel to train):
     every rank builds the same global batches and takes its slice of each; the sums behind the
-    means are all-reduced at the end, so every rank returns the one-process numbers."""
+    means are all-reduced at the end, so every rank returns the one-process numbers.
+
+    A :class:`TopGRUHead` (trained encoder layers) runs each batch in micro-batches
+    (:func:`top_batch`); ``masks``: an iterator of dropout masks, one per training
+    micro-batch, applied instead of drawn ones (scratch's, for the comparison tests)."""
+    if isinstance(getattr(head, "module", head), TopGRUHead):
+        return _run_top_epoch(head, split, batch_size, optimizer, seed, device, progress, desc,
+                              ranks, micro_tokens, masks)
     train = optimizer is not None
     head.train(train)
     criterion = nn.BCEWithLogitsLoss(reduction="sum")
@@ -125,6 +147,69 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
     total, correct, seen = ranks.all_sum([total, correct, seen])
     return total / seen, correct / seen
+
+
+def _run_top_epoch(model, split: Split, batch_size: int, optimizer, seed: int, device,
+                   progress: bool, desc: str, ranks: Ranks, micro_tokens: int, masks):
+    """:func:`run_epoch` of a :class:`TopGRUHead` (or DDP of one)."""
+    train = optimizer is not None
+    model.train(train)
+    dtype = next(model.parameters()).dtype
+    batches = bucket_batches(split.store.lengths[split.idx], batch_size, shuffle=train, seed=seed)
+    total, correct, seen = 0.0, 0, 0
+    bar = _bar(batches, desc, progress and ranks.main)
+    for b in bar:
+        mine = ranks.part(b)                      # the global batch b, or this rank's slice
+        if not len(mine) and not train:
+            continue
+        rows = mine if len(mine) else b[:1]       # an empty slice still joins the averaging
+        # the batch mean, as the assignment: sum / B; over N ranks each sends N / B * (its
+        # sum), which DDP averages back to sum / B (a zero for an empty slice)
+        scale = ranks.size / len(b) if len(mine) else 0.0
+        y = torch.as_tensor(split.labels[rows], dtype=dtype, device=device)
+        loss, logits = top_batch(model, split, rows, y, scale, optimizer, micro_tokens, device,
+                                 masks)
+        if not len(mine):
+            continue
+        total += loss
+        correct += int(((logits > 0) == (y > 0.5)).sum())
+        seen += len(mine)
+        if progress and ranks.main:
+            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
+    total, correct, seen = ranks.all_sum([total, correct, seen])
+    return total / seen, correct / seen
+
+
+def top_batch(model, split: Split, rows: np.ndarray, y: torch.Tensor, scale: float, optimizer,
+              micro_tokens: int, device="cpu", masks=None) -> tuple[float, torch.Tensor]:
+    """Reviews ``rows`` of ``split`` through the trained layers and the head, in micro-batches
+    of at most ``micro_tokens`` padded tokens (:func:`scratch.pipeline.unfreeze.micro_batches`,
+    as scratch cuts them): with ``optimizer``, each micro-batch's summed loss times ``scale``
+    is backpropagated (gradients accumulate; under DDP they are all-reduced after the last
+    micro-batch only), then one step.  Returns (the summed loss, the logits (B,))."""
+    train = optimizer is not None
+    dtype = next(model.parameters()).dtype
+    criterion = nn.BCEWithLogitsLoss(reduction="sum")
+    pieces = unfreeze.micro_batches(split.store.lengths[split.idx[rows]], micro_tokens)
+    if train:
+        optimizer.zero_grad()
+    total, logits = 0.0, []
+    for j, piece in enumerate(pieces):
+        x, lengths = split.store.batch(split.idx[rows[piece]])
+        last = j == len(pieces) - 1
+        sync = (model.no_sync() if train and not last and hasattr(model, "no_sync")
+                else contextlib.nullcontext())
+        with sync, torch.set_grad_enabled(train):
+            z = model(x.to(device=device, dtype=dtype), lengths,
+                      masks=next(masks) if train and masks is not None else None).squeeze(1)
+            loss = criterion(z, y[piece])
+            if train:
+                (loss * scale).backward()
+        total += float(loss.detach())
+        logits.append(z.detach())
+    if train:
+        optimizer.step()
+    return total, torch.cat(logits)
 
 
 def denormals_flushed() -> bool:
@@ -205,7 +290,8 @@ def flush_denormals():
 def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_size: int = 128,
         seed: int = 3407, lr: float = 1e-3, device="cpu", state: dict | None = None,
         config: dict | None = None, progress: bool = False, log=print,
-        ranks: Ranks = SINGLE) -> list[dict]:
+        ranks: Ranks = SINGLE, encoder_lr: float = unfreeze.DEFAULT_ENCODER_LR,
+        micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS, masks=None) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`checkpoint.load_state`
     dict).  After every epoch: the head's weights go to ``out/model.safetensors`` with ``config``
     and their checksum to ``out/config.json`` when the validation loss is the best so far, and
@@ -216,8 +302,19 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
     0 writes the files and logs.  The resume state holds every rank's generator
     (``rng_ranks``) beside rank 0's (``rng``, which a one-process resume uses).
 
+    A :class:`TopGRUHead` trains its encoder layers too: Adam with two parameter groups (the
+    head at ``lr``, the layers at ``encoder_lr``), batches in micro-batches of
+    ``micro_tokens`` padded tokens; ``masks``, an iterator of dropout masks for the training
+    micro-batches (see :func:`run_epoch`), makes the run follow scratch's masks.
+
     Denormal floats are flushed to zero while it runs (:func:`flush_denormals`)."""
-    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
+    if isinstance(head, TopGRUHead):
+        optimizer = torch.optim.Adam([
+            {"params": [p for n, p in head.named_parameters() if not n.startswith("encoder.")],
+             "lr": lr},
+            {"params": list(head.encoder.parameters()), "lr": encoder_lr}], lr=lr)
+    else:
+        optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
     history, best, start = [], math.inf, 1
     if state is not None:
         ckpt.load_head_state(head, state["model"], "resume state")
@@ -228,10 +325,10 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
     for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
         tl, ta = run_epoch(model, train, batch_size, optimizer, seed + epoch, device, progress,
-                           f"epoch {epoch}/{epochs} train", ranks)
+                           f"epoch {epoch}/{epochs} train", ranks, micro_tokens, masks)
         t1 = time.perf_counter()
         vl, va = run_epoch(head, valid, batch_size, None, 0, device, progress,
-                           f"epoch {epoch}/{epochs} valid", ranks)
+                           f"epoch {epoch}/{epochs} valid", ranks, micro_tokens)
         t2 = time.perf_counter()
         if not (math.isfinite(tl) and math.isfinite(vl)):
             raise FloatingPointError(f"epoch {epoch}: train loss {tl}, valid loss {vl}: training "
@@ -247,7 +344,7 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
         rngs = ranks.gather(torch.get_rng_state())
         if not ranks.main:
             continue
-        ckpt.save_state(out, {"model": ckpt.head_state(head), "optimizer": optimizer.state_dict(),
+        ckpt.save_state(out, {"model": ckpt.model_state(head), "optimizer": optimizer.state_dict(),
                               "epoch": epoch, "history": history, "best_valid_loss": best,
                               "rng": rngs[0], "config": config or {}}
                         | ({"rng_ranks": rngs} if ranks.size > 1 else {}))
@@ -272,7 +369,7 @@ def resumed_rng(state: dict, ranks: Ranks, seed: int) -> torch.Tensor:
 # --- features, with the cache shared by other processes --------------------------------------
 
 def features(encoder, texts, cache, max_length: int, device="cpu", desc="features",
-             progress=True, ranks: Ranks = SINGLE, autocast=None):
+             progress=True, ranks: Ranks = SINGLE, autocast=None, unfreeze_top: int = 0):
     """(FeatureStore of ``texts``, seconds spent waiting for another process writing the same
     cache entry, 0.0 when nobody was): :func:`reference.pipeline.features.extract_features`, which
     never runs two extractions of one entry side by side (the ranks of a torchrun job write
@@ -280,7 +377,8 @@ def features(encoder, texts, cache, max_length: int, device="cpu", desc="feature
     from .features import extract_features
 
     store = extract_features(encoder, texts, cache, max_length=max_length, device=device,
-                             progress=progress, desc=desc, ranks=ranks, autocast=autocast)
+                             progress=progress, desc=desc, ranks=ranks, autocast=autocast,
+                             unfreeze_top=unfreeze_top)
     return store, store.wait_seconds
 
 
@@ -289,7 +387,8 @@ def timed_features(run: Run, split: str):
     (waits excluded) and waiting in ``run.metrics``."""
     a, t0 = run.args, time.perf_counter()
     store, waited = features(run.encoder, run.reviews[split].texts, a.cache, a.max_length,
-                             run.device, split, run.progress, run.ranks, a.autocast)
+                             run.device, split, run.progress, run.ranks, a.autocast,
+                             a.unfreeze_top)
     run.metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - waited, 1)
     run.metrics["feature_wait_seconds"][split] = round(waited, 1)
     return store
@@ -310,6 +409,7 @@ def build_parser(prog="python -m reference.pipeline.train") -> argparse.Argument
     p.add_argument("--dropout", type=float, default=0.25)
     p.add_argument("--lr", type=cli.positive(float), default=1e-3)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    unfreeze.add_args(p)
     return p
 
 
@@ -327,7 +427,9 @@ def check_args(p: argparse.ArgumentParser, a):
     cli.check_autocast(p, a.autocast)
     if a.resume and distributed.from_env().main and not (out / ckpt.STATE).exists():
         p.error(f"--resume: {out / ckpt.STATE} does not exist (nothing to resume)")
-    return device, cli.check_encoder(p, a.encoder, a.max_length)
+    info = cli.check_encoder(p, a.encoder, a.max_length)
+    unfreeze.check_args(p, a, info.num_layers, info.family.model_type, a.max_length)
+    return device, info
 
 
 RUN_KEYS = ("encoder", "max_length", "limit_train", "limit_test", "seed", "batch_size", "lr",
@@ -366,7 +468,8 @@ def prepare(p: argparse.ArgumentParser, a, device: str, info, ranks: Ranks = SIN
              "n_layers": a.n_layers, "bidirectional": True, "dropout": a.dropout}
     config = {"encoder": encoder.name, "encoder_source": encoder.source, "max_length": a.max_length,
               "limit_train": a.limit_train, "limit_test": a.limit_test, "seed": a.seed,
-              "batch_size": a.batch_size, "lr": a.lr, "model": model}
+              "batch_size": a.batch_size, "lr": a.lr, "model": model,
+              **unfreeze.config_entries(a)}
     if reviews["train"].label_names:              # a table's two label values, 0 then 1
         config["labels"] = list(reviews["train"].label_names)
     metrics = {"config": config, "device": device, "threads": torch.get_num_threads(),
@@ -390,18 +493,30 @@ def resume_state(p: argparse.ArgumentParser, run: Run) -> dict:
     except ckpt.CheckpointError as e:
         p.error(f"--resume: {cli.one_line(e)}")
     old = state.get("config", {})
-    if diff := [k for k in RUN_KEYS if old.get(k) != run.config[k]]:
+    diff = [k for k in RUN_KEYS if old.get(k) != run.config[k]]
+    if diff := diff + unfreeze.resume_differences(old, run.config):
         p.error(f"--resume: {run.out} was trained with different {', '.join(diff)} "
                 f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
     if missing := {"model", "optimizer", "epoch", "history", "best_valid_loss", "rng"} - set(state):
         p.error(f"--resume: {run.out / ckpt.STATE} lacks {sorted(missing)}")
     try:
-        ckpt.check_head_state(GRUHead(**run.config["model"]), state["model"],
-                              str(run.out / ckpt.STATE))
+        ckpt.check_head_state(new_model(run), state["model"], str(run.out / ckpt.STATE))
     except ckpt.CheckpointError as e:
         p.error(f"--resume: {cli.one_line(e)}")
     print(f"resuming after epoch {state['epoch']} from {run.out / ckpt.STATE}", flush=True)
     return state
+
+
+def new_model(run: Run, pretrained: bool = False) -> GRUHead:
+    """The run's model, its head drawn from torch's generator: a :class:`GRUHead`, or with
+    --unfreeze-top a :class:`TopGRUHead` (``pretrained``: its layers' weights the encoder's)."""
+    k, model = run.args.unfreeze_top, run.config["model"]
+    if not k:
+        return GRUHead(**model)
+    bert = run.encoder.model
+    if pretrained:
+        return TopGRUHead.from_bert(bert, k, **model)
+    return TopGRUHead(bert.config, bert.config.num_hidden_layers - k, **model)
 
 
 def train_head(p: argparse.ArgumentParser, run: Run) -> list[dict]:
@@ -418,14 +533,15 @@ def train_head(p: argparse.ArgumentParser, run: Run) -> list[dict]:
               + (f", after waiting {waited:.1f} s for another process" if waited else ""),
               flush=True)
     torch.manual_seed(a.seed)
-    head = GRUHead(**run.config["model"]).to(run.device)
+    head = new_model(run, pretrained=True).to(run.device)
     if not run.ranks.main:                      # rank 0 goes on with the one-process stream
         torch.manual_seed(distributed.rank_seed(a.seed, run.ranks.rank))
     try:
         history = fit(head, train, valid, run.out, epochs=a.epochs, batch_size=a.batch_size,
                       seed=a.seed, lr=a.lr, device=run.device, state=run.state,
                       config=run.config, progress=run.progress,
-                      log=lambda msg: print(msg, flush=True), ranks=run.ranks)
+                      log=lambda msg: print(msg, flush=True), ranks=run.ranks,
+                      encoder_lr=a.encoder_lr, micro_tokens=a.micro_batch_tokens)
     except FloatingPointError as e:
         p.error(str(e))
     run.metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(run.reviews["test"]),
@@ -443,7 +559,7 @@ def evaluate_test(run: Run, history: list[dict]) -> None:
     t0 = time.perf_counter()
     test = Split(store, np.arange(len(store)), run.reviews["test"].labels)
     loss, acc = run_epoch(best, test, run.args.batch_size, None, 0, run.device, run.progress,
-                          "test", run.ranks)
+                          "test", run.ranks, run.args.micro_batch_tokens)
     run.metrics.update(best_epoch=best_epoch, test_loss=loss, test_acc=acc,
                        test_seconds=round(time.perf_counter() - t0, 1))
     if run.ranks.main:
@@ -452,12 +568,18 @@ def evaluate_test(run: Run, history: list[dict]) -> None:
 
 
 def best_head(run: Run) -> GRUHead:
-    """The best checkpoint's head, loaded and verified by rank 0 (--out is its folder) and
-    sent to the other ranks."""
+    """The best checkpoint's head (with its trained layers), loaded and verified by rank 0
+    (--out is its folder) and sent to the other ranks."""
+    def load() -> GRUHead:
+        head, layers, config = ckpt.load_parts(run.out)
+        if not layers:
+            return head
+        return ckpt.top_head(run.encoder.model.config, head, layers, config, run.out)
+
     if run.ranks.size == 1:
-        return ckpt.load_head(run.out, run.device)[0]
-    head = ckpt.load_head(run.out)[0] if run.ranks.main else GRUHead(**run.config["model"])
-    weights = run.ranks.share(ckpt.head_state(head) if run.ranks.main else None)
+        return load().to(run.device).eval()
+    head = load() if run.ranks.main else new_model(run)
+    weights = run.ranks.share(ckpt.model_state(head) if run.ranks.main else None)
     ckpt.load_head_state(head, weights, "rank 0's best head")
     return head.to(run.device).eval()
 

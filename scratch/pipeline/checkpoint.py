@@ -6,7 +6,9 @@ A checkpoint folder (the same as ``reference.pipeline.checkpoint``'s)::
                           dropout}, "weights_sha256": sha256 hex of model.safetensors' bytes,
                           and the run's settings (encoder, max_length, seed, ...)}
     model.safetensors    the head's tensors, float32, the reference's names (``rnn.weight_ih_l0``,
-                         ..., ``out.weight``, ``out.bias``)
+                         ..., ``out.weight``, ``out.bias``); after ``--unfreeze-top K`` also
+                         the K trained encoder layers, ``encoder.layer.{l}.*`` (BertModel's
+                         names; config.json then says ``"unfreeze_top": K``)
     last.safetensors     scratch's resume state (:func:`save_state`); the reference's is last.pt
     metrics.json         written by the training script
 
@@ -18,7 +20,11 @@ Loading (:func:`load_head`) checks everything before a weight is used, and says 
 a one-line :class:`CheckpointError` naming the file: the folder and both files exist, config.json
 is a JSON object with valid model arguments, model.safetensors hashes to ``weights_sha256`` (when
 present; ``require_checksum=True`` refuses a checkpoint without one), its header parses, its
-tensors are the head's names and shapes, in float32 or float64, with finite values.
+tensors are the head's names and shapes, in float32 or float64, with finite values.  A
+checkpoint with trained encoder layers loads through :func:`load_checkpoint` (the head and the
+layers' tensors; their names, count and ``unfreeze_top`` checked here, their shapes against the
+encoder when they are put into it); :func:`load_head` refuses it, so no caller scores with the
+head alone on an encoder whose top it was not trained with.
 """
 from __future__ import annotations
 
@@ -32,7 +38,9 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from ..backend import to_numpy
+from ..encoder_layer import PARAM_NAMES
 from ..sentiment import HEAD_ARGS, SentimentHead
+from ..top_layers import split_layer_params
 from .atomic import atomic_write, write_json
 
 CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
@@ -147,15 +155,61 @@ def load_head(folder, dtype="float32", xp=None, require_checksum: bool = False
               ) -> tuple[SentimentHead, dict]:
     """(SentimentHead with the saved weights, config) from a checkpoint folder written by
     :func:`save_weights` or by ``reference.pipeline.train``; every check of the module
-    docstring passed."""
+    docstring passed.  A checkpoint with trained encoder layers is refused (one line: use
+    :func:`load_checkpoint`)."""
+    head, layers, config = load_checkpoint(folder, dtype, xp, require_checksum)
+    if layers:
+        raise CheckpointError(f"{Path(folder) / WEIGHTS}: holds the {len(layers)} encoder "
+                              f"layers trained with the head (unfreeze_top): the head alone "
+                              f"would score with the untrained ones")
+    return head, config
+
+
+def unfreeze_top(config: dict, where) -> int:
+    """config.json's ``unfreeze_top`` (0 when absent), checked."""
+    k = config.get("unfreeze_top", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise CheckpointError(f"{where}: unfreeze_top must be an integer >= 0, got {k!r}")
+    return k
+
+
+def load_checkpoint(folder, dtype="float32", xp=None, require_checksum: bool = False
+                    ) -> tuple[SentimentHead, dict, dict]:
+    """(head, trained layers ``{index: {name: array}}`` (empty for a frozen-encoder run),
+    config) of a checkpoint folder, every check of the module docstring passed, and: the
+    layers are ``unfreeze_top`` consecutive top layers with every tensor of a BERT layer."""
     config = read_config(folder, require_checksum)
-    tensors = read_weights(folder, config)
+    path = Path(folder) / WEIGHTS
+    rest, layers = split_layers(read_weights(folder, config), config, folder)
     head = SentimentHead(**config["model"], dtype=dtype, xp=xp)
     try:
-        head.load_state_dict(tensors)
+        head.load_state_dict(rest)
     except ValueError as e:
-        raise CheckpointError(f"{Path(folder) / WEIGHTS}: {_one_line(e)}") from None
-    return head, config
+        raise CheckpointError(f"{path}: {_one_line(e)}") from None
+    return head, layers, config
+
+
+def split_layers(tensors: dict, config: dict, folder) -> tuple[dict, dict]:
+    """(the head's tensors, trained layers ``{index: {name: tensor}}``) of a checkpoint's
+    tensors (NumPy or torch), checked: config.json's ``unfreeze_top`` K consecutive layers,
+    each with exactly a BERT layer's tensor names (:data:`scratch.encoder_layer.PARAM_NAMES`).
+    (``reference.pipeline.checkpoint`` checks through this too.)"""
+    path = Path(folder) / WEIGHTS
+    k = unfreeze_top(config, Path(folder) / CONFIG)
+    try:
+        rest, layers = split_layer_params(tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {_one_line(e)}") from None
+    indices = sorted(layers)
+    first = indices[0] if indices else 0
+    if len(indices) != k or indices != list(range(first, first + k)):
+        raise CheckpointError(f"{path}: encoder layers {indices} for unfreeze_top {k} in "
+                              f"{CONFIG} (the top {k} layers expected)")
+    for i, names in layers.items():
+        if odd := sorted(set(names) ^ set(PARAM_NAMES)):
+            raise CheckpointError(f"{path}: encoder layer {i}: tensors {odd[:3]} missing or "
+                                  "unexpected")
+    return rest, layers
 
 
 # ---- the resume state: nested dicts of arrays and JSON values, one safetensors file ---------

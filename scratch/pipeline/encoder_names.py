@@ -101,6 +101,7 @@ class Encoder:
     hidden_size: int
     max_length: int           # learned positions, specials included
     tokenizer: object = None
+    num_layers: int = 0       # config.json's num_hidden_layers
 
     @classmethod
     def inspect(cls, name: str) -> Encoder:
@@ -113,7 +114,8 @@ class Encoder:
         positions = int(cfg["max_position_embeddings"])
         if mtype == "mpnet":                # MPNet's positions start after its pad id
             positions -= int(cfg.get("pad_token_id", 1)) + 1
-        return cls(canonical, folder, mtype, int(cfg["hidden_size"]), positions)
+        return cls(canonical, folder, mtype, int(cfg["hidden_size"]), positions,
+                   num_layers=int(cfg["num_hidden_layers"]))
 
     def load_tokenizer(self):
         """The folder's checked tokenizer (:class:`scratch.pipeline.tokenizer.BertTokenizer`)."""

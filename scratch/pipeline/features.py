@@ -666,11 +666,16 @@ def encoder_id(folder) -> str:
     return _files_sha256(str(folder), stamp)
 
 
-def portable_key(encoder_folder, max_length: int, ids) -> str:
+def portable_key(encoder_folder, max_length: int, ids, unfreeze_top: int = 0) -> str:
     """The key both pipelines compute for the features of ``ids`` (token id arrays) from the
-    encoder in ``encoder_folder`` at ``max_length`` (float16, whatever the precision used)."""
-    h = hashlib.sha256(json.dumps({"format": FORMAT, "encoder": encoder_id(encoder_folder),
-                                   "max_length": int(max_length)}).encode())
+    encoder in ``encoder_folder`` at ``max_length`` (float16, whatever the precision used):
+    its last hidden states, or with ``unfreeze_top`` K > 0 the hidden states entering layer
+    ``L-K`` (:mod:`scratch.pipeline.unfreeze`; K = 0 keys are those of before K existed)."""
+    fields = {"format": FORMAT, "encoder": encoder_id(encoder_folder),
+              "max_length": int(max_length)}
+    if unfreeze_top:
+        fields["unfreeze_top"] = int(unfreeze_top)
+    h = hashlib.sha256(json.dumps(fields).encode())
     for a in ids:
         h.update(len(a).to_bytes(4, "little"))
         h.update(int32_ids(a).tobytes())

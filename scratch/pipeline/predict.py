@@ -9,6 +9,10 @@ BERT or MPNet folders) and tokenizer (:class:`scratch.pipeline.tokenizer.BertTok
     ids = [CLS] tokens[:max_length - 2] [SEP]      per review, like reference.pipeline.predict
     h   = BertEncoder(ids, mask)                   (B, T, E), padding masked out
     p   = sigmoid(head(h, lengths))                (B, 1), the GRU reads each review to its end
+
+A checkpoint trained with ``--unfreeze-top K`` holds the encoder's top K layers as trained:
+they replace the encoder's own (:meth:`scratch.top_layers.TopLayers.write_to`), so ``h`` is the
+frozen bottom and the trained top.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from ..backend import to_numpy
 from ..bert_folder import BertError
+from ..top_layers import TopLayers
 from . import checkpoint as ckpt
 from . import cli
 from .encoder_names import Encoder, EncoderNameError
@@ -35,9 +40,10 @@ max_length tokens, as in training.  No torch is imported."""
 
 
 def load_model(folder, dtype="float32"):
-    """(encoder, tokenizer, head, config) from a checkpoint folder: the head verified first,
-    then the encoder (the saved folder if it exists, else the saved name)."""
-    head, config = ckpt.load_head(folder, dtype=dtype, require_checksum=True)
+    """(encoder, tokenizer, head, config) from a checkpoint folder: the head (and trained
+    layers) verified first, then the encoder (the saved folder if it exists, else the saved
+    name), its top layers replaced by the trained ones if there are any."""
+    head, layers, config = ckpt.load_checkpoint(folder, dtype=dtype, require_checksum=True)
     name, max_length = config.get("encoder"), config.get("max_length", 512)
     if not isinstance(name, str) or not isinstance(max_length, int) or max_length < 2:
         raise ckpt.CheckpointError(f"{Path(folder) / ckpt.CONFIG}: needs an encoder name and "
@@ -50,7 +56,13 @@ def load_model(folder, dtype="float32"):
     if info.hidden_size != head.emb_dim:
         raise ckpt.CheckpointError(f"{folder}: the head was trained on {head.emb_dim}-dim "
                                    f"features, {info.name} gives {info.hidden_size}")
-    return info.load_bert(dtype), info.load_tokenizer(), head, config
+    encoder = info.load_bert(dtype)
+    if layers:
+        try:
+            TopLayers.from_state(layers, encoder.config, dtype).write_to(encoder)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"{Path(folder) / ckpt.WEIGHTS}: {e}") from None
+    return encoder, info.load_tokenizer(), head, config
 
 
 def predict_batch(encoder, tokenizer, head, sentences, max_length: int = 512,
