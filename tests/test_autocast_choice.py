@@ -164,7 +164,7 @@ def test_the_line_is_printed_once_and_the_entry_follows_the_choice(monkeypatch, 
     FakeCPU(1.5).install(monkeypatch)
     probed = Fe.extract_features(enc, TEXTS, tmp_path / "c", **kw)
     Fe.extract_features(enc, TEXTS[:3], tmp_path / "c", **kw)
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("autocast:")]
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("autocast:")]
     n, length = ac.PROBE_SHAPE
     assert lines == [f"autocast: bf16 (probe: bf16 1.50x faster than float32 here, {n}x{length} "
                      f"tokens, one thread; cached in {ac.cache_path()})"]
@@ -179,7 +179,7 @@ def test_the_line_is_printed_once_and_the_entry_follows_the_choice(monkeypatch, 
     ac.cache_path().unlink()
     assert Fe.extract_features(enc, TEXTS, tmp_path / "c", **kw).folder == f32.folder
     assert "autocast: float32 (probe: bf16 1.34x slower than float32 here" \
-        in capsys.readouterr().out
+        in capsys.readouterr().err
 
 
 def test_the_commands_take_autocast_and_no_autocast_as_its_alias(monkeypatch, tmp_path, capsys):
@@ -189,7 +189,7 @@ def test_the_commands_take_autocast_and_no_autocast_as_its_alias(monkeypatch, tm
             str(tmp_path / "c"), "--max-length", "32", "--device", "cpu", "--no-progress"]
     monkeypatch.setattr(ac, "probe", lambda e: pytest.fail("probed"))
     assert Fe.main([*argv, "--autocast", "float32"]) == 0
-    assert "autocast: float32 (forced: --autocast float32)" in capsys.readouterr().out
+    assert "autocast: float32 (forced: --autocast float32)" in capsys.readouterr().err
     entries = sorted((tmp_path / "c").iterdir())
     assert Fe.main([*argv, "--no-autocast"]) == 0
     assert sorted((tmp_path / "c").iterdir()) == entries                # the same entries

@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,8 @@ def choose_autocast(encoder, device="cpu", mode: str | None = None,
 
 
 def say(choice: Choice) -> None:
-    """Print ``choice``'s line, once per process."""
+    """Print ``choice``'s line, once per process, on stderr (a diagnostic, like the progress
+    bars: standard output stays the command's results, e.g. ``reference.compare``'s table)."""
     if (line := choice.line()) not in _said:
         _said.add(line)
-        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)
