@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
+from reference.model import GRUHead
 from reference.pipeline import checkpoint as rckpt
 from reference.pipeline import features as rfeatures
 from reference.pipeline import predict as rpredict
@@ -516,3 +517,31 @@ def test_torchrun_trains_the_layers_as_one_process(world, tmp_path):
         # noise, which differs with the batch shapes, into steps of its own (~1e-5 here)
         atol = 1e-4 if k == "attention.self.key.bias" else 1e-5
         torch.testing.assert_close(l2[k], l1[k], rtol=1e-4, atol=atol)
+
+
+def test_init_gives_the_head_and_the_layers_their_starting_weights(world, trained, tmp_path):
+    """--init with K = 1: a head-only checkpoint starts the head there and the layer at the
+    encoder's weights; a checkpoint with the trained layer starts both there.  (0 epochs of
+    training cannot be asked for: one epoch at lr ~0 shows the start.)"""
+    from safetensors.numpy import load_file
+
+    tiny = 1e-30
+    model = dict(emb_dim=16, hidden_dim=8, output_dim=1, n_layers=2, bidirectional=True,
+                 dropout=0.25)
+    torch.manual_seed(3)
+    rckpt.save_weights(tmp_path / "init", GRUHead(**model), {"encoder": "tiny2", "model": model})
+    pretrained = BertModel.from_pretrained(world / "tiny2").encoder.layer[1].state_dict()
+    for init, layer_from in ((tmp_path / "init", "encoder"), (trained / "r", "init")):
+        out = tmp_path / f"from-{layer_from}"
+        assert strain.main(argv(world, out, tmp_path / "cache", "--unfreeze-top", "1",
+                                "--init", str(init), "--lr", str(tiny), "--encoder-lr",
+                                str(tiny), "--dtype", "float64", epochs=1)) == 0
+        got, start = load_file(str(out / "model.safetensors")), load_file(
+            str(init / "model.safetensors"))
+        for name in ("rnn.weight_ih_l0", "out.weight"):
+            np.testing.assert_allclose(got[name], start[name], rtol=1e-6, atol=1e-7)
+        for name in ("attention.self.query.weight", "output.LayerNorm.bias"):
+            want = (pretrained[name].numpy() if layer_from == "encoder"
+                    else start[f"encoder.layer.1.{name}"])
+            np.testing.assert_allclose(got[f"encoder.layer.1.{name}"], want, rtol=1e-6,
+                                       atol=1e-7)

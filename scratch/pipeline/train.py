@@ -449,10 +449,12 @@ def train_head(parser, run: Run) -> list[dict]:
         bert = run.encoder.load_bert(a.dtype)
         head = TopHead(TopLayers.from_encoder(bert, a.unfreeze_top, a.dtype, a.seed), head)
         del bert
-    if run.init is not None and run.state is None:
-        init, layers = run.init
-        head.load_state_dict({**init.params, **{f"encoder.layer.{i}.{n}": t for i, sd in
-                                                layers.items() for n, t in sd.items()}})
+    if run.init is not None and run.state is None:        # the layers: --init's if it has
+        init, layers = run.init                            # them, else the encoder's
+        (head.head if a.unfreeze_top else head).load_state_dict(init.params)
+        if layers:
+            head.top.load_state_dict({f"encoder.layer.{i}.{n}": t for i, sd in layers.items()
+                                      for n, t in sd.items()})
     try:
         history = fit(head, train, valid, run.out, epochs=a.epochs, batch_size=a.batch_size,
                       seed=a.seed, lr=a.lr, state=run.state, config=run.config,
