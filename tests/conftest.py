@@ -2,7 +2,10 @@
 (``xp``: NumPy, and CuPy with torch on CUDA where a GPU computes)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,12 @@ from hypothesis import HealthCheck, Phase, settings
 from tests.helpers import BACKENDS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the autocast chooser's verdicts (reference.pipeline.autocast) go to a file of this session's,
+# never the user's, here and in the commands the tests start (set before the test modules copy
+# os.environ)
+_AUTOCAST = Path(tempfile.mkdtemp(prefix="gru-attention-autocast-"))
+atexit.register(shutil.rmtree, _AUTOCAST, ignore_errors=True)
+os.environ["GRU_ATTENTION_AUTOCAST_CACHE"] = str(_AUTOCAST / "autocast.json")
 
 # ci: derandomized, fixed example count, no deadline (CI machines are slow and shared).
 settings.register_profile(

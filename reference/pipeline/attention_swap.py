@@ -32,9 +32,10 @@ rows that need it: those of ``--distill-layers`` whose accuracy fell more than `
 points below softmax's.  The distilled projections are cached (``CACHE/distilled/``) under a
 key of the encoder, variant, settings and texts.
 
-Precision: features use bf16 autocast where the CPU has native bf16 (the main pipeline's
-default; ``--no-autocast`` for float32).  ``precision_check`` in the results measures what that
-costs: the cosine of bf16 to float32 last hidden states per variant on a few test reviews.
+Precision: features use bf16 autocast where :mod:`reference.pipeline.autocast` finds it faster
+on this CPU (the main pipeline's default; ``--autocast bf16|float32`` to choose).
+``precision_check`` in the results measures what that costs: the cosine of bf16 to float32 last
+hidden states per variant on a few test reviews.
 
 Writes the results JSON (``--results``), a Markdown table beside it (``.md``), and prints the
 table.  Bad input: one line and exit status 2 (:mod:`reference.pipeline.cli`).
@@ -61,9 +62,10 @@ from ..bert_attention import swap_attention
 from ..model import GRUHead
 from . import checkpoint as ckpt
 from . import cli
+from .autocast import choose_autocast
 from .data import tokenize, train_valid_split
 from .distill import distill
-from .encoders import Encoder, bf16_supported
+from .encoders import Encoder
 from .features import encoder_fingerprint, extract_features
 from .train import VALID_FRACTION, Split, fit, run_epoch
 
@@ -148,7 +150,6 @@ def build_parser():
     p.add_argument("--distill-lr", type=cli.positive(float), default=1e-3)
     p.add_argument("--precision-check", type=cli.non_negative(int), default=32, metavar="N",
                    help="test reviews for the bf16-vs-float32 check (0: skip)")
-    p.add_argument("--no-autocast", action="store_true", help="float32 features (no bf16)")
     p.add_argument("--threads", type=cli.positive(int), help="torch threads (default: torch's)")
     p.add_argument("--results", default="results/attention_swap.json",
                    help="results JSON (a .md table is written beside it)")
@@ -171,6 +172,7 @@ def check_args(p, a):
     if device != "cpu":
         p.error("--device: this experiment runs on the CPU (bf16 autocast is set up for it)")
     cli.check_folder(p, "--cache", a.cache)
+    cli.check_autocast(p, a.autocast)
     cli.check_folder(p, "--out", a.out)
     results = Path(a.results)
     if results.suffix != ".json":
@@ -430,8 +432,10 @@ def prepare(p, a) -> Setup:
     if too_many := [spec for spec in a.layers if spec != "all" and int(spec[3:]) > n_layers]:
         p.error(f"--layers {','.join(too_many)}: {encoder.name} has {n_layers} layers")
     n = len(reviews["train"])
+    choice = choose_autocast(encoder, device, a.autocast)
     s = Setup(a, encoder, reviews, train_valid_split(n, round(n * VALID_FRACTION), a.seed),
-              False if a.no_autocast else bf16_supported(device))
+              choice.bf16)
+    print(choice.line(), flush=True)
     print(f"data {path}: {n} train ({len(s.split[0])} train / {len(s.split[1])} valid) and "
           f"{len(reviews['test'])} test reviews, {a.max_length} tokens; encoder {encoder.name} "
           f"({n_layers} layers); bf16 autocast {s.autocast}; {torch.get_num_threads()} threads",

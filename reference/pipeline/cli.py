@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from scratch.pipeline.cli import (  # noqa: F401
     BAD_INPUT,
@@ -31,8 +32,9 @@ from scratch.pipeline.cli import (  # noqa: F401
 # --- arguments shared by the commands that extract features ---------------------------------------
 
 def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/features") -> None:
-    """--data --encoder --max-length --limit-train --limit-test --seed --device --cache, and
-    the table options (:func:`scratch.pipeline.cli.add_table_args`)."""
+    """--data --encoder --max-length --limit-train --limit-test --seed --device --cache
+    --autocast (--no-autocast), and the table options
+    (:func:`scratch.pipeline.cli.add_table_args`)."""
     p.add_argument("--data", help="aclImdb directory or .tar.gz, or a labelled table (.csv, "
                    ".tsv, .jsonl, .parquet; default: $IMDB_PATH)")
     p.add_argument("--encoder", default="auto",
@@ -48,6 +50,13 @@ def add_feature_args(p: argparse.ArgumentParser, cache_default: str = ".cache/fe
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache", default=cache_default,
                    help="feature cache root (default %(default)s)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--autocast", choices=("auto", "bf16", "float32"),
+                   help="the encoder's precision (default: $GRU_ATTENTION_AUTOCAST, else auto: "
+                        "bf16 autocast on CUDA with bf16, and on a CPU with native bf16 when a "
+                        "short probe, cached per machine, finds it clearly faster)")
+    g.add_argument("--no-autocast", dest="autocast", action="store_const", const="float32",
+                   help="the same as --autocast float32")
     add_table_args(p)
 
 
@@ -60,6 +69,17 @@ def add_dist_args(p: argparse.ArgumentParser) -> None:
 
 
 # --- checks: each one either returns or ends the command with one line -------------------------
+
+def check_autocast(p: argparse.ArgumentParser, mode: str | None) -> str | None:
+    """``--autocast``'s value, unchanged; without it a bad ``$GRU_ATTENTION_AUTOCAST`` is an
+    error now (the chooser reads it, :mod:`reference.pipeline.autocast`)."""
+    from .autocast import ENV, MODES
+
+    env = os.environ.get(ENV)
+    if mode is None and env and env not in MODES:
+        p.error(f"${ENV}={env!r}: expected one of {', '.join(MODES)}")
+    return mode
+
 
 def check_device(p: argparse.ArgumentParser, device: str) -> str:
     """``auto|cpu|cuda`` -> the device to use; cuda without a CUDA device is an error."""

@@ -207,8 +207,8 @@ def check_model(model, info: dict, family: Family, source: str) -> None:
 
 
 def bf16_supported(device: str | torch.device = "cpu") -> bool:
-    """Whether bf16 autocast is fast here: CUDA with bf16, or a CPU with native bf16
-    (AVX512-BF16/AMX)."""
+    """Whether bf16 is native here: CUDA with bf16, or a CPU with AVX512-BF16 or AMX.  Native
+    is not faster: :func:`reference.pipeline.autocast.choose_autocast` measures that."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

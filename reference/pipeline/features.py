@@ -2,8 +2,8 @@
 
 The encoder is frozen, so its output for a review never changes: the assignment recomputed it
 every epoch; here it is computed once, in length-sorted batches (almost no padding), under
-``torch.inference_mode`` (bf16 autocast where the hardware has native bf16; ``autocast=False``
-turns it off), and stored as float16:
+``torch.inference_mode`` (bf16 autocast where :mod:`reference.pipeline.autocast` finds it
+faster; ``autocast=False`` turns it off), and stored as float16:
 
     CACHE_ROOT/<key>/plan.json                     what the shards will hold (written first)
     CACHE_ROOT/<key>/shard_00000.safetensors ...   features (T, H) f16, lengths (k,), index (k,)
@@ -47,8 +47,9 @@ from scratch.pipeline.atomic import atomic_write
 from scratch.pipeline.features import token_batches, writer_lock  # noqa: F401  (re-exported)
 
 from . import distributed
+from .autocast import choose_autocast, say
 from .data import tokenize
-from .encoders import Encoder, bf16_supported
+from .encoders import Encoder
 
 FORMAT = 1
 log = logging.getLogger(__name__)
@@ -122,10 +123,13 @@ def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device,
 
 def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_length: int = 512,
                      batch_tokens: int = 16_384, shard_size: int = 2_048,
-                     autocast: bool | None = None, device: str = "cpu", progress: bool = True,
-                     desc: str = "features", ranks=None, unfreeze_top: int = 0) -> FeatureStore:
+                     autocast: bool | str | None = None, device: str = "cpu",
+                     progress: bool = True, desc: str = "features", ranks=None,
+                     unfreeze_top: int = 0) -> FeatureStore:
     """Token features of ``texts`` from the frozen encoder: from the cache if there, else
-    computed (resuming a partial cache) and stored.  ``autocast=None``: bf16 if supported.
+    computed (resuming a partial cache) and stored.  ``autocast``: True (bf16) or False, or
+    auto | bf16 | float32 | None (:func:`reference.pipeline.autocast.choose_autocast`, rank 0's
+    choice on every rank, its line printed once).
     A batch holds at most ``batch_tokens`` padded tokens, a shard ``shard_size`` reviews.
     ``ranks`` (default: the torchrun job this process belongs to, if any): every rank calls
     this with the same texts and computes its share of the shards
@@ -133,7 +137,11 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     states entering layer ``L-K`` (an entry of their own; one whose ``index.json`` says another
     K is refused: :class:`scratch.pipeline.unfreeze.EntryMismatch`)."""
     ranks = distributed.current() if ranks is None else ranks
-    autocast = bf16_supported(device) if autocast is None else autocast
+    if not isinstance(autocast, bool):
+        choice = ranks.share(choose_autocast(encoder, device, autocast) if ranks.main else None)
+        if ranks.main:
+            say(choice)
+        autocast = choice.bf16
     ids = tokenize(encoder.tokenizer, texts, max_length)
     n_layers = encoder.model.config.num_hidden_layers
     key = cache_key(encoder, ids, max_length, autocast, unfreeze_top) if ids else "none"
@@ -174,7 +182,6 @@ def build_parser():
     p.add_argument("--shard-size", type=cli.positive(int), default=2_048,
                    help="reviews per shard, the unit an interrupted run resumes from "
                         "(default %(default)s)")
-    p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast (float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -188,6 +195,7 @@ def main(argv=None) -> int:
     device = cli.check_device(p, a.device)                     # options alone, then the
     info = cli.check_encoder(p, a.encoder, a.max_length)       # encoder's config: no weights
     cli.check_batch_tokens(p, a.batch_tokens, a.max_length)
+    cli.check_autocast(p, a.autocast)
     cli.check_folder(p, "--cache", a.cache)
     _, data = cli.load_data(p, a.data, a)
     for split, limit in (("train", a.limit_train), ("test", a.limit_test)):
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         stores = imdb_features(encoder, data, a.cache, max_length=a.max_length,
                                batch_tokens=a.batch_tokens, shard_size=a.shard_size,
-                               device=device, autocast=False if a.no_autocast else None,
+                               device=device, autocast=a.autocast,
                                progress=not a.no_progress, ranks=ranks)
         if not ranks.main:
             return 0

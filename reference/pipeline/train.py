@@ -369,7 +369,7 @@ def resumed_rng(state: dict, ranks: Ranks, seed: int) -> torch.Tensor:
 # --- features, with the cache shared by other processes --------------------------------------
 
 def features(encoder, texts, cache, max_length: int, device="cpu", desc="features",
-             progress=True, ranks: Ranks = SINGLE, unfreeze_top: int = 0):
+             progress=True, ranks: Ranks = SINGLE, autocast=None, unfreeze_top: int = 0):
     """(FeatureStore of ``texts``, seconds spent waiting for another process writing the same
     cache entry, 0.0 when nobody was): :func:`reference.pipeline.features.extract_features`, which
     never runs two extractions of one entry side by side (the ranks of a torchrun job write
@@ -377,7 +377,7 @@ def features(encoder, texts, cache, max_length: int, device="cpu", desc="feature
     from .features import extract_features
 
     store = extract_features(encoder, texts, cache, max_length=max_length, device=device,
-                             progress=progress, desc=desc, ranks=ranks,
+                             progress=progress, desc=desc, ranks=ranks, autocast=autocast,
                              unfreeze_top=unfreeze_top)
     return store, store.wait_seconds
 
@@ -387,7 +387,8 @@ def timed_features(run: Run, split: str):
     (waits excluded) and waiting in ``run.metrics``."""
     a, t0 = run.args, time.perf_counter()
     store, waited = features(run.encoder, run.reviews[split].texts, a.cache, a.max_length,
-                             run.device, split, run.progress, run.ranks, a.unfreeze_top)
+                             run.device, split, run.progress, run.ranks, a.autocast,
+                             a.unfreeze_top)
     run.metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - waited, 1)
     run.metrics["feature_wait_seconds"][split] = round(waited, 1)
     return store
@@ -423,6 +424,7 @@ def check_args(p: argparse.ArgumentParser, a):
     device = cli.check_device(p, a.device)
     out = cli.check_folder(p, "--out", a.out)
     cli.check_folder(p, "--cache", a.cache)
+    cli.check_autocast(p, a.autocast)
     if a.resume and distributed.from_env().main and not (out / ckpt.STATE).exists():
         p.error(f"--resume: {out / ckpt.STATE} does not exist (nothing to resume)")
     info = cli.check_encoder(p, a.encoder, a.max_length)

@@ -255,7 +255,7 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
 def _same_plan_options(e: DamagedEntry) -> str:
     """The options that make reference.pipeline.features write entry ``e`` again (its autocast
     choice and shard size), so that it recomputes just the damaged shards."""
-    extra = "" if e.meta.get("autocast_bf16") else " --no-autocast"
+    extra = " --autocast bf16" if e.meta.get("autocast_bf16") else " --no-autocast"
     try:
         size = json.loads((e.folder / "plan.json").read_text())["shard_size"]
         return extra + ("" if size == 2048 else f" --shard-size {int(size)}")
