@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import re
@@ -112,13 +113,13 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
     A :class:`TopGRUHead` (trained encoder layers) runs each batch in micro-batches
     (:func:`top_batch`); ``masks``: an iterator of dropout masks, one per training
     micro-batch, applied instead of drawn ones (scratch's, for the comparison tests)."""
-    if isinstance(getattr(head, "module", head), TopGRUHead):
-        return _run_top_epoch(head, split, batch_size, optimizer, seed, device, progress, desc,
-                              ranks, micro_tokens, masks)
     train = optimizer is not None
     head.train(train)
-    criterion = nn.BCEWithLogitsLoss(reduction="sum")
     dtype = next(head.parameters()).dtype               # labels in the head's precision
+    if isinstance(getattr(head, "module", head), TopGRUHead):
+        step = functools.partial(top_batch, micro_tokens=micro_tokens, masks=masks)
+    else:
+        step = head_batch
     batches = bucket_batches(split.store.lengths[split.idx], batch_size, shuffle=train, seed=seed)
     total, correct, seen = 0.0, 0, 0
     bar = _bar(batches, desc, progress and ranks.main)
@@ -127,48 +128,11 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
         if not len(mine) and not train:
             continue
         rows = mine if len(mine) else b[:1]       # an empty slice still joins the averaging
-        x, lengths = split.store.batch(split.idx[rows])
-        y = torch.as_tensor(split.labels[rows], dtype=dtype, device=device)
-        with torch.set_grad_enabled(train):
-            logits = head(x.to(device), lengths).squeeze(1)
-            loss = criterion(logits, y)
-        if train:
-            optimizer.zero_grad()
-            # the batch mean, as the assignment: sum / B alone; over N ranks each sends
-            # N / B * (its sum), which DDP averages back to sum / B (a zero for an empty slice)
-            (loss * ranks.size / len(b) if len(mine) else loss * 0).backward()
-            optimizer.step()
-        if not len(mine):
-            continue
-        total += float(loss.detach())
-        correct += int(((logits > 0) == (y > 0.5)).sum())
-        seen += len(mine)
-        if progress and ranks.main:
-            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
-    total, correct, seen = ranks.all_sum([total, correct, seen])
-    return total / seen, correct / seen
-
-
-def _run_top_epoch(model, split: Split, batch_size: int, optimizer, seed: int, device,
-                   progress: bool, desc: str, ranks: Ranks, micro_tokens: int, masks):
-    """:func:`run_epoch` of a :class:`TopGRUHead` (or DDP of one)."""
-    train = optimizer is not None
-    model.train(train)
-    dtype = next(model.parameters()).dtype
-    batches = bucket_batches(split.store.lengths[split.idx], batch_size, shuffle=train, seed=seed)
-    total, correct, seen = 0.0, 0, 0
-    bar = _bar(batches, desc, progress and ranks.main)
-    for b in bar:
-        mine = ranks.part(b)                      # the global batch b, or this rank's slice
-        if not len(mine) and not train:
-            continue
-        rows = mine if len(mine) else b[:1]       # an empty slice still joins the averaging
-        # the batch mean, as the assignment: sum / B; over N ranks each sends N / B * (its
-        # sum), which DDP averages back to sum / B (a zero for an empty slice)
+        # the batch mean, as the assignment: sum / B alone; over N ranks each sends
+        # N / B * (its sum), which DDP averages back to sum / B (a zero for an empty slice)
         scale = ranks.size / len(b) if len(mine) else 0.0
         y = torch.as_tensor(split.labels[rows], dtype=dtype, device=device)
-        loss, logits = top_batch(model, split, rows, y, scale, optimizer, micro_tokens, device,
-                                 masks)
+        loss, logits = step(head, split, rows, y, scale, optimizer, device=device)
         if not len(mine):
             continue
         total += loss
@@ -178,6 +142,23 @@ def _run_top_epoch(model, split: Split, batch_size: int, optimizer, seed: int, d
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
     total, correct, seen = ranks.all_sum([total, correct, seen])
     return total / seen, correct / seen
+
+
+def head_batch(head: GRUHead, split: Split, rows: np.ndarray, y: torch.Tensor, scale: float,
+               optimizer, device="cpu") -> tuple[float, torch.Tensor]:
+    """Reviews ``rows`` of ``split`` through the head; with ``optimizer``, the summed loss times
+    ``scale`` is backpropagated and one step taken.  Returns (the summed loss, the logits
+    (B,))."""
+    train = optimizer is not None
+    x, lengths = split.store.batch(split.idx[rows])
+    with torch.set_grad_enabled(train):
+        logits = head(x.to(device), lengths).squeeze(1)
+        loss = nn.BCEWithLogitsLoss(reduction="sum")(logits, y)
+    if train:
+        optimizer.zero_grad()
+        (loss * scale).backward()
+        optimizer.step()
+    return float(loss.detach()), logits.detach()
 
 
 def top_batch(model, split: Split, rows: np.ndarray, y: torch.Tensor, scale: float, optimizer,
@@ -493,10 +474,8 @@ def resume_state(p: argparse.ArgumentParser, run: Run) -> dict:
     except ckpt.CheckpointError as e:
         p.error(f"--resume: {cli.one_line(e)}")
     old = state.get("config", {})
-    diff = [k for k in RUN_KEYS if old.get(k) != run.config[k]]
-    if diff := diff + unfreeze.resume_differences(old, run.config):
-        p.error(f"--resume: {run.out} was trained with different {', '.join(diff)} "
-                f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
+    if why := unfreeze.resume_refusal(run.out, old, run.config, RUN_KEYS):
+        p.error(f"--resume: {why}")
     if missing := {"model", "optimizer", "epoch", "history", "best_valid_loss", "rng"} - set(state):
         p.error(f"--resume: {run.out / ckpt.STATE} lacks {sorted(missing)}")
     try:

@@ -403,10 +403,8 @@ def resume_state(parser, run: Run) -> dict:
     except ckpt.CheckpointError as e:
         parser.error(f"--resume: {cli.one_line(e)}")
     old = state.get("config", {})
-    diff = [k for k in RUN_KEYS if old.get(k) != run.config[k]]
-    if diff := diff + unfreeze.resume_differences(old, run.config):
-        parser.error(f"--resume: {run.out} was trained with different {', '.join(diff)} "
-                     f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
+    if why := unfreeze.resume_refusal(run.out, old, run.config, RUN_KEYS):
+        parser.error(f"--resume: {why}")
     print(f"resuming after epoch {state['epoch']} from {run.out / ckpt.STATE}", flush=True)
     return state
 

@@ -90,6 +90,17 @@ def resume_differences(old: dict, new: dict) -> list[str]:
     return [k for k in RUN_KEYS if old.get(k, RUN_DEFAULTS[k]) != new.get(k, RUN_DEFAULTS[k])]
 
 
+def resume_refusal(out, old: dict, new: dict, run_keys) -> str | None:
+    """Why the run saved in ``out`` (its config ``old``) cannot go on as this run (config
+    ``new``): the ``run_keys`` (the command's own, which both configs hold) and the options of
+    :data:`RUN_KEYS` that differ, with the saved values, in one line; None when they agree."""
+    diff = [k for k in run_keys if old.get(k) != new[k]] + resume_differences(old, new)
+    if not diff:
+        return None
+    return (f"{out} was trained with different {', '.join(diff)} "
+            f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)})")
+
+
 def entry_meta(unfreeze_top: int, num_layers: int) -> dict:
     """What an entry for ``unfreeze_top`` records in its ``index.json`` (nothing for K = 0)."""
     if unfreeze_top == 0:
