@@ -177,6 +177,16 @@ def relative_position_bucket(r, num_buckets: int = MPNET_BUCKETS,
     return half * (r > 0) + np.where(n < exact, n, np.minimum(far, half - 1))
 
 
+def relative_position_bias(table, T: int, xp=np):
+    """MPNet's ``R[g, i, j] = E_rel[bucket(j - i), g]`` (h, T, T) from its table ``E_rel``
+    (buckets, h), an array of ``xp``: the bias every softmax layer adds to its scores."""
+    r = np.arange(1 - T, T)                                              # (2T - 1,) j - i
+    per_distance = table[xp.asarray(relative_position_bucket(r))]        # (2T - 1, h)
+    i = np.arange(T)
+    idx = xp.asarray(i[None, :] - i[:, None] + T - 1)                    # (T, T) j - i + T - 1
+    return xp.ascontiguousarray(per_distance.T[:, idx])                  # (h, T, T)
+
+
 @dataclass(frozen=True)
 class Layer:
     """One encoder layer's weights, products stored as ``W^T`` (in, out), contiguous."""
@@ -254,6 +264,8 @@ class BertEncoder:
     :meth:`with_attention` gives the same weights with another attention.  Arrays live on
     ``xp`` (NumPy, or CuPy when the backend selects it).
     """
+
+    rel = None                # MPNet's relative position table (buckets, h); BERT has none
 
     def __init__(self, config: BertConfig, weights: dict, dtype="float32",
                  attention: AttentionChoice | None = None, xp=None):
@@ -499,11 +511,7 @@ class MPNetEncoder(BertEncoder):
 
     def _position_bias(self, T):
         """R[g, i, j] = E_rel[bucket(j - i), g]: ``(h, T, T)``, the same for every layer."""
-        r = np.arange(1 - T, T)                                          # (2T - 1,) j - i
-        per_distance = self.rel[self.xp.asarray(relative_position_bucket(r))]  # (2T - 1, h)
-        i = np.arange(T)
-        idx = self.xp.asarray(i[None, :] - i[:, None] + T - 1)           # (T, T) j - i + T - 1
-        return self.xp.ascontiguousarray(per_distance.T[:, idx])         # (h, T, T)
+        return relative_position_bias(self.rel, T, self.xp)
 
     def _positions_text(self) -> str:
         c = self.config
@@ -518,4 +526,4 @@ class MPNetEncoder(BertEncoder):
 
 __all__ = ["BertEncoder", "MPNetEncoder", "BertConfig", "MPNetConfig", "BertError",
            "AttentionChoice", "ATTENTIONS", "layer_norm", "softmax_attention",
-           "relative_position_bucket", "swapped_layers"]
+           "relative_position_bucket", "relative_position_bias", "swapped_layers"]

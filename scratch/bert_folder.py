@@ -193,9 +193,10 @@ def _canonical(name: str) -> str:
     return name
 
 
-def read_weights(folder: Path, cfg: BertConfig) -> dict[str, np.ndarray]:
-    """The tensors of :func:`expected_shapes` from ``model.safetensors`` (only those are read),
-    each checked for presence, shape, a float dtype and finite values."""
+def read_weights(folder: Path, cfg: BertConfig, only=None) -> dict[str, np.ndarray]:
+    """The tensors of :func:`expected_shapes` (``only``: those names of them) from
+    ``model.safetensors`` (only those are read), each checked for presence, shape, a float
+    dtype and finite values."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(folder) / WEIGHTS
@@ -203,6 +204,8 @@ def read_weights(folder: Path, cfg: BertConfig) -> dict[str, np.ndarray]:
         raise BertError(f"{path}: missing (scratch.bert reads safetensors only; a "
                         "pytorch_model.bin would need torch to open)")
     want = expected_shapes(cfg)
+    if only is not None:
+        want = {name: want[name] for name in only}
     out = {}
     try:
         with safe_open(str(path), framework="np") as f:
@@ -225,6 +228,14 @@ def read_weights(folder: Path, cfg: BertConfig) -> dict[str, np.ndarray]:
         if not np.isfinite(a).all():
             raise BertError(f"{path}: tensor {name!r} contains NaN or inf")
     return out
+
+
+def read_position_table(folder: Path, cfg: BertConfig):
+    """MPNet's relative position table ``E_rel`` (buckets, h) from the folder (checked as
+    :func:`read_weights` checks it); None for BERT, which has none."""
+    if cfg.model_type != "mpnet":
+        return None
+    return read_weights(folder, cfg, only=[RELATIVE_BIAS])[RELATIVE_BIAS]
 
 
 def _other_family(stored, cfg: BertConfig) -> str:

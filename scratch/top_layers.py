@@ -28,9 +28,15 @@ Micro-batches: a batch of ``N`` reviews may be run in pieces (memory: each train
 ``sum_{b in p} bce(z_b, y_b) / N``, so the pieces' gradients add up to the batch's gradient, up
 to rounding; the dropout masks are drawn piece by piece.
 
-Parameter names are those of transformers' ``BertModel`` state dict,
-``encoder.layer.{l}.{name}`` with ``name`` in :data:`scratch.encoder_layer.PARAM_NAMES`, so the
-trained layers go back into a ``BertModel`` (``load_state_dict(..., strict=False)``) or a
+MPNet (differs: BERT has none): every trained layer adds the encoder's relative position bias
+``R (h, T, T)`` (:func:`scratch.bert.relative_position_bias`) to its scores, as the frozen
+layers do; its table ``E_rel`` stays frozen (a constant of the forward: no gradient), so each
+layer's backward is BERT's.
+
+Parameter names are those of transformers' ``BertModel`` / ``MPNetModel`` state dict,
+``encoder.layer.{l}.{name}`` with ``name`` in :data:`scratch.encoder_layer.PARAM_NAMES` (BERT)
+or its MPNet counterpart (:func:`checkpoint_names`), so the trained layers go back into the
+transformers model (``load_state_dict(..., strict=False)``) or a
 :class:`scratch.bert.BertEncoder` (:meth:`TopLayers.write_to`) by name.
 """
 from __future__ import annotations
@@ -38,11 +44,14 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import as_float_array, float_dtype, to_numpy
+from .bert import relative_position_bias
+from .bert_folder import LAYER_NAMES
 from .encoder_layer import PARAM_NAMES, EncoderLayer
 from .functional import bce_with_logits, bce_with_logits_grad
 from .sentiment import SentimentHead
 
-__all__ = ["TopLayers", "TopHead", "LAYER_PREFIX", "layer_param", "split_layer_params"]
+__all__ = ["TopLayers", "TopHead", "LAYER_PREFIX", "layer_param", "split_layer_params",
+           "checkpoint_names", "FAMILIES"]
 
 LAYER_PREFIX = "encoder.layer."
 
@@ -50,6 +59,20 @@ LAYER_PREFIX = "encoder.layer."
 def layer_param(index: int, name: str) -> str:
     """``encoder.layer.{index}.{name}``: a trained layer's parameter, BertModel's name."""
     return f"{LAYER_PREFIX}{index}.{name}"
+
+
+FAMILIES = ("bert", "mpnet")         # the encoders whose top layers train
+
+
+def checkpoint_names(model_type: str) -> dict[str, str]:
+    """{:data:`PARAM_NAMES` name (BERT's, what :class:`EncoderLayer` uses): the name of the same
+    tensor in a ``model_type`` layer's state dict}, in :data:`PARAM_NAMES` order; e.g. MPNet's
+    ``attention.attn.q.weight`` for ``attention.self.query.weight``."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"trained top layers need a BERT or MPNet encoder, got {model_type}")
+    bert, own = LAYER_NAMES["bert"], LAYER_NAMES[model_type]
+    rename = {bert[part]: own[part] for part in bert}
+    return {n: rename[n.rpartition(".")[0]] + "." + n.rpartition(".")[2] for n in PARAM_NAMES}
 
 
 def split_layer_params(tensors: dict) -> tuple[dict, dict]:
@@ -77,11 +100,13 @@ class TopLayers:
     """Encoder layers ``first .. L-1`` trained: ``top(x, lengths, training) -> (B, T, H)`` and
     ``top.backward(d_out) -> d_x``, their gradients in ``top.grads``.
 
-    ``TopLayers({index: EncoderLayer})`` (consecutive indices, the top of the encoder); build it
-    with :meth:`from_encoder`.  ``params``: {``encoder.layer.{l}.{name}``: array}, the very arrays
-    the layers use (an :class:`scratch.optim.Adam` over them trains the layers)."""
+    ``TopLayers({index: EncoderLayer}, model_type="bert", position_table=None)`` (consecutive
+    indices, the top of the encoder; MPNet's need its frozen relative position table
+    ``E_rel`` (buckets, h)); build it with :meth:`from_encoder`.  ``params``:
+    {``encoder.layer.{l}.{name}``: array} (the family's names), the very arrays the layers use
+    (an :class:`scratch.optim.Adam` over them trains the layers)."""
 
-    def __init__(self, layers: dict):
+    def __init__(self, layers: dict, model_type: str = "bert", position_table=None):
         if not layers:
             raise ValueError("TopLayers needs at least one layer")
         indices = sorted(layers)
@@ -91,41 +116,61 @@ class TopLayers:
         self.first = indices[0]
         self.dtype = self.layers[self.first].dtype
         self.xp = self.layers[self.first].xp
-        self.params = {layer_param(i, n): p for i, layer in self.layers.items()
+        self.model_type, self.names = model_type, checkpoint_names(model_type)
+        if (model_type == "mpnet") != (position_table is not None):
+            given = "given" if position_table is not None else "missing"
+            raise ValueError(f"MPNet's trained layers need its relative position table, BERT's "
+                             f"none ({model_type}, table {given})")
+        self.position_table = None                     # E_rel (buckets, h), frozen
+        if position_table is not None:
+            self.position_table = as_float_array(position_table, "position_table",
+                                                 dtype=self.dtype, xp=self.xp)
+            heads = self.layers[self.first].num_heads
+            if self.position_table.ndim != 2 or self.position_table.shape[1] != heads:
+                raise ValueError(f"position_table must have shape (buckets, {heads}), got "
+                                 f"{tuple(self.position_table.shape)}")
+        self.params = {layer_param(i, self.names[n]): p for i, layer in self.layers.items()
                        for n, p in layer.params.items()}
         self.grads: dict = {}
 
     @classmethod
     def from_encoder(cls, encoder, k: int, dtype=None, seed=None) -> TopLayers:
-        """The top ``k`` layers of a :class:`scratch.bert.BertEncoder` (BERT; copies), with the
-        dropout probabilities of its ``config.json`` and generators seeded from ``seed``."""
+        """The top ``k`` layers of a :class:`scratch.bert.BertEncoder` (BERT or MPNet; copies,
+        MPNet's position table too), with the dropout probabilities of its ``config.json`` and
+        generators seeded from ``seed``."""
         n_layers = len(encoder.layers)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_layers:
             raise ValueError(f"k must be in 1..{n_layers} (the encoder's layers), got {k!r}")
-        if encoder.config.model_type != "bert":
-            raise ValueError(f"trained top layers need a BERT encoder, got "
-                             f"{encoder.config.model_type}")
         cfg = encoder.config
+        checkpoint_names(cfg.model_type)                               # BERT or MPNet
         seeds = np.random.SeedSequence(seed).spawn(3)[2].spawn(k)     # not the head's streams
+        table = None if encoder.rel is None else to_numpy(encoder.rel).copy()
         return cls({i: EncoderLayer.from_encoder(
             encoder, i, cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob,
-            dtype=dtype, seed=seeds[j]) for j, i in enumerate(range(n_layers - k, n_layers))})
+            dtype=dtype, seed=seeds[j]) for j, i in enumerate(range(n_layers - k, n_layers))},
+            cfg.model_type, table)
 
     @classmethod
-    def from_state(cls, layers: dict, config, dtype="float32", seed=None, xp=None) -> TopLayers:
+    def from_state(cls, layers: dict, config, dtype="float32", seed=None, xp=None,
+                   position_table=None) -> TopLayers:
         """Layers ``{index: {name: array or tensor}}`` (a checkpoint's, see
-        :func:`scratch.pipeline.checkpoint.load_checkpoint`) of an encoder whose
-        :class:`scratch.bert_folder.BertConfig` is ``config``: they must be its top layers."""
+        :func:`scratch.pipeline.checkpoint.load_checkpoint`; the family's names) of an encoder
+        whose :class:`scratch.bert_folder.BertConfig` is ``config``: they must be its top
+        layers.  MPNet: ``position_table`` is the encoder's ``E_rel``
+        (:func:`scratch.bert_folder.read_position_table`)."""
         indices, n_layers = sorted(layers), config.num_hidden_layers
-        if config.model_type != "bert":
-            raise ValueError(f"trained top layers need a BERT encoder, got {config.model_type}")
+        names = checkpoint_names(config.model_type)
         if not indices or indices != list(range(n_layers - len(indices), n_layers)):
             raise ValueError(f"layers {indices} are not the top layers of an encoder of "
                              f"{n_layers} layers")
         seeds = np.random.SeedSequence(seed).spawn(3)[2].spawn(len(indices))
         built = {}
         for j, i in enumerate(indices):
-            built[i] = EncoderLayer(layers[i], config.num_attention_heads, config.hidden_act,
+            if odd := sorted(set(layers[i]) ^ set(names.values())):
+                raise ValueError(f"layer {i}: tensors {odd[:3]} missing or unexpected for "
+                                 f"{config.model_type}")
+            params = {n: layers[i][own] for n, own in names.items()}
+            built[i] = EncoderLayer(params, config.num_attention_heads, config.hidden_act,
                                     config.layer_norm_eps, config.attention_probs_dropout_prob,
                                     config.hidden_dropout_prob, dtype, seeds[j], xp)
             want = (config.hidden_size, config.intermediate_size)
@@ -133,7 +178,7 @@ class TopLayers:
                 raise ValueError(f"layer {i} is {built[i].hidden_size} wide with "
                                  f"{built[i].intermediate_size} inner units, the encoder's "
                                  f"layers {want[0]} and {want[1]}")
-        return cls(built)
+        return cls(built, config.model_type, position_table)
 
     @property
     def indices(self) -> list[int]:
@@ -153,8 +198,10 @@ class TopLayers:
         ``cache=False``: nothing kept for :meth:`backward`."""
         x = as_float_array(x, "x", dtype=self.dtype, xp=self.xp)
         mask = None if lengths is None else keep_mask(lengths, x.shape[1])
+        bias = (None if self.position_table is None                   # MPNet: R (h, T, T)
+                else relative_position_bias(self.position_table, x.shape[1], self.xp))
         for layer in self.layers.values():
-            x = layer(x, mask, training=training, cache=cache)
+            x = layer(x, mask, bias, training=training, cache=cache)
         return x
 
     def backward(self, d_out):
@@ -163,7 +210,8 @@ class TopLayers:
         grads = {}
         for i in reversed(self.layers):
             d = self.layers[i].backward(d)
-            grads.update({layer_param(i, n): g for n, g in self.layers[i].grads.items()})
+            grads.update({layer_param(i, self.names[n]): g
+                          for n, g in self.layers[i].grads.items()})
         self.grads = {n: grads[n] for n in self.params}
         return d
 
@@ -187,15 +235,16 @@ class TopLayers:
                              f"{sorted(per_layer)} and other tensors {sorted(rest)[:3]}")
         news = {}
         for i, layer in self.layers.items():
-            if set(per_layer[i]) != set(PARAM_NAMES):
-                bad = sorted(set(per_layer[i]) ^ set(PARAM_NAMES))
+            if set(per_layer[i]) != set(self.names.values()):
+                bad = sorted(set(per_layer[i]) ^ set(self.names.values()))
                 raise ValueError(f"layer {i}: tensors {bad[:3]} missing or unexpected")
-            probe = EncoderLayer(per_layer[i], layer.num_heads, layer.hidden_act,
+            params = {n: per_layer[i][own] for n, own in self.names.items()}
+            probe = EncoderLayer(params, layer.num_heads, layer.hidden_act,
                                  layer.layer_norm_eps, dtype=layer.dtype, xp=layer.xp)
             if probe.param_shapes() != layer.param_shapes():
                 raise ValueError(f"layer {i}: shapes {probe.param_shapes()} differ from the "
                                  f"encoder's {layer.param_shapes()}")
-            news[i] = per_layer[i]
+            news[i] = params
         for i, layer in self.layers.items():
             layer.load_state_dict(news[i])
 
@@ -207,13 +256,16 @@ class TopLayers:
             layer.generator.bit_generator.state = s
 
     def write_to(self, encoder) -> None:
-        """Put these weights into ``encoder`` (a :class:`scratch.bert.BertEncoder`): its
-        forward then runs the frozen bottom and these layers on top."""
+        """Put these weights into ``encoder`` (a :class:`scratch.bert.BertEncoder` of the same
+        family): its forward then runs the frozen bottom and these layers on top."""
+        if encoder.config.model_type != self.model_type:
+            raise ValueError(f"{self.model_type} layers cannot go into a "
+                             f"{encoder.config.model_type} encoder")
         for i, layer in self.layers.items():
             layer.write_to(encoder, i)
 
     def __repr__(self):
-        return f"TopLayers({self.indices}, {self.layers[self.first]!r})"
+        return f"TopLayers({self.indices}, {self.model_type}, {self.layers[self.first]!r})"
 
 
 class TopHead:

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 
 from reference.model import GRUHead
 from reference.pipeline import checkpoint as rckpt
@@ -25,7 +25,7 @@ from reference.pipeline import predict as rpredict
 from reference.pipeline import train as rtrain
 from reference.pipeline.encoders import load_encoder
 from reference.top_layers import TopGRUHead, TopLayers
-from scratch.bert import BertEncoder
+from scratch.bert import BertEncoder, MPNetEncoder
 from scratch.pipeline import checkpoint as sckpt
 from scratch.pipeline import predict as spredict
 from scratch.pipeline import train as strain
@@ -51,7 +51,13 @@ def random_bert(seed: int, layers: int = 3, hidden: int = 16, dropout: float = 0
     cfg = BertConfig(vocab_size=200, hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=4, intermediate_size=24, max_position_embeddings=64,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    model = BertModel(cfg, add_pooling_layer=False).double().eval()
+    return randomized(BertModel(cfg, add_pooling_layer=False), seed, scale)
+
+
+def randomized(model, seed: int, scale: float):
+    """``model`` in float64, eval mode, every parameter drawn N(0, scale^2) (LayerNorm weights
+    1 + noise)."""
+    model = model.double().eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,7 +68,7 @@ def random_bert(seed: int, layers: int = 3, hidden: int = 16, dropout: float = 0
 
 def scratch_encoder(bert: BertModel, folder) -> BertEncoder:
     bert.save_pretrained(folder)
-    return BertEncoder.from_pretrained(folder, dtype="float64")
+    return BertEncoder.from_pretrained(folder, dtype="float64")   # MPNet's gives MPNetEncoder
 
 
 # ---- the pieces --------------------------------------------------------------------------
@@ -287,6 +293,28 @@ def test_entries_are_keyed_by_k_and_shared_by_both_pipelines(world, tmp_path):
             for store in (ref, mine):
                 got = store.get(i).astype(np.float64)
                 assert np.max(np.abs(got - h1) / np.maximum(np.abs(h1), 1.0)) <= 2 * 2.0 ** -11
+
+
+def test_the_features_command_writes_the_entries_a_k_run_reads(world, tmp_path, capsys):
+    """``reference.pipeline.features --unfreeze-top 1`` caches what a K = 1 run reads: the run
+    then adds no entry (every split found); K past the encoder's layers is one line."""
+    cache = tmp_path / "cache"
+    common = ["--data", str(world / "aclImdb"), "--encoder", str(world / "tiny2"),
+              "--max-length", "32", "--cache", str(cache), "--no-progress", "--device", "cpu"]
+    assert rfeatures.main([*common, "--unfreeze-top", "1"]) == 0
+    entries = sorted(p.name for p in cache.iterdir())
+    metas = [json.loads((cache / e / "index.json").read_text()) for e in entries]
+    assert entries and all(m["input_layer"] == 1 for m in metas)   # (the tiny tree's train
+    # and test reviews are the same texts: one entry serves both)
+    assert rtrain.main(ref_argv(world, tmp_path / "r", cache, "--unfreeze-top", "1",
+                                epochs=1)) == 0
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        rfeatures.main([*common, "--unfreeze-top", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "--unfreeze-top 3 is more than the encoder's 2 layers" in err, err
 
 
 # ---- the commands ---------------------------------------------------------------------------
@@ -547,21 +575,107 @@ def test_init_gives_the_head_and_the_layers_their_starting_weights(world, traine
                                        atol=1e-7)
 
 
-@pytest.mark.parametrize("side", ["scratch", "reference"])
-def test_an_mpnet_encoder_is_refused_in_one_line(world, tmp_path, capsys, side):
-    """The trained layers are BERT layers (MPNet's carry its relative position bias): refused
-    before anything is loaded."""
-    from transformers import MPNetConfig, MPNetModel
+# ---- MPNet: its layers carry the relative position bias (frozen) ------------------------------
 
-    folder = tmp_path / "tiny-mpnet"
-    MPNetModel(MPNetConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
-                           num_attention_heads=2, intermediate_size=32),
+def random_mpnet(seed: int, layers: int = 3, hidden: int = 16, dropout: float = 0.1,
+                 scale: float = 0.3) -> MPNetModel:
+    """A float64 MPNetModel drawn as :func:`random_bert` draws a BertModel, the relative
+    position table included."""
+    cfg = MPNetConfig(vocab_size=200, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, intermediate_size=24, max_position_embeddings=80,
+                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return randomized(MPNetModel(cfg, add_pooling_layer=False), seed, scale)
+
+
+def test_mpnet_top_layers_carry_the_position_bias_as_the_encoder(tmp_path):
+    """Eval mode, float64, a random 3-layer MPNet (reviews up to 40 tokens: buckets past the
+    exact ones): the bottom gives transformers' hidden states entering layer L-K, both
+    pipelines' top layers (relative position bias included) carry them on to the last hidden
+    states, padding included; without the bias they would not."""
+    mpnet = random_mpnet(0)
+    enc = scratch_encoder(mpnet, tmp_path / "enc")
+    assert isinstance(enc, MPNetEncoder)
+    T = 40
+    lengths = torch.tensor([40, 23, 2])
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    ids = torch.randint(5, 200, (3, T), generator=torch.Generator().manual_seed(1))
+    ids = torch.where(mask.bool(), ids, torch.ones_like(ids))           # MPNet's pad id, 1
+    with torch.no_grad():
+        hs = mpnet(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    keep = mask.bool().numpy()
+    for k in (1, 2, 3):
+        bottom = enc(ids.numpy(), mask.numpy(), upto=3 - k)
+        assert_close(bottom[keep], hs[3 - k].numpy()[keep], 1e-12, f"bottom K={k}")
+        with torch.no_grad():
+            ref = TopLayers.from_bert(mpnet, k).eval()(hs[3 - k], lengths)
+        mine = ScratchTop.from_encoder(enc, k, "float64")
+        assert mine.model_type == "mpnet" and mine.position_table is not None
+        got = mine(hs[3 - k].numpy(), lengths.numpy())
+        assert_close(ref.numpy()[keep], hs[3].numpy()[keep], 1e-12, f"reference K={k}")
+        assert_close(got[keep], hs[3].numpy()[keep], 1e-12, f"scratch K={k}")
+    mine.position_table[...] = 0.0                                      # no bias: not MPNet
+    assert np.abs(mine(hs[2].numpy(), lengths.numpy())[keep] - hs[3].numpy()[keep]).max() > 1e-3
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_ten_steps_on_an_mpnet_equal_the_reference(tmp_path, k):
+    """As for BERT: float64, the same initial weights (head and the top K layers of a random
+    3-layer MPNet), scratch's dropout masks applied by torch, reviews of 1-30 tokens in batches
+    of 4 (micro-batches of <= 60 padded tokens): losses, accuracies and every weight agree to
+    1e-9; the layers' names are MPNet's and its position table is nobody's parameter."""
+    mpnet = random_mpnet(20 + k)
+    enc = scratch_encoder(mpnet, tmp_path / "enc")
+    ref, mine = twin_models(mpnet, enc, k)
+    assert "encoder.layer.2.attention.attn.q.weight" in mine.params
+    assert not any("relative_attention_bias" in n for n in ref.state_dict())
+    start = {n: p.copy() for n, p in mine.params.items()}
+    rng = np.random.default_rng(k)
+    feats = [rng.standard_normal((int(n), 16)) for n in rng.integers(1, 31, 52)]
+    labels = rng.integers(0, 2, 52)
+    table = ref.encoder.table.clone()
+    s_hist, r_hist, tape = fit_both(tmp_path, ref, mine, feats, labels, 40, 4, 60)
+    assert len(tape) > 10
+    assert any((m["attention"] == 0).any() for t in tape for m in t["top"])
+    assert_same_run(s_hist, r_hist, ref, mine, start)
+    assert torch.equal(ref.encoder.table, table)                        # frozen
+    np.testing.assert_array_equal(mine.top.position_table, table.numpy())
+
+
+@pytest.fixture(scope="module")
+def mpnet_trained(world, tmp_path_factory):
+    """A tiny random MPNet folder (hidden 16, dropout 0.1, MPNet's tokenizer) and K = 1
+    checkpoints of both commands on it."""
+    from tests.test_encoders import mpnet_tokenizer
+
+    root = tmp_path_factory.mktemp("mpnet-trained")
+    folder = root / "tiny-mpnet"
+    torch.manual_seed(3)
+    MPNetModel(MPNetConfig(vocab_size=30_527, hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=514),
                add_pooling_layer=False).save_pretrained(folder)
-    main, args = ((strain.main, argv) if side == "scratch" else (rtrain.main, ref_argv))
-    capsys.readouterr()                                   # save_pretrained's progress bar
-    with pytest.raises(SystemExit) as e:
-        main(args(world, tmp_path / "out", tmp_path / "cache", "--unfreeze-top", "1",
-                  encoder=str(folder)))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1, err
-    assert "--unfreeze-top needs a BERT encoder (this one is mpnet)" in err, err
+    mpnet_tokenizer(folder).save_pretrained(folder)
+    extra = ("--unfreeze-top", "1", "--encoder-lr", "0.01", "--micro-batch-tokens", "40")
+    assert strain.main(argv(world, root / "s", root / "cache", *extra, encoder=folder)) == 0
+    assert rtrain.main(ref_argv(world, root / "r", root / "cache", *extra, encoder=folder)) == 0
+    return root, folder
+
+
+@pytest.mark.parametrize("trainer", ["s", "r"])
+def test_an_mpnet_checkpoint_is_predicted_alike_by_both_pipelines(mpnet_trained, trainer):
+    """K = 1 on an MPNet, whoever trained it: the checkpoint's layer has MPNetModel's names
+    (it loads back into the transformers encoder by name), both predict commands score with
+    the frozen bottom plus that layer to 1e-5, and the untrained layer would score otherwise."""
+    root, folder = mpnet_trained
+    ckpt = root / trainer
+    head, layers, config = sckpt.load_checkpoint(ckpt, "float64", require_checksum=True)
+    assert config["unfreeze_top"] == 1 and sorted(layers) == [1]
+    assert "attention.attn.q.weight" in layers[1]
+    MPNetModel.from_pretrained(folder).encoder.layer[1].load_state_dict(
+        {n: torch.as_tensor(np.asarray(t, dtype=np.float32)) for n, t in layers[1].items()})
+    mine, ref = scores("scratch", ckpt), scores("reference", ckpt)
+    np.testing.assert_allclose(mine, ref, atol=1e-5, rtol=0)
+    enc = Encoder.inspect(str(folder))
+    untrained = spredict.predict_batch(enc.load_bert("float64"), enc.load_tokenizer(), head,
+                                       TEXTS, 32, 3)
+    assert np.abs(np.array(untrained) - mine).max() > 1e-4

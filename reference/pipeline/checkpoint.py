@@ -54,7 +54,7 @@ from scratch.pipeline.checkpoint import (  # noqa: F401
 )
 
 from ..model import BERTGRUSentiment, GRUHead
-from ..top_layers import TopGRUHead, layer_state
+from ..top_layers import TopGRUHead, layer_state, position_table
 
 STATE = "last.pt"          # the reference's resume state (scratch's is last.safetensors)
 
@@ -144,12 +144,15 @@ def load_parts(folder) -> tuple[GRUHead, dict, dict]:
     return head.eval(), layers, config
 
 
-def top_head(bert_config, head: GRUHead, layers: dict, config: dict, where,
+def top_head(bert, head: GRUHead, layers: dict, config: dict, where,
              device="cpu") -> TopGRUHead:
-    """A :class:`TopGRUHead` (eval mode) of ``head`` and ``layers`` (:func:`load_parts`) for an
-    encoder of config ``bert_config`` (transformers'): the layers must be its top ones."""
+    """A :class:`TopGRUHead` (eval mode) of ``head`` and ``layers`` (:func:`load_parts`) for the
+    encoder ``bert`` (transformers' BertModel or MPNetModel; MPNet's position table is read
+    from it): the layers must be its top ones."""
+    bert_config = bert.config
     try:
-        model = TopGRUHead(bert_config, min(layers), **config["model"])
+        model = TopGRUHead(bert_config, min(layers), **config["model"],
+                           table=position_table(bert))
     except ValueError as e:
         raise CheckpointError(f"{where}: {e}") from None
     _check_top(model.encoder.first, sorted(layers), bert_config.num_hidden_layers, where)

@@ -182,6 +182,9 @@ def build_parser():
     p.add_argument("--shard-size", type=cli.positive(int), default=2_048,
                    help="reviews per shard, the unit an interrupted run resumes from "
                         "(default %(default)s)")
+    p.add_argument("--unfreeze-top", type=cli.non_negative(int), default=0, metavar="K",
+                   help="the entry a training run with --unfreeze-top K reads: the hidden states "
+                        "entering layer L-K (default 0: the last hidden states)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -195,6 +198,9 @@ def main(argv=None) -> int:
     device = cli.check_device(p, a.device)                     # options alone, then the
     info = cli.check_encoder(p, a.encoder, a.max_length)       # encoder's config: no weights
     cli.check_batch_tokens(p, a.batch_tokens, a.max_length)
+    if a.unfreeze_top > info.num_layers:
+        p.error(f"--unfreeze-top {a.unfreeze_top} is more than the encoder's {info.num_layers} "
+                "layers")
     cli.check_autocast(p, a.autocast)
     cli.check_folder(p, "--cache", a.cache)
     _, data = cli.load_data(p, a.data, a)
@@ -206,7 +212,8 @@ def main(argv=None) -> int:
         stores = imdb_features(encoder, data, a.cache, max_length=a.max_length,
                                batch_tokens=a.batch_tokens, shard_size=a.shard_size,
                                device=device, autocast=a.autocast,
-                               progress=not a.no_progress, ranks=ranks)
+                               progress=not a.no_progress, ranks=ranks,
+                               unfreeze_top=a.unfreeze_top)
         if not ranks.main:
             return 0
         for split, st in stores.items():

@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 from scratch.pipeline import unfreeze
 
 from ..model import GRUHead
-from ..top_layers import TopGRUHead
+from ..top_layers import TopGRUHead, position_table
 from . import checkpoint as ckpt
 from . import cli, distributed
 from .data import bucket_batches, train_valid_split
@@ -495,7 +495,8 @@ def new_model(run: Run, pretrained: bool = False) -> GRUHead:
     bert = run.encoder.model
     if pretrained:
         return TopGRUHead.from_bert(bert, k, **model)
-    return TopGRUHead(bert.config, bert.config.num_hidden_layers - k, **model)
+    return TopGRUHead(bert.config, bert.config.num_hidden_layers - k, **model,
+                      table=position_table(bert))
 
 
 def train_head(p: argparse.ArgumentParser, run: Run) -> list[dict]:
@@ -553,7 +554,7 @@ def best_head(run: Run) -> GRUHead:
         head, layers, config = ckpt.load_parts(run.out)
         if not layers:
             return head
-        return ckpt.top_head(run.encoder.model.config, head, layers, config, run.out)
+        return ckpt.top_head(run.encoder.model, head, layers, config, run.out)
 
     if run.ranks.size == 1:
         return load().to(run.device).eval()

@@ -38,9 +38,8 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from ..backend import to_numpy
-from ..encoder_layer import PARAM_NAMES
 from ..sentiment import HEAD_ARGS, SentimentHead
-from ..top_layers import split_layer_params
+from ..top_layers import FAMILIES, checkpoint_names, split_layer_params
 from .atomic import atomic_write, write_json
 
 CONFIG, WEIGHTS, METRICS = "config.json", "model.safetensors", "metrics.json"
@@ -192,7 +191,8 @@ def load_checkpoint(folder, dtype="float32", xp=None, require_checksum: bool = F
 def split_layers(tensors: dict, config: dict, folder) -> tuple[dict, dict]:
     """(the head's tensors, trained layers ``{index: {name: tensor}}``) of a checkpoint's
     tensors (NumPy or torch), checked: config.json's ``unfreeze_top`` K consecutive layers,
-    each with exactly a BERT layer's tensor names (:data:`scratch.encoder_layer.PARAM_NAMES`).
+    each with exactly a BERT or an MPNet layer's tensor names, one family for all
+    (:func:`scratch.top_layers.checkpoint_names`).
     (``reference.pipeline.checkpoint`` checks through this too.)"""
     path = Path(folder) / WEIGHTS
     k = unfreeze_top(config, Path(folder) / CONFIG)
@@ -205,10 +205,14 @@ def split_layers(tensors: dict, config: dict, folder) -> tuple[dict, dict]:
     if len(indices) != k or indices != list(range(first, first + k)):
         raise CheckpointError(f"{path}: encoder layers {indices} for unfreeze_top {k} in "
                               f"{CONFIG} (the top {k} layers expected)")
+    families = {f: set(checkpoint_names(f).values()) for f in FAMILIES}
     for i, names in layers.items():
-        if odd := sorted(set(names) ^ set(PARAM_NAMES)):
-            raise CheckpointError(f"{path}: encoder layer {i}: tensors {odd[:3]} missing or "
-                                  "unexpected")
+        family = next((f for f, want in families.items() if set(names) == want), None)
+        if family is None:                     # the nearest family's missing / extra names
+            want = min(families.values(), key=lambda w: len(set(names) ^ w))
+            raise CheckpointError(f"{path}: encoder layer {i}: tensors "
+                                  f"{sorted(set(names) ^ want)[:3]} missing or unexpected")
+        families = {family: families[family]}  # every layer of the same family
     return rest, layers
 
 

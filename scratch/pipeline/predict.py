@@ -59,7 +59,8 @@ def load_model(folder, dtype="float32"):
     encoder = info.load_bert(dtype)
     if layers:
         try:
-            TopLayers.from_state(layers, encoder.config, dtype).write_to(encoder)
+            TopLayers.from_state(layers, encoder.config, dtype,
+                                 position_table=encoder.rel).write_to(encoder)
         except ValueError as e:
             raise ckpt.CheckpointError(f"{Path(folder) / ckpt.WEIGHTS}: {e}") from None
     return encoder, info.load_tokenizer(), head, config

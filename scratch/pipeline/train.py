@@ -43,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..backend import to_numpy
-from ..bert_folder import BertConfig, BertError
+from ..bert_folder import BertConfig, BertError, read_position_table
 from ..functional import bce_with_logits
 from ..optim import Adam
 from ..sentiment import SentimentHead
@@ -487,7 +487,9 @@ def best_model(run: Run) -> SentimentHead | TopHead:
     if not layers:
         return head
     config = BertConfig.from_folder(run.encoder.folder)
-    return TopHead(TopLayers.from_state(layers, config, run.args.dtype), head)
+    table = read_position_table(run.encoder.folder, config)          # MPNet's; BERT: None
+    return TopHead(TopLayers.from_state(layers, config, run.args.dtype,
+                                        position_table=table), head)
 
 
 def main(argv=None) -> int:

@@ -63,8 +63,8 @@ def check_args(p: argparse.ArgumentParser, args, num_layers: int, model_type: st
         return
     if k > num_layers:
         p.error(f"--unfreeze-top {k} is more than the encoder's {num_layers} layers")
-    if model_type != "bert":
-        p.error(f"--unfreeze-top needs a BERT encoder (this one is {model_type})")
+    if model_type not in ("bert", "mpnet"):
+        p.error(f"--unfreeze-top needs a BERT or MPNet encoder (this one is {model_type})")
     if max_length is not None and args.micro_batch_tokens < max_length:
         p.error(f"--micro-batch-tokens must be >= --max-length ({max_length}): one piece holds "
                 f"at least one review, got {args.micro_batch_tokens}")
