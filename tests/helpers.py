@@ -126,6 +126,30 @@ seeds = st.integers(0, 2 ** 32 - 1)
 ATTENTION_REGIMES = ("normal", "saturated", "underflow", "extreme")
 
 
+class MemoryStore:
+    """Features in memory (a list of (L_i, H) arrays), the feature store's interface: zero-padded
+    batches as NumPy (scratch) or torch float64 tensors (reference, ``torch_batches``)."""
+
+    def __init__(self, feats, torch_batches: bool = False):
+        self.feats, self.torch_batches = feats, torch_batches
+        self.lengths = np.array([len(f) for f in feats])
+        self.hidden_size = feats[0].shape[1]
+
+    def __len__(self):
+        return len(self.feats)
+
+    def batch(self, indices, dtype=np.float64):
+        L = self.lengths[indices]
+        x = np.zeros((len(indices), L.max(), self.hidden_size))
+        for b, i in enumerate(indices):
+            x[b, :L[b]] = self.feats[i]
+        if self.torch_batches:
+            import torch
+
+            return torch.from_numpy(x), torch.from_numpy(L)
+        return x.astype(dtype), L
+
+
 @st.composite
 def attention_problems(draw, causal=False, dtype=None, mask_kinds=("none", "lengths", "random"),
                        regimes=ATTENTION_REGIMES, max_n=64, max_d=32):

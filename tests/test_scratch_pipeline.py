@@ -23,6 +23,7 @@ from scratch.pipeline import predict as spredict
 from scratch.pipeline import train as strain
 from scratch.pipeline.encoder_names import Encoder
 from scratch.sentiment import SentimentHead
+from tests.helpers import MemoryStore
 from tests.imdb_fixtures import make_tree, review, save_tiny_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,26 +86,13 @@ def test_scratch_computes_missing_features_equal_to_the_reference(world, tmp_pat
 
 # ---- training: step for step the reference's ----------------------------------------------------
 
-class Store:
+class Store(MemoryStore):
     """Random features in memory, batches as NumPy (scratch) or torch float64 (reference)."""
 
     def __init__(self, n=48, emb=6, seed=0, torch_batches=False):
         rng = np.random.default_rng(seed)
-        self.lengths = rng.integers(1, 12, n)
-        self.feats = [rng.standard_normal((L, emb)) for L in self.lengths]
-        self.hidden_size, self.torch_batches = emb, torch_batches
-
-    def __len__(self):
-        return len(self.lengths)
-
-    def batch(self, indices, dtype=np.float64):
-        L = self.lengths[indices]
-        x = np.zeros((len(indices), L.max(), self.hidden_size))
-        for b, i in enumerate(indices):
-            x[b, :L[b]] = self.feats[i]
-        if self.torch_batches:
-            return torch.from_numpy(x), torch.from_numpy(L)
-        return x.astype(dtype), L
+        super().__init__([rng.standard_normal((L, emb)) for L in rng.integers(1, 12, n)],
+                         torch_batches)
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])

@@ -37,7 +37,7 @@ from scratch.sentiment import SentimentHead
 from scratch.top_layers import TopHead
 from scratch.top_layers import TopLayers as ScratchTop
 from tests.bert_fixtures import minilm_torch
-from tests.helpers import assert_close
+from tests.helpers import MemoryStore, assert_close
 from tests.imdb_fixtures import make_tree, minilm_path, review, save_tiny_encoder, tokenizer
 
 HEAD = dict(hidden_dim=5, output_dim=1, n_layers=2, bidirectional=True, dropout=0.25)
@@ -140,26 +140,7 @@ def test_micro_batch_gradients_add_up_to_the_batchs(tmp_path):
 
 # ---- fit, step for step ---------------------------------------------------------------------
 
-class Store:
-    """Hidden states in memory (zero-padded batches): NumPy for scratch, torch for the
-    reference."""
-
-    def __init__(self, feats, torch_batches: bool = False):
-        self.feats, self.torch_batches = feats, torch_batches
-        self.lengths = np.array([len(f) for f in feats])
-        self.hidden_size = feats[0].shape[1]
-
-    def __len__(self):
-        return len(self.feats)
-
-    def batch(self, indices, dtype=np.float64):
-        L = self.lengths[indices]
-        x = np.zeros((len(indices), L.max(), self.hidden_size))
-        for b, i in enumerate(indices):
-            x[b, :L[b]] = self.feats[i]
-        if self.torch_batches:
-            return torch.from_numpy(x), torch.from_numpy(L)
-        return x.astype(dtype), L
+Store = MemoryStore       # hidden states in memory: NumPy batches, or torch ones for the reference
 
 
 def twin_models(bert: BertModel, enc: BertEncoder, k: int):
