@@ -1,7 +1,7 @@
-"""The six tutorials: reading order, structure, committed notebooks equal to their sources and
+"""The seven tutorials: reading order, structure, committed notebooks equal to their sources and
 free of errors, and every source running top to bottom in fast mode (as CI runs it).
 
-* the files are ``tutorials/01_...py`` .. ``06_...py`` in the README's reading order, each
+* the files are ``tutorials/01_...py`` .. ``07_...py`` in the README's reading order, each
   with its executed notebook ``.ipynb`` beside it;
 * each opens with "What you will learn", links the scratch modules it explains (links that
   resolve) and ends with 2 or 3 exercises;
@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 READING_ORDER = ["01_cnn_vs_rnn", "02_toy_recurrence", "03_gru", "04_attention", "05_imdb",
-                 "06_scratch_vs_reference"]
+                 "06_scratch_vs_reference", "07_encoder_layer_backward"]
 NEEDS_IMDB = {"04_attention", "05_imdb", "06_scratch_vs_reference"}
 MAX_NOTEBOOK_BYTES = 1_000_000
 

@@ -1,4 +1,4 @@
-"""What the six tutorials share: fast mode, figures, tables, the IMDB archive, result files.
+"""What the seven tutorials share: fast mode, figures, tables, the IMDB archive, result files.
 
 * ``TUTORIAL_FAST=1`` (CI, ``tests/test_tutorials.py``) runs every tutorial with small sizes
   through the same code: a tutorial writes ``pick(full, fast)`` wherever a size is chosen.
