@@ -419,11 +419,11 @@ def main(argv=None) -> int:
 
 def time_passes(sides, ids, lengths, batches, a) -> dict:
     """``--repeat`` passes over ``--time-reviews`` of the sample: whole batches of the full
-    pass, evenly spaced in length order (so their lengths and padding are the sample's), the
-    side that goes first alternating."""
+    pass, evenly spaced in length order, each in the middle of its share of them (so their lengths
+    and padding are the sample's; one batch: the median one), the side that goes first
+    alternating."""
     k = min(len(batches), -(-a.time_reviews // a.batch))
-    chosen = [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, k).round()
-                                            .astype(int))]
+    chosen = [batches[int((i + 0.5) * len(batches) / k)] for i in range(k)]   # k of them
     toks = int(sum(lengths[r].sum() for r in chosen))
     cpu = {s: [] for s in sides}
     wall = {s: [] for s in sides}
