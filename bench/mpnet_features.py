@@ -401,7 +401,7 @@ def main(argv=None) -> int:
         row.pop("_got")
     report(a, diffs, full, timed_rows, cache_rows, preds, root, look)
     results = dict(meta=dict(prog=PROG, encoder=info.name, source=info.source,
-                             data=str(data_path), split=a.split, limit=a.limit,
+                             data=str(Path(data_path).resolve()), split=a.split, limit=a.limit,
                              reviews=a.reviews, seed=a.seed, max_length=a.max_length,
                              batch=a.batch, threads=threads, tokens=toks, padded_tokens=padded,
                              tokenizers_differ=tok_differ, prepare_s=prep_s,
