@@ -400,7 +400,8 @@ def main(argv=None) -> int:
     for row in cache_rows:
         row.pop("_got")
     report(a, diffs, full, timed_rows, cache_rows, preds, root, look)
-    results = dict(meta=dict(prog=PROG, encoder=info.name, source=info.source,
+    results = dict(meta=dict(prog=PROG, argv=sys.argv[1:] if argv is None else list(argv),
+                             encoder=info.name, source=info.source,
                              data=str(Path(data_path).resolve()), split=a.split, limit=a.limit,
                              reviews=a.reviews, seed=a.seed, max_length=a.max_length,
                              batch=a.batch, threads=threads, tokens=toks, padded_tokens=padded,
