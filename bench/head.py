@@ -2,7 +2,7 @@
 (GRUHead + torch.optim.Adam), side by side in one run, one thread each.
 
     python bench/head.py [--emb 384,768] [--batch 128] [--time 200:256] [--batches 3]
-                         [--pattern bucketed|spread] [--features ENTRY] [--no-flush]
+                         [--pattern bucketed|spread] [--features ENTRY] [--no-flush] [--ftz]
                          [--json bench/results/head.json]
 
 An epoch-like loop over ``--batches`` batches, float32.  Random features (the default): batch
@@ -20,6 +20,13 @@ same weights; each draws its own dropout masks.  The two sides alternate batch b
 load from other jobs on the machine falls on both alike; the ratio of their summed CPU times
 is the number to read, with the spread of the per-batch ratios (wall times are reported too).
 A first eval-mode forward checks that the two heads compute the same logits.
+
+``--ftz`` (a diagnostic): the CPU's flush-to-zero / denormals-are-zero mode set for the whole run
+on the thread both sides compute on (``torch.set_flush_denormal(True)``, which scratch itself
+never calls): what scratch's time would be if NumPy's element-wise operations did not *produce*
+denormals either.  Scratch flushes the arrays that carry the gradient, but a product of normal
+numbers can still underflow into a denormal, and on CPUs that take microcode assists for that
+(Intel; not AMD Zen 3) those element-wise passes slow down.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reference.model import GRUHead  # noqa: E402
-from reference.pipeline.train import flush_denormals  # noqa: E402
+from reference.pipeline.train import denormals_flushed, flush_denormals  # noqa: E402
 from scratch.optim import Adam  # noqa: E402
 from scratch.pipeline.features import FeatureStore  # noqa: E402
 from scratch.sentiment import SentimentHead  # noqa: E402
@@ -145,6 +152,8 @@ def main(argv=None):
                    help="a feature-cache entry (folder with index.json): real features")
     p.add_argument("--no-flush", dest="flush", action="store_false",
                    help="the reference without flush_denormals (fit flushes)")
+    p.add_argument("--ftz", action="store_true",
+                   help="diagnostic: the CPU's flush-to-zero mode on for both sides, all run")
     p.add_argument("--json", default="bench/results/head.json")
     a = p.parse_args(argv)
     a.t_lo, a.t_hi = (int(v) for v in a.time.split(":"))
@@ -152,15 +161,30 @@ def main(argv=None):
     if a.store:
         a.emb = str(a.store.hidden_size)
     torch.set_num_threads(1)
+    ftz_before = denormals_flushed()
+    torch.set_flush_denormal(a.ftz or ftz_before)
+    try:
+        rows = run(a)
+    finally:
+        torch.set_flush_denormal(ftz_before)                    # as the caller had it
+    return report(rows, a)
+
+
+def run(a) -> list[dict]:
     rows = []
     with threadpool_limits(1):
         print(f"torch {torch.__version__}, numpy {np.__version__}, 1 thread per side; batch "
               f"{a.batch}, T in [{a.t_lo}, {a.t_hi}] ({a.pattern}), hidden {a.hidden}, 2-layer "
               f"BiGRU, dropout 0.25, float32; forward + BCE + backward + Adam; features "
-              f"{a.features or 'random'}; reference {'flushed' if a.flush else 'unflushed'}",
+              f"{a.features or 'random'}; reference {'flushed' if a.flush else 'unflushed'}"
+              + ("; flush-to-zero mode on for both sides (--ftz)" if a.ftz else ""),
               flush=True)
         for emb in (int(e) for e in a.emb.split(",")):
             rows.append(bench(emb, a))
+    return rows
+
+
+def report(rows: list[dict], a) -> int:
     print(f"\n{'E':>4} {'batches':>7} {'scratch s':>10} {'reference s':>12} {'ratio':>6} "
           f"{'CPU ratio':>9} {'per batch (min-max)':>19} {'logit diff':>10}")
     for r in rows:

@@ -29,6 +29,13 @@ def test_head_bench_on_random_and_on_cached_features(tmp_path, capsys):
                                      "--json", str(tmp_path / "cached.json")]) == 0
     out = capsys.readouterr().out
     assert f"features {store.folder}" in out and "reference flushed" in out
+    from reference.pipeline.train import denormals_flushed
+
+    before = denormals_flushed()
+    assert bench_head.main(common + ["--emb", "8", "--ftz", "--json",
+                                     str(tmp_path / "ftz.json")]) == 0
+    assert "flush-to-zero mode on for both sides (--ftz)" in capsys.readouterr().out
+    assert denormals_flushed() == before                    # the caller's mode given back
     for name in ("random", "cached"):
         (row,) = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
         assert row["emb"] == 8 and len(row["cpu_ratio_per_batch"]) == 2
