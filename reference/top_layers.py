@@ -35,6 +35,8 @@ from transformers import AttentionInterface
 from transformers.models.bert.modeling_bert import BertLayer, eager_attention_forward
 from transformers.models.mpnet.modeling_mpnet import MPNetEncoder, MPNetLayer
 
+from scratch.top_layers import FAMILIES
+
 from .model import GRUHead
 
 ATTENTION = "eager_given_dropout"
@@ -165,7 +167,7 @@ class TopLayers(nn.Module):
 
 
 def _family(config) -> str:
-    if config.model_type not in ("bert", "mpnet"):
+    if config.model_type not in FAMILIES:
         raise ValueError(f"trained top layers need a BERT or MPNet encoder, got "
                          f"{config.model_type}")
     return config.model_type

@@ -26,6 +26,7 @@ import argparse
 
 import numpy as np
 
+from ..top_layers import FAMILIES
 from . import cli
 from .features import CacheError
 
@@ -63,7 +64,7 @@ def check_args(p: argparse.ArgumentParser, args, num_layers: int, model_type: st
         return
     if k > num_layers:
         p.error(f"--unfreeze-top {k} is more than the encoder's {num_layers} layers")
-    if model_type not in ("bert", "mpnet"):
+    if model_type not in FAMILIES:
         p.error(f"--unfreeze-top needs a BERT or MPNet encoder (this one is {model_type})")
     if max_length is not None and args.micro_batch_tokens < max_length:
         p.error(f"--micro-batch-tokens must be >= --max-length ({max_length}): one piece holds "
