@@ -71,6 +71,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import array_module, as_float_array, float_dtype, get_xp, state_arrays
+from .flush_to_zero import flush_to_zero, is_on
 from .gru_cell import split3
 from .gru_checks import check_dropout, check_flag, check_h0, check_lengths, check_size, check_x
 
@@ -252,7 +253,16 @@ class GRU:
             d_gi, d_gh, d_h0[k D + d] = scan_backward(...) per direction d
             d_W_ih = d_gi^T u    d_b_ih = sum d_gi    d_u = d_gi W     (one product each)
             d_W_hh = sum_t d_gh_t^T h_{t-1}           d_b_hh = sum d_gh
+
+        Float32 on NumPy runs under the CPU's flush-to-zero mode where it can be set
+        (:mod:`scratch.flush_to_zero`; else :func:`denormal_flush` flushes arrays): values below
+        1.2e-38 become 0, as on torch's side in ``fit``.
         """
+        with flush_to_zero(denormals_flushed_by_cpu(self.xp, self.dtype)):
+            return self._backward(d_output, d_h_n, need_dx)
+
+    def _backward(self, d_output, d_h_n, need_dx):
+        """:meth:`backward`'s layers, last to first."""
         cache = self._cache
         d_out, d_h_n = self._check_backward_input(d_output, d_h_n)
         xp, H, D, dtype = self.xp, self.hidden_size, self.num_directions, self.dtype
@@ -688,6 +698,15 @@ def _sigmoid_(a, xp=np):
 # --------------------------------------------------------------------------------------------
 
 FLUSH_DENORMALS = True
+CPU_FLUSH_TO_ZERO = True
+
+
+def denormals_flushed_by_cpu(xp, dtype) -> bool:
+    """Whether :meth:`GRU.backward` asks for the CPU's flush-to-zero mode: float32 on NumPy,
+    with ``FLUSH_DENORMALS`` and ``CPU_FLUSH_TO_ZERO`` on (``scratch.gru.CPU_FLUSH_TO_ZERO =
+    False`` leaves the flushing to :func:`denormal_flush`'s array passes)."""
+    return (xp is np and np.dtype(dtype) == np.float32 and FLUSH_DENORMALS
+            and CPU_FLUSH_TO_ZERO)
 
 
 def denormal_flush(shape, dtype, xp):
@@ -699,10 +718,15 @@ def denormal_flush(shape, dtype, xp):
     shrinks step by step below 1.2e-38 into *denormal* numbers (at 512 steps, 14% of the
     input projection's gradient), and x86 CPUs without flush-to-zero take microcode assists
     on them (many times slower on some Intel cores; no measurable cost on AMD Zen 3).  NumPy
-    has no flush-to-zero switch, so scan_backward flushes, at every step, the three arrays
-    through which the gradient goes on: d_h before it enters the step, d_gi_t = [d_a_r, d_a_z,
-    d_a_n] and d_gh_t's n block (d_a_n r) once computed.  No denormal then reaches a matrix
-    product (``d_gh W_hh`` per step, d_W_ih, d_W_hh, d_x after the loop) or the next step.
+    has no flush-to-zero switch.  :meth:`GRU.backward` sets the CPU's own mode where it can
+    (:mod:`scratch.flush_to_zero`: Linux, glibc, x86-64), and then this returns None.  Else
+    scan_backward flushes, at every step, the three arrays through which the gradient goes on:
+    d_h before it enters the step, d_gi_t = [d_a_r, d_a_z, d_a_n] and d_gh_t's n block
+    (d_a_n r) once computed.  No denormal then reaches a matrix product (``d_gh W_hh`` per
+    step, d_W_ih, d_W_hh, d_x after the loop) or the next step; but the element-wise products
+    of normal numbers that make d_gi_t can still *produce* denormals before the flush, and on
+    an Intel Xeon that was enough to keep the head at 480-512 tokens 2.03x slower than the
+    reference, against 0.91x with the CPU's mode (``bench/head.py --ftz``).
     Values below 1.2e-38 become 0, as torch's ``set_flush_denormal(True)``
     (reference.pipeline.train) makes them; nothing else changes (NaN stays NaN, a result differs
     by less than 1.2e-38 times the weights it passes through).  Only float32 on NumPy: float64's
@@ -712,8 +736,8 @@ def denormal_flush(shape, dtype, xp):
     backward at B 128, T 64, 768 -> 256, 2 layers, both directions: 1.015x (median of 9
     interleaved repeats, 0.96-1.06; ``bench/gru.py --ab``).
     """
-    if xp is not np or np.dtype(dtype) != np.float32 or not FLUSH_DENORMALS:
-        return None
+    if xp is not np or np.dtype(dtype) != np.float32 or not FLUSH_DENORMALS or is_on():
+        return None                         # no denormals here, or the CPU flushes them
     tiny = np.finfo(np.float32).tiny
     magnitude, denormal = np.empty(shape, dtype=dtype), np.empty(shape, dtype=bool)
 
