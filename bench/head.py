@@ -15,18 +15,20 @@ reviews whose lengths lie in ``--time``, drawn at random, random labels.  One tr
 forward (dropout on), BCEWithLogits (sum / B), backward, Adam: scratch's ``head.loss_and_grads`` +
 ``Adam.step``, the reference's ``reference.pipeline.train.run_epoch`` body, inside
 ``reference.pipeline.train.flush_denormals()`` as ``fit`` runs it (``--no-flush``: without; scratch
-flushes in its own backward, :func:`scratch.gru.denormal_flush`).  Both sides start from the
-same weights; each draws its own dropout masks.  The two sides alternate batch by batch, so
-load from other jobs on the machine falls on both alike; the ratio of their summed CPU times
-is the number to read, with the spread of the per-batch ratios (wall times are reported too).
+flushes in its own backward: the CPU's mode, :mod:`scratch.flush_to_zero`, where it can).  Both
+sides start from the same weights; each draws its own dropout masks.  The two sides alternate
+batch by batch, so load from other jobs on the machine falls on both alike; the ratio of their
+summed CPU times is the number to read, with the spread of the per-batch ratios (wall times are
+reported too).
 A first eval-mode forward checks that the two heads compute the same logits.
 
 ``--ftz`` (a diagnostic): the CPU's flush-to-zero / denormals-are-zero mode set for the whole run
-on the thread both sides compute on (``torch.set_flush_denormal(True)``, which scratch itself
-never calls): what scratch's time would be if NumPy's element-wise operations did not *produce*
-denormals either.  Scratch flushes the arrays that carry the gradient, but a product of normal
-numbers can still underflow into a denormal, and on CPUs that take microcode assists for that
-(Intel; not AMD Zen 3) those element-wise passes slow down.
+on the thread both sides compute on (``torch.set_flush_denormal(True)``), forward and Adam
+included.  It told, on an Intel Xeon, that flushing arrays (:func:`scratch.gru.denormal_flush`,
+scratch's only flush then) was not enough: a product of normal numbers can still underflow into
+a denormal, and CPUs that take microcode assists for that (Intel; not AMD Zen 3) slow those
+element-wise passes down.  Scratch's GRU backward now sets the same mode itself
+(:mod:`scratch.flush_to_zero`), so with it the two columns should agree.
 """
 from __future__ import annotations
 

@@ -18,8 +18,11 @@ two functions, so no compiled code is needed::
 
 What it reaches: NumPy's element-wise ufuncs and single-threaded BLAS calls run on the calling
 thread, so both compute without denormals inside the block.  BLAS *worker* threads (OpenBLAS
-with more than one thread) keep their own MXCSR: :func:`scratch.gru.scan_backward` therefore
-never lets a denormal into a matrix product even so (see :func:`scratch.gru.denormal_flush`).
+with more than one thread, started at import) keep their own MXCSR.  In the GRU's backward
+every operand of a matrix product is written by the calling thread (FTZ: never denormal), and
+a denormal that a worker writes into a product's result is read by the calling thread as 0
+(DAZ): no denormal enters a product or the next step; only a worker's own output may still
+underflow on the way (the tail of a sum, not the bulk of the gradient).
 
 Elsewhere (not Linux with glibc on x86-64) :func:`flush_to_zero` does nothing and says so
 (it yields False); callers then flush arrays themselves.

@@ -17,9 +17,10 @@ and its backward, given dL/d logits (B, O)::
                                                             (no d features: the encoder is frozen)
 
 Denormals: the long BPTT underflows below float32's smallest normal number (1.2e-38); the GRU's
-backward flushes such values to zero at every step (:func:`scratch.gru.denormal_flush`), d_h_n
-included (d_logits = (sigmoid(z) - y) / B is itself denormal for a logit beyond about -87),
-so nothing here needs a flush of its own: the head's other products are (B, O) x (O, D H).
+backward runs under the CPU's flush-to-zero mode (:mod:`scratch.flush_to_zero`; elsewhere it
+flushes arrays at every step, :func:`scratch.gru.denormal_flush`), d_h_n included (d_logits =
+(sigmoid(z) - y) / B is itself denormal for a logit beyond about -87), so nothing here needs a
+flush of its own: the head's other products are (B, O) x (O, D H).
 
 The training loss is the assignment's: ``BCEWithLogits`` summed over the batch and divided by
 its size, ``L = (1/B) sum_b bce(z_b, y_b)``, so ``dL/dz_b = (sigmoid(z_b) - y_b) / B``.
