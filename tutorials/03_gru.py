@@ -11,7 +11,9 @@
 # * the backward pass of one step, derived and checked against autograd;
 # * how a whole multi-layer, bidirectional GRU runs over padded batches (`lengths`, the
 #   semantics of `pack_padded_sequence`);
-# * what the update gate does, and how far back the gradient reaches (vanishing gradients).
+# * what the update gate does, and how far back the gradient reaches (vanishing gradients);
+# * where a vanishing float32 gradient ends up (denormal numbers, which some CPUs compute many
+#   times slower) and how the backward keeps them out (the CPU's flush-to-zero mode).
 #
 # The code explained here: [`scratch/gru_cell.py`](../scratch/gru_cell.py) (one step, for
 # reading) and [`scratch/gru.py`](../scratch/gru.py) (the full, fast GRU); the tests that prove
@@ -38,7 +40,9 @@ import numpy as np
 import torch
 from tutorial_kit import pick, plt, show
 
+import scratch.gru as gru_module
 from reference.gru import run_packed, torch_forward_backward
+from scratch.flush_to_zero import flush_to_zero, supported
 from scratch.gru import GRU
 from scratch.gru_cell import gru_cell_backward, gru_cell_forward
 
@@ -196,6 +200,98 @@ show(fig, "03_gradient_reach")
 # with the distance, at a rate set by the size of the weights.*
 
 # %% [markdown]
+# ## Below float32's smallest number: denormals
+#
+# Over hundreds of steps the vanishing gradient does not stop at "small". float32's smallest
+# *normal* number is $2^{-126} \approx 1.2 \times 10^{-38}$; below it lie the **denormals**
+# (subnormals), down to $2^{-149} \approx 1.4 \times 10^{-45}$, with fewer and fewer
+# significant bits, and then 0. Numerically they change nothing that matters here: a
+# gradient of $10^{-40}$ moves no weight. But x86 CPUs compute on them through microcode
+# assists, and on some cores that is many times slower: on an Intel Xeon, one training step of
+# the sentiment head on 480-512-token reviews took 2.03x the reference's time, and 0.91x once
+# the CPU's flush-to-zero mode was on (README, `bench/head.py --ftz`). torch has a switch for
+# that mode (`torch.set_flush_denormal`, which `reference.pipeline.train.fit` uses); NumPy has
+# none.
+#
+# Below: a float32 GRU over a long sequence, the loss on the last output only, so the
+# gradient of every earlier input is the vanishing gradient alone. Once with nothing flushed
+# (`scratch.gru.FLUSH_DENORMALS = False`), once as scratch runs by default.
+
+# %%
+tiny = np.finfo(np.float32).tiny                 # 1.2e-38, the smallest normal float32
+T_long = pick(600, 300)
+x_long = rng.standard_normal((T_long, 4, 16)).astype(np.float32)
+d_long = np.zeros((T_long, 4, 16), np.float32)
+d_long[-1] = 1.0                                 # dL/d output: the last step only
+
+
+def input_gradient(flush: bool) -> np.ndarray:
+    """dL/dx_t (T, B, I) of a 1-layer float32 GRU, with or without the denormal flush."""
+    gru_module.FLUSH_DENORMALS = flush
+    try:
+        g = GRU(16, 16, dtype="float32", seed=0)
+        g.load_state_dict({k: v * 0.5 for k, v in g.state_dict().items()})
+        g(x_long)
+        return g.backward(d_long)[0]
+    finally:
+        gru_module.FLUSH_DENORMALS = True
+
+
+raw, flushed = input_gradient(False), input_gradient(True)
+
+
+def denormal(a):
+    return (a != 0) & (np.abs(a) < tiny)
+
+
+print(f"nothing flushed: {denormal(raw).sum():,} of {raw.size:,} entries of dL/dx are denormal")
+print(f"flushed:         {denormal(flushed).sum():,} are denormal; "
+      f"{(flushed == 0).sum():,} are exactly 0")
+print(f"largest |flushed - unflushed| anywhere: {np.abs(flushed - raw).max():.1e}")
+far = np.abs(raw) > 1e6 * tiny                   # a million times above the denormal range
+print(f"entries above 1.2e-32: {far.sum():,}, bit-identical: {(flushed[far] == raw[far]).sum():,}")
+
+fig, ax = plt.subplots(figsize=(7, 3.6))
+for a, label in ((raw, "nothing flushed"), (flushed, "flushed (scratch's default)")):
+    peak = np.abs(a).max(axis=(1, 2))
+    ax.semilogy(np.arange(T_long), np.where(peak > 0, peak, np.nan), label=label)
+ax.axhspan(2.0 ** -149, tiny, color="tab:red", alpha=0.15, label="float32 denormals")
+ax.set(xlabel="input step t", ylabel="max |dL/dx_t| (log scale)",
+       title=f"a float32 GRU's gradient, {T_long} steps back")
+ax.legend()
+show(fig, "03_denormals")
+
+# %% [markdown]
+# *The largest entry of each step's input gradient: geometric decay through the normal range,
+# then the red band of denormals and 0 (nothing flushed); flushed, the gradient is 0 as soon
+# as it would leave the normal range. The two differ by at most the size of what was flushed
+# (about 1e-38); well above that range they are bit for bit the same, and just above it they
+# differ in the last bits, which the denormals had already lost.*
+#
+# *The flushed gradient may still hold a few hundred denormals (the count above): they come
+# from the very last product, $\partial x = \partial g_i W_{ih}$, which OpenBLAS splits over
+# its worker threads, and a worker thread keeps its own floating-point mode (set when it
+# started). None of its operands is denormal, and nothing computes on its result afterwards;
+# with one BLAS thread (`OPENBLAS_NUM_THREADS=1`) the count is 0.*
+#
+# **How scratch flushes.** Two bits of the SSE control register (MXCSR) of the thread that
+# computes switch denormals off: FTZ (results below $2^{-126}$ are written as 0) and DAZ
+# (denormal operands are read as 0). [`scratch/flush_to_zero.py`](../scratch/flush_to_zero.py)
+# sets them through the C library's `fegetenv` / `fesetenv` (ctypes, no compiled code) while
+# the GRU's backward runs, and restores the thread's previous mode afterwards, on Linux with
+# glibc on x86-64. Elsewhere `scan_backward` flushes, at every step, the arrays that carry the
+# gradient (`scratch.gru.denormal_flush`): that keeps denormals out of every matrix product,
+# but an element-wise product of two normal numbers can still *produce* one, which is why the
+# CPU's mode is the better tool where it can be set.
+
+# %%
+a, b = np.float32(1e-30), np.float32(1e-10)
+print("outside the block: 1e-30 * 1e-10 =", a * b, "(a denormal)")
+with flush_to_zero() as on:
+    print(f"inside (mode on: {on}): 1e-30 * 1e-10 =", a * b)
+print("after the block:   1e-30 * 1e-10 =", a * b, "| mode settable here:", supported())
+
+# %% [markdown]
 # ## Takeaways
 #
 # * torch's GRU is not the textbook one: $b_{hn}$ sits inside the reset gate.
@@ -204,6 +300,8 @@ show(fig, "03_gradient_reach")
 # * With the input projections batched over time and the weight gradients left until after
 #   the loop, plain NumPy keeps pace with `torch.nn.GRU` on the CPU (`bench/gru.py`), and
 #   packed sequences cost no more than padded ones.
+# * A vanishing float32 gradient ends in denormal numbers; the backward flushes them to 0 (the
+#   CPU's flush-to-zero mode), which changes nothing above $1.2 \times 10^{-38}$.
 # * Every claim above is a property test in `tests/test_gru.py`, against torch autograd
 #   (float64 to 1e-10, float32 to 1e-5) and against finite differences.
 #
