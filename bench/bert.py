@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from reference.bert_attention import swap_attention  # noqa: E402
 from reference.pipeline.encoders import load_encoder  # noqa: E402
 from scratch.bert import BertEncoder  # noqa: E402
+from scratch.pipeline.malloc import reuse_freed_memory  # noqa: E402
 
 VARIANTS = {"softmax": {}, "efficient": dict(attention="efficient"),
             "linear": dict(attention="linear")}
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--encoder", default="minilm", help="encoder name or BERT/MPNet folder")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
+    reuse_freed_memory()                 # as every command runs (scratch.pipeline.cli.run)
     threadpool_limits(THREADS)
     ref = load_encoder(a.encoder)
     model = ref.model.float()

@@ -57,6 +57,7 @@ from reference.timing import bench_threads, best_time, pin_threads  # noqa: E402
 from scratch import gru as gru_module  # noqa: E402
 from scratch.backend import get_xp, to_numpy  # noqa: E402
 from scratch.gru import GRU  # noqa: E402
+from scratch.pipeline.malloc import reuse_freed_memory  # noqa: E402
 
 THREADS = pin_threads(bench_threads())
 
@@ -309,6 +310,7 @@ def main(argv=None):
                         "(and torch), interleaved, CPU time")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
+    reuse_freed_memory()                 # as every command runs (scratch.pipeline.cli.run)
     unknown = [n for n in a.shapes.split(",") if n not in SHAPES]
     if unknown:
         p.error(f"unknown shape(s) {unknown}: use {', '.join(SHAPES)}")
