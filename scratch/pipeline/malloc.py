@@ -13,11 +13,14 @@ higher.  The feature extraction ran at 41% system time before.
 :func:`reuse_freed_memory` sets, through glibc's ``mallopt`` (ctypes)::
 
     M_MMAP_MAX = 0            every block comes from the heap, none from its own mmap
-    M_TRIM_THRESHOLD = 1 GiB  freed memory at the heap's top stays in the process
+    M_TRIM_THRESHOLD = -1     the heap is never trimmed: freed memory stays in the process
 
-so a freed block is reused by the next request of its size.  Process-wide and for the
-process's lifetime: the command-line entry points call it first.  Elsewhere (no glibc) it
-does nothing and returns False.
+("Setting M_TRIM_THRESHOLD to -1 disables trimming completely", mallopt(3)), so a freed block
+is reused by the next request of its size.  A finite threshold is not enough: at 512 tokens the
+extraction's batch frees 1.16 GB at the heap's top, and with a 1 GiB threshold glibc gave it
+back after every batch (strace: brk up and down each time, 200k page faults a second).
+Process-wide and for the process's lifetime: the command-line entry points call it first.
+Elsewhere (no glibc) it does nothing and returns False.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import platform
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # glibc's <malloc.h>
-TRIM_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = -1                             # never trim (mallopt(3))
 
 
 @functools.cache
