@@ -215,11 +215,12 @@ class GRU:
             for d, (_, w_hh, _, b_hh) in enumerate(dirs):
                 b_hn = b_hh[2 * H:] if self.bias else xp.zeros(H, dtype=dtype)
                 state, slots = layer * D + d, T if cache else 1
-                h_n[state], gates_d, g_hn_d = scan_forward(
+                kind = "all" if cache else "step"     # one name per kind, whatever T: a name
+                h_n[state], gates_d, g_hn_d = scan_forward(        # per T would keep them all
                     gi[:, d * 3 * H:(d + 1) * 3 * H], w_hh, b_hn, h0[state],
                     out[..., d * H:(d + 1) * H], n_active, reverse=d == 1,
-                    gates=ws.get(f"gates{layer}.{d}.{slots}", (slots, B, 3 * H), dtype, xp),
-                    g_hn=ws.get(f"g_hn{layer}.{d}.{slots}", (slots, B, H), dtype, xp))
+                    gates=ws.get(f"gates{layer}.{d}.{kind}", (slots, B, 3 * H), dtype, xp),
+                    g_hn=ws.get(f"g_hn{layer}.{d}.{kind}", (slots, B, H), dtype, xp))
                 gates.append(gates_d)
                 g_hn.append(g_hn_d)
             layers.append(LayerCache(u_p, out, gates, g_hn))

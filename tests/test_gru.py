@@ -690,3 +690,31 @@ def test_backward_flushes_denormals_and_changes_nothing_else(monkeypatch, cpu_mo
     assert [denormal(a) for a in products] == [0] * len(products)
     for i, (got, want) in enumerate(zip(flushed, unflushed, strict=True)):
         shared_assert_close(got, want, 1e-6, f"result {i}", atol=4 * tiny, dtype=np.float32)
+
+
+def test_workspace_stays_bounded_across_sequence_lengths():
+    """Training on batches of ever new lengths (IMDB's: up to 512 of them) must not keep one set
+    of cache arrays per length: the workspace holds as many arrays, and no more bytes than the
+    longest batch needs, after 12 lengths as after one (it once kept every length's gates:
+    gigabytes at full size, and the full run was killed for memory)."""
+    rng = np.random.default_rng(0)
+    gru = GRU(6, 5, num_layers=2, bidirectional=True, dtype="float32", seed=0)
+
+    def step(T, training=True):
+        x = rng.standard_normal((T, 3, 6)).astype(np.float32)
+        gru(x, training=training, cache=training)
+        if training:
+            gru.backward(rng.standard_normal((T, 3, 10)).astype(np.float32))
+        return gru.workspace._arrays
+
+    def nbytes(arrays):
+        return sum(a.nbytes for a in arrays.values() if a is not None)
+
+    step(40)
+    step(40, training=False)                      # inference keeps its one-step buffers apart
+    names, longest = set(step(40)), nbytes(gru.workspace._arrays)
+    for T in range(12, 40, 2):
+        step(T)
+        step(T, training=False)
+    assert set(gru.workspace._arrays) == names
+    assert nbytes(gru.workspace._arrays) <= longest
