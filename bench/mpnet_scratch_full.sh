@@ -12,9 +12,11 @@
 #
 # Environment: IMDB_PATH (default ../shared/data/imdb/...), OUT (default runs/mpnet_full_sbs:
 # scratch in $OUT/scratch, reference in $OUT/reference), CACHE (default .cache/features),
-# THREADS (default 1), PY (default .venv/bin/python).  Extra arguments go to both training
-# commands (e.g. --resume after an interruption).  If the test features are still being
-# extracted, both commands wait for them after training.
+# THREADS (default 1), PY (default .venv/bin/python), REF_EPOCHS (default 2: the reference's
+# epochs; 1 gives the side-by-side epoch time and leaves its core to other work sooner: stop the
+# reference once it waits for the test features).  Extra arguments go to both training commands
+# (e.g. --resume after an interruption).  If the test features are still being extracted, both
+# commands wait for them after training.  The summary goes to $OUT/summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -22,8 +24,9 @@ DATA="${IMDB_PATH:-../shared/data/imdb/aclImdb_labelled.tar.gz}"
 OUT="${OUT:-runs/mpnet_full_sbs}"
 CACHE="${CACHE:-.cache/features}"
 THREADS="${THREADS:-1}"
+REF_EPOCHS="${REF_EPOCHS:-2}"
 PY="${PY:-.venv/bin/python}"
-COMMON=(--data "$DATA" --encoder mpnet --epochs 2 --batch-size 128 --max-length 512
+COMMON=(--data "$DATA" --encoder mpnet --batch-size 128 --max-length 512
         --cache "$CACHE" --seed 3407 --no-progress)
 mkdir -p "$OUT"
 
@@ -51,22 +54,35 @@ run() {  # name, command...
   OMP_NUM_THREADS="$THREADS" /usr/bin/time -f "$name: %U s user, %S s system, %e s wall" \
     "$@" > "$OUT/$name.log" 2>&1
 }
-run scratch "$PY" -m scratch.pipeline.train "${COMMON[@]}" --out "$OUT/scratch" \
+run scratch "$PY" -m scratch.pipeline.train "${COMMON[@]}" --epochs 2 --out "$OUT/scratch" \
     --init "$OUT/init" "$@" &
-run reference "$PY" -m reference.pipeline.train "${COMMON[@]}" --out "$OUT/reference" \
-    --device cpu "$@" &
+run reference "$PY" -m reference.pipeline.train "${COMMON[@]}" --epochs "$REF_EPOCHS" \
+    --out "$OUT/reference" --device cpu "$@" &
 wait
 tail -n 3 "$OUT/scratch.log" "$OUT/reference.log"
-"$PY" - "$OUT" <<'PYEOF'
-import json, sys
+"$PY" - "$OUT" "$THREADS" <<'PYEOF'
+import json
+import platform
+import sys
 from pathlib import Path
 
+out, summary = Path(sys.argv[1]), {"threads_per_side": int(sys.argv[2])}
+cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+       if line.startswith("model name")]
+summary["machine"] = f"{cpu[0] if cpu else platform.processor()}, {len(cpu)} cores"
 for side in ("scratch", "reference"):
-    m = json.loads((Path(sys.argv[1]) / side / "metrics.json").read_text())
+    path = out / side / "metrics.json"
+    if not path.exists():
+        print(f"{side}: no metrics.json")
+        continue
+    m = json.loads(path.read_text())
+    summary[side] = {k: m.get(k) for k in ("epochs", "best_epoch", "test_acc", "test_loss")}
     for e in m["epochs"]:
         print(f"{side} epoch {e['epoch']}: train {e['train_seconds']:.0f} s, valid "
               f"{e['valid_seconds']:.0f} s, valid acc {e['valid_acc']:.2%}")
-    print(f"{side} test acc {m['test_acc']:.2%} (loss {m['test_loss']:.4f}, best epoch "
-          f"{m['best_epoch']})")
+    if "test_acc" in m:
+        print(f"{side} test acc {m['test_acc']:.2%} (loss {m['test_loss']:.4f}, best epoch "
+              f"{m['best_epoch']})")
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
 PYEOF
 echo "done $(date -u +%FT%TZ)"

@@ -10,11 +10,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import threadpoolctl
+import torch
 from hypothesis import HealthCheck, Phase, settings
 
 from tests.helpers import BACKENDS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread per library in each pytest-xdist worker: `make test` starts a worker per core, and
+# each worker's BLAS, OpenMP and torch would start a thread per core too (2 workers x 2 threads
+# on 2 cores: test_bert, test_compare, test_gru and test_sentiment took 13-18% longer).  Tests
+# about threads set their own counts; the commands the tests start inherit the environment; an
+# OMP_NUM_THREADS of the caller's wins.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+    for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_THREADS))
+    threadpoolctl.threadpool_limits(_THREADS)
+    torch.set_num_threads(_THREADS)
 # the autocast chooser's verdicts (reference.pipeline.autocast) go to a file of this session's,
 # never the user's, here and in the commands the tests start (set before the test modules copy
 # os.environ)
