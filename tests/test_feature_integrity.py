@@ -403,7 +403,7 @@ def test_a_disk_filling_up_mid_extraction_keeps_finished_shards_and_resumes(
         in lines[0], lines
     (entry,) = cache.iterdir()
     assert sorted(p.name for p in entry.iterdir() if not p.name.startswith(".lock")) == [
-        "plan.json", SHARDS[0], SHARDS[1], "sums"]                   # no temporary file
+        "plan.json", "portable_key", SHARDS[0], SHARDS[1], "sums"]   # no temporary file
     assert sorted(p.name for p in (entry / "sums").iterdir()) == [f"{n}.json" for n in SHARDS[:2]]
     monkeypatch.setattr(sfeatures, "write_shard", real)
     assert run(lambda: rfeatures.main(features_argv(world, cache)), "features") == 0

@@ -68,6 +68,61 @@ def test_an_entry_made_before_the_portable_key_gets_it(world, tmp_path):
     assert sfeatures.find_entry(tmp_path, key).folder == ref.folder
 
 
+def test_scratch_waits_for_the_entry_the_reference_is_still_writing(world, tmp_path,
+                                                                    monkeypatch):
+    """The reference's extraction has started (plan written, lock held, no index.json yet):
+    strain.features waits for it and reads its entry instead of computing the features again
+    with the scratch encoder (hours for IMDB's test split at 512 tokens)."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    real_encode = rfeatures._encode
+
+    def slow_encode(*args, **kw):
+        started.set()
+        assert release.wait(30)
+        return real_encode(*args, **kw)
+
+    monkeypatch.setattr(rfeatures, "_encode", slow_encode)
+    enc = load_encoder(str(world / "tiny-bert"))
+    ref = {}
+    writer = threading.Thread(target=lambda: ref.update(store=rfeatures.extract_features(
+        enc, TEXTS, tmp_path, max_length=32, autocast=False, progress=False)))
+    writer.start()
+    assert started.wait(30)
+    (entry,) = tmp_path.iterdir()
+    assert not (entry / "index.json").exists() and (entry / sfeatures.PORTABLE_KEY).exists()
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(store=strain.features(
+        scratch_encoder(world / "tiny-bert"), TEXTS, tmp_path, 32, False)))
+    try:
+        reader.start()
+        reader.join(1.0)
+        assert reader.is_alive()                                   # waiting, not computing:
+        assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no scratch-<key> entry
+    finally:
+        release.set()
+        writer.join(30)
+        reader.join(30)
+    assert got["store"].folder == ref["store"].folder == entry
+    assert got["store"].wait_seconds >= 0.9
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]
+
+
+def test_a_dead_writers_entry_is_not_waited_for(world, tmp_path):
+    """An entry whose writer is gone (its portable_key file, no lock held, no index.json):
+    nothing to wait for; the scratch encoder computes the features as before."""
+    enc = load_encoder(str(world / "tiny-bert"))
+    ref = rfeatures.extract_features(enc, TEXTS, tmp_path, max_length=32, autocast=False,
+                                     progress=False)
+    key = ref.meta["portable_key"]
+    assert (ref.folder / sfeatures.PORTABLE_KEY).read_text() == key
+    (ref.folder / "index.json").unlink()                         # as a killed writer leaves it
+    assert sfeatures.wait_for_writers(tmp_path, key) == 0.0
+    mine = strain.features(scratch_encoder(world / "tiny-bert"), TEXTS, tmp_path, 32, False)
+    assert mine.folder.name == f"scratch-{key}"
+
+
 def test_scratch_computes_missing_features_equal_to_the_reference(world, tmp_path):
     """No entry: the scratch encoder writes one (float32, stored float16); the reference
     encoder's float32 features of the same texts agree to float16 rounding."""

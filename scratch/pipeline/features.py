@@ -3,6 +3,7 @@
 A frozen encoder's output for a review never changes, so it is computed once and stored::
 
     CACHE_ROOT/<key>/plan.json                     what the shards will hold (written first)
+    CACHE_ROOT/<key>/portable_key                  the key a torch-free reader can compute
     CACHE_ROOT/<key>/shard_00000.safetensors ...   features (sum L_i, H) float16,
                                                    lengths (k,) int64, index (k,) int64
     CACHE_ROOT/<key>/index.json                    written last: the entry is complete
@@ -18,7 +19,9 @@ at most ``batch_tokens`` padded tokens (almost no padding); each shard is writte
 file and renamed, so a shard on disk is whole; an interrupted run resumes at the first missing
 shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` an entry is never read as
 complete.  One writer per entry at a time (an ``flock`` on ``<entry>/.lock``): a second process
-asking for the same features waits for the first and then reads its entry.
+asking for the same features waits for the first and then reads its entry; the scratch
+pipeline, which finds the reference's entries by their portable key (:func:`find_entry`),
+waits for one still being written too (:func:`wait_for_writers`).
 
 Many processes, one entry (:mod:`scratch.pipeline.ranks`, for ``torchrun``): the ranks of one
 job divide the very same shard plan among themselves, balanced by tokens, so the entry is the
@@ -81,6 +84,8 @@ from .errors import CommandError
 
 FORMAT = 1
 SUMS = "shard_sums"               # index.json: {shard: {"sha256", "bytes", "reviews", "rows"}}
+PORTABLE_KEY = "portable_key"     # an entry being written: its portable key, for readers that
+                                  # wait for it (:func:`wait_for_writers`)
 SUMS_DIR = "sums"                 # sums/shard_00000.safetensors.json: the same, written with it
 log = logging.getLogger(__name__)
 
@@ -431,7 +436,7 @@ def discard_unfinished(folder: Path) -> None:
         side.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (folder / SUMS_DIR).rmdir()
-    for name in ("plan.json", ".lock"):
+    for name in ("plan.json", PORTABLE_KEY, ".lock"):
         (folder / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):         # something else in there: leave it
         folder.rmdir()
@@ -469,12 +474,13 @@ class Plan:
 
 
 def start_entry(folder: Path, plan: Plan, desc: str = "features",
-                say_resuming: bool = True) -> list[int]:
+                say_resuming: bool = True, portable_key: str | None = None) -> list[int]:
     """(The caller holds the writer lock.)  Remove temporary files left by killed runs and any
     shard cut for another plan (or for no known plan: shards without ``plan.json``), write
-    ``plan.json``; check each finished shard (its sha256 against the one written beside it, or,
-    written before checksums, its structure: then its checksum is added) and remove a damaged
-    one; return the shards still to write."""
+    ``plan.json`` (and ``portable_key``, when given: :func:`wait_for_writers`); check each
+    finished shard (its sha256 against the one written beside it, or, written before
+    checksums, its structure: then its checksum is added) and remove a damaged one; return the
+    shards still to write."""
     for tmp in folder.glob(".*.tmp*"):
         tmp.unlink(missing_ok=True)
     plan_file = folder / "plan.json"
@@ -488,6 +494,8 @@ def start_entry(folder: Path, plan: Plan, desc: str = "features",
             old.unlink()
             sum_path(folder, old.name).unlink(missing_ok=True)
     atomic_write(plan_file, json.dumps(plan.json).encode())
+    if portable_key:
+        atomic_write(folder / PORTABLE_KEY, portable_key.encode())
     todo = [s for s, name in enumerate(plan.names)
             if not (folder / name).exists() or not _finished_shard_ok(folder, plan, s, desc)]
     if len(todo) < len(plan.shards) and say_resuming:
@@ -629,7 +637,7 @@ def write_entry(folder: Path, ids, encode, *, key: str, meta: dict, batch_tokens
     ``hidden_size``) + what the shards hold (the caller holds the writer lock).
     ``encode(list of id arrays)`` -> list of (L_i, H) float16 arrays, one padded encoder batch."""
     plan = Plan.of(ids, key, shard_size)
-    todo = start_entry(folder, plan, desc, say_resuming)
+    todo = start_entry(folder, plan, desc, say_resuming, meta.get("portable_key"))
     check_space(folder, plan, todo, int(meta["hidden_size"]))
     t0 = time.perf_counter()
     with token_bar(plan, todo, meta, desc, progress) as bar:
@@ -718,6 +726,38 @@ def find_entry(cache_root, key: str) -> FeatureStore | None:
     if damaged is not None:
         raise damaged
     return None
+
+
+def wait_for_writers(cache_root, key: str, desc: str = "features") -> float:
+    """Wait while another process writes an entry of portable key ``key`` under ``cache_root``
+    (a ``portable_key`` file, no ``index.json`` yet, its writer lock held: e.g. a
+    ``reference.pipeline.features`` run still at work); the seconds waited, 0.0 when none was
+    being written.  For a reader that cannot compute the writer's own key (the scratch pipeline
+    and the reference's torch fingerprint) and would otherwise compute the same features again.
+    A shared ``flock`` on the entry's ``.lock``: it is granted when the writer lets go, whether
+    it finished (then :func:`find_entry` finds the entry) or died."""
+    import fcntl
+
+    waited = 0.0
+    for marker in sorted(Path(cache_root).glob(f"*/{PORTABLE_KEY}")):
+        folder = marker.parent
+        try:
+            if marker.read_text().strip() != key or (folder / "index.json").exists():
+                continue
+            fd = os.open(folder / ".lock", os.O_RDONLY)
+        except OSError:                           # gone meanwhile: nothing to wait for
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is computing these features in %s; waiting for it",
+                     desc, folder)
+            t0 = time.perf_counter()
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            waited += time.perf_counter() - t0
+        finally:
+            os.close(fd)
+    return waited
 
 
 # ---- maintenance: python -m scratch.pipeline.features verify|stamp ENTRY... ----------------------

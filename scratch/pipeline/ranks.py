@@ -122,7 +122,8 @@ def _rank0(folder: Path, ids, encode, ranks: Ranks, plan: Plan, meta: dict, batc
         with writer_lock(folder, desc, heartbeat=lambda: ranks.share(WAITING)) as waited:
             store, repaired = open_entry(folder, desc, repair=True)
             try:
-                todo = None if store else start_entry(folder, plan, desc, not repaired)
+                todo = None if store else start_entry(folder, plan, desc, not repaired,
+                                                         meta.get("portable_key"))
                 if todo:
                     check_space(folder, plan, todo, int(meta["hidden_size"]))
                 parts = (None if todo is None else

@@ -53,7 +53,7 @@ from . import cli, unfreeze
 from .atomic import write_json
 from .data import bucket_batches, train_valid_split
 from .encoder_names import Encoder, EncoderNameError
-from .features import DamagedEntry, extract, find_entry, portable_key
+from .features import DamagedEntry, extract, find_entry, portable_key, wait_for_writers
 from .tokenizer import pad_batch
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
@@ -215,17 +215,23 @@ def features(encoder: Encoder, texts, cache, max_length: int, progress: bool = T
              desc: str = "features", batch_tokens: int = 16_384, repair_command: str = "",
              unfreeze_top: int = 0):
     """The FeatureStore of ``texts``: the entry either pipeline wrote for these token ids, this
-    encoder and ``max_length`` (:func:`scratch.pipeline.features.find_entry`), else one computed
-    now by the scratch encoder (float32, stored float16) in the same format.  A damaged entry
-    is never read: one this function wrote has its damaged shards recomputed (saying so), one
-    the reference wrote is refused (:class:`DamagedEntry`) with ``repair_command``.
+    encoder and ``max_length`` (:func:`scratch.pipeline.features.find_entry`; one that another
+    process is still writing is waited for: :func:`scratch.pipeline.features.wait_for_writers`),
+    else one computed now by the scratch encoder (float32, stored float16) in the same format.
+    A damaged entry is never read: one this function wrote has its damaged shards recomputed
+    (saying so), one the reference wrote is refused (:class:`DamagedEntry`) with
+    ``repair_command``.
     ``unfreeze_top`` K > 0: the hidden states entering layer ``L-K`` instead of the last ones
     (their own entry; one whose ``index.json`` says another K is refused:
     :class:`scratch.pipeline.unfreeze.EntryMismatch`)."""
     ids = encoder.tokenizer.encode(texts, max_length)
     key = portable_key(encoder.folder, max_length, ids, unfreeze_top)
     try:
-        if (store := find_entry(cache, key)) is not None:
+        store = find_entry(cache, key)
+        if store is None and (waited := wait_for_writers(cache, key, desc)):
+            if (store := find_entry(cache, key)) is not None:    # another process's, finished
+                store.wait_seconds = waited
+        if store is not None:
             unfreeze.check_entry(store.meta, unfreeze_top, encoder.num_layers, store.folder)
             return store
     except DamagedEntry as e:
