@@ -8,8 +8,10 @@
 # Environment: IMDB_PATH (archive or aclImdb folder; default ../shared/data/imdb/...),
 # OUT (default runs/imdb_full), CACHE (feature cache root, default .cache/features),
 # ENCODER (default minilm), PY (default .venv/bin/python).  Extra arguments go to
-# reference.pipeline.train (e.g. --resume after an interruption).  Features already in CACHE are
-# reused; if another process is still extracting them, reference.pipeline.train waits for it.
+# reference.pipeline.train (e.g. --unfreeze-top 1).  Run the same command again after an
+# interruption: features already in CACHE are reused (a partial entry resumes at its first
+# missing shard), and a run that saved an epoch ($OUT/last.pt) goes on with --resume.  If
+# another process is still extracting the features, reference.pipeline.train waits for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -20,8 +22,13 @@ ENCODER="${ENCODER:-minilm}"
 PY="${PY:-.venv/bin/python}"
 
 echo "start $(date -u +%FT%TZ) on $(nproc) cores: $DATA -> $OUT (cache $CACHE)"
+RESUME=()
+if [ -f "$OUT/last.pt" ] && [[ " $* " != *" --resume "* ]]; then
+  RESUME=(--resume)
+  echo "resuming the run saved in $OUT"
+fi
 "$PY" -m reference.pipeline.train --data "$DATA" --encoder "$ENCODER" --epochs 2 --batch-size 128 \
-    --max-length 512 --out "$OUT" --cache "$CACHE" --device cpu --seed 3407 "$@"
+    --max-length 512 --out "$OUT" --cache "$CACHE" --device cpu --seed 3407 "${RESUME[@]}" "$@"
 echo "cache size: $(du -sh "$CACHE" | cut -f1) ($CACHE)"
 "$PY" -m reference.pipeline.predict --checkpoint "$OUT" \
     "This film is terrible, the worst two hours of my life." \

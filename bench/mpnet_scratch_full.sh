@@ -14,9 +14,10 @@
 # scratch in $OUT/scratch, reference in $OUT/reference), CACHE (default .cache/features),
 # THREADS (default 1), PY (default .venv/bin/python), REF_EPOCHS (default 2: the reference's
 # epochs; 1 gives the side-by-side epoch time and leaves its core to other work sooner: stop the
-# reference once it waits for the test features).  Extra arguments go to both training commands
-# (e.g. --resume after an interruption).  If the test features are still being extracted, both
-# commands wait for them after training.  The summary goes to $OUT/summary.json.
+# reference once it waits for the test features).  Extra arguments go to both training commands.
+# Run the same command again after an interruption: a side that saved an epoch goes on with
+# --resume.  If the test features are still being extracted, both commands wait for them after
+# training.  The summary goes to $OUT/summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -52,12 +53,16 @@ fi
 run() {  # name, command...
   local name="$1"; shift
   OMP_NUM_THREADS="$THREADS" /usr/bin/time -f "$name: %U s user, %S s system, %e s wall" \
-    "$@" > "$OUT/$name.log" 2>&1
+    "$@" >> "$OUT/$name.log" 2>&1
 }
+resume() {  # the side's saved state -> --resume (unless the arguments have it)
+  if [ -f "$1" ] && [[ " $ARGS " != *" --resume "* ]]; then echo --resume; fi
+}
+ARGS="$*"
 run scratch "$PY" -m scratch.pipeline.train "${COMMON[@]}" --epochs 2 --out "$OUT/scratch" \
-    --init "$OUT/init" "$@" &
+    --init "$OUT/init" $(resume "$OUT/scratch/last.safetensors") "$@" &
 run reference "$PY" -m reference.pipeline.train "${COMMON[@]}" --epochs "$REF_EPOCHS" \
-    --out "$OUT/reference" --device cpu "$@" &
+    --out "$OUT/reference" --device cpu $(resume "$OUT/reference/last.pt") "$@" &
 wait
 tail -n 3 "$OUT/scratch.log" "$OUT/reference.log"
 "$PY" - "$OUT" "$THREADS" <<'PYEOF'
