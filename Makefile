@@ -24,10 +24,11 @@ demo: $(STAMP)
 	$(PY) -m reference.compare --threads 1
 	$(PY) -m reference.pipeline.demo
 
-# ruff first (the lint is part of the suite), then every test, spread over the cores
+# ruff first (the lint is part of the suite), then every test, spread over the cores (test by
+# test, except an xdist_group, which one worker runs whole: tests/conftest.py)
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -22,6 +22,9 @@ from scratch.pipeline import predict as spredict
 from scratch.pipeline import train as strain
 
 ROOT = Path(__file__).resolve().parents[1]
+# One worker runs the whole module (its fixture trains for minutes), and it runs first
+# (tests/conftest.py puts grouped tests at the front; `make test` uses --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("imdb_e2e")
 SUBSET = ["--encoder", "minilm", "--limit-train", "2000", "--limit-test", "1000",
           "--max-length", "128", "--batch-size", "32", "--epochs", "2", "--seed", "3407"]
 
