@@ -42,15 +42,17 @@ def test_freed_memory_is_reused_without_page_faults(mib):
     """NumPy asks for huge pages on big arrays, so the count is of 2 MiB pages here (about 130
     per 256 MiB) where torch's tensors fault 4 KiB ones; either way the kernel zeroes them.
     1.5 GiB: more than a finite trim threshold of 1 GiB would keep (the heap is never trimmed;
-    at 512 tokens an extraction batch frees 1.16 GB)."""
+    at 512 tokens an extraction batch frees 1.16 GB).  Where the kernel has no huge page at
+    hand it faults 4 KiB pages instead (512 times as many), so a count is compared with the
+    array's size in 2 MiB pages, the fewest faults that bring it in, not with another count."""
+    huge_pages = mib // 2                       # 2 MiB pages in the array
     default = probe("off", mib)
-    first = default["faults"][0]
-    assert first >= 100
-    assert all(f >= first // 2 for f in default["faults"][1:])     # faulted in again, each time
+    assert default["faults"][0] >= huge_pages // 2
+    assert all(f >= huge_pages // 2 for f in default["faults"][1:])   # faulted in again, each time
     kept = probe("on", mib)
     assert kept["took"] is True
-    assert kept["faults"][0] >= 100                                  # the first time, as always
-    assert all(f <= kept["faults"][0] // 20 for f in kept["faults"][1:])     # then reused
+    assert kept["faults"][0] >= huge_pages // 2                      # the first time, as always
+    assert all(f <= huge_pages // 20 for f in kept["faults"][1:])    # then reused
 
 
 def test_every_command_asks_for_it(monkeypatch):
