@@ -237,6 +237,9 @@ else:
     show(fig, "06_full_run")
 
 # %% [markdown]
+# *Left: minutes of training per epoch on one thread (the reference ran its first epoch only,
+# beside scratch's first); right: validation accuracy after each epoch.*
+#
 # ### The encoder at full size
 # The head above read the cache, which `reference.pipeline.features` wrote with torch in bf16
 # autocast.  Does the NumPy MPNet give the same features?  `bench/mpnet_features.py` ran both
