@@ -276,6 +276,60 @@ def test_entries_are_keyed_by_k_and_shared_by_both_pipelines(world, tmp_path):
                 assert np.max(np.abs(got - h1) / np.maximum(np.abs(h1), 1.0)) <= 2 * 2.0 ** -11
 
 
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_an_entry_for_k_is_computed_from_a_deeper_one(tmp_path, monkeypatch, family):
+    """With the K = 2 entry of these reviews cached, the K = 1 entry runs only the one layer
+    between (the encoder's bottom is never called): an entry of its own that says where it
+    came from, holding transformers' hidden states entering layer L-1 (MPNet's relative
+    position bias included) to float16 twice (the deeper entry's rounding carried through one
+    layer, then its own), which scratch's K = 1 runs read too."""
+    from tests.test_encoders import mpnet_tokenizer
+
+    folder = tmp_path / f"tiny-{family}"
+    torch.manual_seed(5)
+    small = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                 intermediate_size=32)
+    if family == "bert":
+        BertModel(BertConfig(**small), add_pooling_layer=False).save_pretrained(folder)
+        tokenizer().save_pretrained(folder)
+    else:
+        MPNetModel(MPNetConfig(vocab_size=30_527, max_position_embeddings=514, **small),
+                   add_pooling_layer=False).save_pretrained(folder)
+        mpnet_tokenizer(folder).save_pretrained(folder)
+    texts = [review(i, i % 2 == 0) * (1 + i % 3) for i in range(9)]     # 9 lengths, padded
+    enc = load_encoder(str(folder))
+    two = rfeatures.extract_features(enc, texts, tmp_path / "c", max_length=40, autocast=False,
+                                     progress=False, unfreeze_top=2, batch_tokens=120)
+
+    def bottom_called(*a, **kw):
+        raise AssertionError("the encoder's bottom ran")
+
+    monkeypatch.setattr(rfeatures, "_encode", bottom_called)
+    one = rfeatures.extract_features(enc, texts, tmp_path / "c", max_length=40, autocast=False,
+                                     progress=False, unfreeze_top=1, batch_tokens=120)
+    assert one.meta["computed_from"] == {"unfreeze_top": 2, "entry": two.folder.name}
+    assert (one.meta["unfreeze_top"], one.meta["input_layer"]) == (1, 2)
+    again = rfeatures.extract_features(enc, texts, tmp_path / "c", max_length=40,
+                                       autocast=False, progress=False, unfreeze_top=1)
+    assert again.folder == one.folder and len(list((tmp_path / "c").iterdir())) == 2
+    ids = enc.tokenizer(texts, truncation=True, max_length=40)["input_ids"]
+    worst = 0.0
+    with torch.no_grad():
+        for i, a in enumerate(ids):
+            h2 = enc.model(torch.tensor([a]), output_hidden_states=True).hidden_states[2][0]
+            got = one.get(i).astype(np.float64)
+            assert got.shape == tuple(h2.shape)
+            worst = max(worst, float(np.max(np.abs(got - h2.numpy()) /
+                                            np.maximum(np.abs(h2.numpy()), 1.0))))
+    # one float16 rounding is 2^-11 relative; the deeper entry's, carried through a layer whose
+    # LayerNorm divides by a standard deviation of order 1, adds about as much
+    assert worst <= 4 * 2.0 ** -11, worst
+    sc = Encoder.inspect(str(folder))
+    sc.load_tokenizer()
+    found = strain.features(sc, texts, tmp_path / "c", 40, False, unfreeze_top=1)
+    assert found.folder == one.folder
+
+
 def test_the_features_command_writes_the_entries_a_k_run_reads(world, tmp_path, capsys):
     """``reference.pipeline.features --unfreeze-top 1`` caches what a K = 1 run reads: the run
     then adds no entry (every split found); K past the encoder's layers is one line."""

@@ -13,7 +13,12 @@ faster; ``autocast=False`` turns it off), and stored as float16:
 and the token ids of every text, so a stale cache is never used.  ``unfreeze_top=K > 0``
 (``reference.pipeline.train --unfreeze-top K``): the hidden states entering layer ``L-K``
 instead of the last ones, in entries of their own (``K`` in the keys; ``K = 0`` keys are those
-of before; :mod:`scratch.pipeline.unfreeze`).  Each shard is written to a
+of before; :mod:`scratch.pipeline.unfreeze`).  Where the entry for a larger K' of the same
+reviews is complete and none for K is begun, the K entry is computed from it, running only the
+layers ``L-K' .. L-K-1`` (:func:`deeper_entry`: with K = 2 cached, K = 1 costs one layer per
+token instead of 11), keyed apart and saying so in ``index.json`` (``computed_from``): its
+values differ from a direct extraction by the deeper entry's float16 rounding carried through
+those layers (about 2^-11 relative).  Each shard is written to a
 temporary file and renamed, so a shard on disk is whole; an interrupted run resumes at the
 first missing shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` a cache is
 never read as complete.  One writer per entry at a time (an ``flock`` on ``<key>/.lock``): a
@@ -67,11 +72,16 @@ def encoder_fingerprint(encoder: Encoder) -> str:
 
 
 def cache_key(encoder: Encoder, ids: list[np.ndarray], max_length: int, autocast: bool,
-              unfreeze_top: int = 0) -> str:
-    fields = {"format": FORMAT, "encoder": encoder_fingerprint(encoder),
+              unfreeze_top: int = 0, from_top: int = 0, fingerprint: str | None = None) -> str:
+    """The entry's name.  ``from_top`` K' > K: the entry computed from the one for
+    ``--unfreeze-top K'`` (:func:`deeper_entry`), a key of its own.  ``fingerprint``: the
+    encoder's, if already computed (:func:`encoder_fingerprint` reads every weight)."""
+    fields = {"format": FORMAT, "encoder": fingerprint or encoder_fingerprint(encoder),
               "max_length": max_length, "autocast": autocast}
     if unfreeze_top:
         fields["unfreeze_top"] = unfreeze_top
+    if from_top:
+        fields["from_top"] = from_top
     h = hashlib.sha256(json.dumps(fields).encode())
     for a in ids:
         h.update(len(a).to_bytes(4, "little"))
@@ -121,6 +131,46 @@ def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device,
     return [hidden[b, :n].astype(np.float16) for b, n in enumerate(lengths)]
 
 
+def deeper_entry(encoder: Encoder, ids, max_length: int, autocast: bool, unfreeze_top: int,
+                 cache_root, fingerprint: str):
+    """A complete entry of these reviews for ``--unfreeze-top K'`` > ``unfreeze_top`` (the
+    smallest such K'), as ``(K', its FeatureStore)``, or None.  From it the hidden states
+    entering layer ``L-K`` cost only layers ``L-K' .. L-K-1`` (:func:`_encode_from`), not the
+    ``L-K`` layers below: the K = 1 entry from the K = 2 one is one layer per token, not 11."""
+    for deeper in range(unfreeze_top + 1, encoder.model.config.num_hidden_layers + 1):
+        key = cache_key(encoder, ids, max_length, autocast, deeper, fingerprint=fingerprint)
+        store, _ = scratch_features.open_entry(Path(cache_root) / key)
+        if store is not None:
+            return deeper, store
+    return None
+
+
+def middle_layers(encoder: Encoder, first: int, stop: int):
+    """The encoder's layers ``first .. stop-1`` in eval mode, with MPNet's relative position
+    bias (:class:`reference.top_layers.TopLayers`, the module the trained layers run in),
+    weights copied."""
+    from ..top_layers import TopLayers, position_table
+
+    top = TopLayers(encoder.model.config, first, position_table(encoder.model))
+    top.layer = torch.nn.ModuleDict({i: m for i, m in top.layer.items() if int(i) < stop})
+    return top.copy_from(encoder.model).eval().requires_grad_(False)
+
+
+def _encode_from(layers, source, position: dict, ids: list[np.ndarray], autocast: bool,
+                 device) -> list[np.ndarray]:
+    """Run ``layers`` (:func:`middle_layers`) on one batch of the hidden states ``source`` (a
+    deeper entry) holds for the reviews ``ids`` (found by identity in ``position``: these are
+    the id arrays the plan was made of); each review's (L_i, H) float16 output."""
+    idx = [position[id(a)] for a in ids]
+    x, lengths = source.batch(idx)                                  # (B, T, H) f32, (B,)
+    amp = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+           if autocast else contextlib.nullcontext())
+    with torch.inference_mode(), amp:
+        hidden = layers(torch.from_numpy(x).to(device), torch.from_numpy(lengths).to(device))
+    hidden = hidden.float().cpu().numpy()
+    return [hidden[b, :n].astype(np.float16) for b, n in enumerate(lengths)]
+
+
 def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_length: int = 512,
                      batch_tokens: int = 16_384, shard_size: int = 2_048,
                      autocast: bool | str | None = None, device: str = "cpu",
@@ -144,15 +194,33 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
         autocast = choice.bf16
     ids = tokenize(encoder.tokenizer, texts, max_length)
     n_layers = encoder.model.config.num_hidden_layers
-    key = cache_key(encoder, ids, max_length, autocast, unfreeze_top) if ids else "none"
+    fingerprint = encoder_fingerprint(encoder)
+    key = (cache_key(encoder, ids, max_length, autocast, unfreeze_top, fingerprint=fingerprint)
+           if ids else "none")
     portable = (scratch_features.portable_key(encoder.source, max_length, ids, unfreeze_top)
                 if ids and Path(encoder.source).is_dir() else None)
     meta = {"encoder": encoder.name, "source": encoder.source, "max_length": max_length,
             "autocast_bf16": autocast, "hidden_size": encoder.hidden_size,
             "portable_key": portable, **unfreeze.entry_meta(unfreeze_top, n_layers)}
     upto = n_layers - unfreeze_top
+    encode = lambda batch: _encode(encoder, batch, autocast, device, upto)   # noqa: E731
+    found = (deeper_entry(encoder, ids, max_length, autocast, unfreeze_top, cache_root,
+                          fingerprint)
+             if unfreeze_top and ids and not (Path(cache_root) / key).exists() else None)
+    if found:                      # no entry of this K begun: start from a deeper one's states
+        deeper, source = found
+        key = cache_key(encoder, ids, max_length, autocast, unfreeze_top, deeper, fingerprint)
+        meta["computed_from"] = {"unfreeze_top": deeper, "entry": source.folder.name}
+        if ranks.main:
+            log.info("%s: the hidden states entering layer %d from those entering layer %d "
+                     "(cached in %s): layers %d..%d only", desc, upto, n_layers - deeper,
+                     source.folder, n_layers - deeper, upto - 1)
+        layers = middle_layers(encoder, n_layers - deeper, upto).to(device)
+        position = {id(a): i for i, a in enumerate(ids)}
+        encode = lambda batch: _encode_from(layers, source, position, batch,  # noqa: E731
+                                            autocast, device)
     store = scratch_ranks.extract(
-        Path(cache_root) / key, ids, lambda batch: _encode(encoder, batch, autocast, device, upto),
+        Path(cache_root) / key, ids, encode,
         key=key, meta=meta, batch_tokens=batch_tokens, shard_size=shard_size,
         progress=progress and ranks.main, desc=desc, ranks=ranks)
     if portable and store.meta.get("portable_key") != portable and ranks.main:  # an entry made
@@ -184,7 +252,8 @@ def build_parser():
                         "(default %(default)s)")
     p.add_argument("--unfreeze-top", type=cli.non_negative(int), default=0, metavar="K",
                    help="the entry a training run with --unfreeze-top K reads: the hidden states "
-                        "entering layer L-K (default 0: the last hidden states)")
+                        "entering layer L-K (default 0: the last hidden states); computed from "
+                        "a cached entry of a larger K where there is one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
