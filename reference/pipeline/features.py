@@ -123,10 +123,20 @@ def _encode(encoder: Encoder, ids: list[np.ndarray], autocast: bool, device,
     for b, a in enumerate(ids):
         input_ids[b, :len(a)] = torch.from_numpy(a.astype(np.int64))
         mask[b, :len(a)] = 1
-    amp = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-           if autocast else contextlib.nullcontext())
-    with torch.inference_mode(), amp, bottom_layers(encoder.model, upto) as model:
+    with torch.inference_mode(), _amp(autocast, device), \
+            bottom_layers(encoder.model, upto) as model:
         hidden = model(input_ids=input_ids.to(device), attention_mask=mask.to(device))[0]
+    return _per_review(hidden, lengths)
+
+
+def _amp(autocast: bool, device):
+    """bf16 autocast on ``device``'s type, or nothing."""
+    return (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+            if autocast else contextlib.nullcontext())
+
+
+def _per_review(hidden: torch.Tensor, lengths) -> list[np.ndarray]:
+    """A padded batch's (B, T, H) output -> each review's (L_i, H) float16 rows."""
     hidden = hidden.float().cpu().numpy()
     return [hidden[b, :n].astype(np.float16) for b, n in enumerate(lengths)]
 
@@ -163,12 +173,9 @@ def _encode_from(layers, source, position: dict, ids: list[np.ndarray], autocast
     the id arrays the plan was made of); each review's (L_i, H) float16 output."""
     idx = [position[id(a)] for a in ids]
     x, lengths = source.batch(idx)                                  # (B, T, H) f32, (B,)
-    amp = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-           if autocast else contextlib.nullcontext())
-    with torch.inference_mode(), amp:
+    with torch.inference_mode(), _amp(autocast, device):
         hidden = layers(torch.from_numpy(x).to(device), torch.from_numpy(lengths).to(device))
-    hidden = hidden.float().cpu().numpy()
-    return [hidden[b, :n].astype(np.float16) for b, n in enumerate(lengths)]
+    return _per_review(hidden, lengths)
 
 
 def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_length: int = 512,
