@@ -204,12 +204,14 @@ else:
     table(rows, ["side", "epoch", "training (min)", "validation (min)", "valid loss",
                  "valid acc"], "{:.4g}")
     ep = {side: {e["epoch"]: e for e in full[side]["epochs"]} for side in ("scratch", "reference")}
-    both = sorted(set(ep["scratch"]) & set(ep["reference"]))
+    both = full.get("side_by_side_epochs", sorted(set(ep["scratch"]) & set(ep["reference"])))
     for k in both:
         s_, r_ = ep["scratch"][k], ep["reference"][k]
         print(f"epoch {k}, scratch / reference time: training "
               f"{s_['train_seconds'] / r_['train_seconds']:.2f}, validation "
-              f"{s_['valid_seconds'] / r_['valid_seconds']:.2f}")
+              f"{s_['valid_seconds'] / r_['valid_seconds']:.2f} (side by side)")
+    if apart := sorted(set(ep["scratch"]) & set(ep["reference"]) - set(both)):
+        print(f"epoch(s) {apart}: run at different times, under other loads: not a comparison")
     mpnet = [r for r in (results("imdb_runs.json") or {}).get("runs", [])
              if r["encoder"] == "all-mpnet-base-v2"]
     if mpnet:
@@ -237,8 +239,13 @@ else:
     show(fig, "06_full_run")
 
 # %% [markdown]
-# *Left: minutes of training per epoch on one thread (the reference ran its first epoch only,
-# beside scratch's first); right: validation accuracy after each epoch.*
+# *Left: minutes of training per epoch on one thread (epoch 1 side by side; the two epoch-2
+# runs at different times, each beside a feature extraction at nice 19); right: validation
+# accuracy after each epoch.*
+#
+# Scratch trains as fast as torch here and lands where the reference lands: on the 25,000 test
+# reviews the two differ by less than a 25,000-review accuracy's standard error (about 0.2
+# points), from the same initial weights and batches with different dropout masks.
 #
 # ### The encoder at full size
 # The head above read the cache, which `reference.pipeline.features` wrote with torch in bf16
