@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,6 +329,25 @@ def test_an_entry_for_k_is_computed_from_a_deeper_one(tmp_path, monkeypatch, fam
     sc.load_tokenizer()
     found = strain.features(sc, texts, tmp_path / "c", 40, False, unfreeze_top=1)
     assert found.folder == one.folder
+
+
+@pytest.mark.imdb
+def test_the_derived_entry_bench_runs_on_real_reviews(imdb_path, capsys):
+    """bench/unfreeze_derived_entry.py with the packaged MiniLM on 8 real reviews: the K = 1
+    entry from K = 2's within a few float16 steps of the direct one, and cheaper."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "unfreeze_derived_entry", Path(__file__).resolve().parents[1] / "bench" /
+        "unfreeze_derived_entry.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--data", str(imdb_path), "--encoder", "minilm", "--reviews", "8",
+                       "--max-length", "64"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"max \|difference\| (\S+) .* one float16 step there: (\S+)\)", out)
+    assert m and float(m[1]) <= 4 * float(m[2]), out
+    assert float(re.search(r"from K = 2 / direct: (\S+)", out)[1]) < 1, out
 
 
 def test_the_features_command_writes_the_entries_a_k_run_reads(world, tmp_path, capsys):
