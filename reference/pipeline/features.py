@@ -18,11 +18,12 @@ reviews is complete and none for K is begun, the K entry is computed from it, ru
 layers ``L-K' .. L-K-1`` (:func:`deeper_entry`: with K = 2 cached, K = 1 costs one layer per
 token instead of 11), keyed apart and saying so in ``index.json`` (``computed_from``): its
 values differ from a direct extraction by the deeper entry's float16 rounding carried through
-those layers (about 2^-11 relative).  Each shard is written to a
-temporary file and renamed, so a shard on disk is whole; an interrupted run resumes at the
-first missing shard (saying "resuming: 3 of 6 shards done"); without ``index.json`` a cache is
-never read as complete.  One writer per entry at a time (an ``flock`` on ``<key>/.lock``): a
-second process asking for the same features waits for the first and then reads its cache.
+those layers (a float16 step or two: ``bench/unfreeze_derived_entry.py``).  Each shard is
+written to a temporary file and renamed, so a shard on disk is whole; an interrupted run
+resumes at the first missing shard (saying "resuming: 3 of 6 shards done"); without
+``index.json`` a cache is never read as complete.  One writer per entry at a time (an
+``flock`` on ``<key>/.lock``): a second process asking for the same features waits for the
+first and then reads its cache.
 
 Under ``torchrun --nproc-per-node N -m reference.pipeline.features ...`` the N ranks split the
 shards of each entry (:func:`scratch.pipeline.ranks.extract_together`): the same cache, tensor
@@ -201,7 +202,7 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
         autocast = choice.bf16
     ids = tokenize(encoder.tokenizer, texts, max_length)
     n_layers = encoder.model.config.num_hidden_layers
-    fingerprint = encoder_fingerprint(encoder)
+    fingerprint = encoder_fingerprint(encoder) if ids else None
     key = (cache_key(encoder, ids, max_length, autocast, unfreeze_top, fingerprint=fingerprint)
            if ids else "none")
     portable = (scratch_features.portable_key(encoder.source, max_length, ids, unfreeze_top)
