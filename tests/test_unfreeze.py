@@ -337,7 +337,7 @@ def test_an_entry_for_k_is_computed_from_a_deeper_one(tmp_path, monkeypatch, fam
 @pytest.mark.imdb
 def test_the_derived_entry_bench_runs_on_real_reviews(imdb_path, capsys):
     """bench/unfreeze_derived_entry.py with the packaged MiniLM on 8 real reviews: the K = 1
-    entry from K = 2's within a few float16 steps of the direct one, and cheaper."""
+    entry from K = 2's within a few float16 steps of the direct one; the CPU times printed."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -350,7 +350,8 @@ def test_the_derived_entry_bench_runs_on_real_reviews(imdb_path, capsys):
     out = capsys.readouterr().out
     m = re.search(r"max \|difference\| (\S+) .* one float16 step there: (\S+)\)", out)
     assert m and float(m[1]) <= 4 * float(m[2]), out
-    assert float(re.search(r"from K = 2 / direct: (\S+)", out)[1]) < 1, out
+    assert re.search(r"CPU seconds: K=2 \S+, K=1 from K=2 \S+, K=1 direct \S+; from K = 2 / "
+                     r"direct: \S+", out), out           # times are printed, not asserted
 
 
 def test_the_features_command_writes_the_entries_a_k_run_reads(world, tmp_path, capsys):
