@@ -334,6 +334,53 @@ def test_an_entry_for_k_is_computed_from_a_deeper_one(tmp_path, monkeypatch, fam
     assert found.folder == one.folder
 
 
+def test_a_run_waits_for_a_deeper_entry_another_process_is_writing(tmp_path, monkeypatch):
+    """A K = 1 run started while the K = 2 entry of its reviews is still being written (the
+    features command in the background) waits for that writer, then computes its entry from
+    the finished K = 2 one: the encoder's bottom never runs, and the wait is counted."""
+    import threading
+    import time
+
+    from scratch.pipeline import features as sfeatures
+
+    folder = tmp_path / "tiny"
+    torch.manual_seed(6)
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=32), add_pooling_layer=False).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    texts = [review(i, i % 2 == 0) for i in range(5)]
+    enc = load_encoder(str(folder))
+    two = rfeatures.extract_features(enc, texts, tmp_path / "c", max_length=40, autocast=False,
+                                     progress=False, unfreeze_top=2)
+    index = two.folder / "index.json"
+    index.rename(two.folder / "index.json.later")     # the K = 2 entry, not finished yet ...
+    locked, release = threading.Event(), threading.Event()
+
+    def writer():                                      # ... and its writer at work
+        with sfeatures.writer_lock(two.folder):
+            locked.set()
+            release.wait(10)
+            (two.folder / "index.json.later").rename(index)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    locked.wait(10)
+    assert sfeatures.being_written(two.folder)
+    threading.Timer(1.0, release.set).start()
+
+    def bottom_called(*a, **kw):
+        raise AssertionError("the encoder's bottom ran")
+
+    monkeypatch.setattr(rfeatures, "_encode", bottom_called)
+    t0 = time.perf_counter()
+    one = rfeatures.extract_features(enc, texts, tmp_path / "c", max_length=40, autocast=False,
+                                     progress=False, unfreeze_top=1)
+    thread.join()
+    assert one.meta["computed_from"] == {"unfreeze_top": 2, "entry": two.folder.name}
+    assert 0.5 <= one.wait_seconds <= time.perf_counter() - t0
+    assert not sfeatures.being_written(two.folder)
+
+
 @pytest.mark.imdb
 def test_the_derived_entry_bench_runs_on_real_reviews(imdb_path, capsys):
     """bench/unfreeze_derived_entry.py with the packaged MiniLM on 8 real reviews: the K = 1

@@ -143,16 +143,30 @@ def _per_review(hidden: torch.Tensor, lengths) -> list[np.ndarray]:
 
 
 def deeper_entry(encoder: Encoder, ids, max_length: int, autocast: bool, unfreeze_top: int,
-                 cache_root, fingerprint: str):
+                 cache_root, fingerprint: str, desc: str = "features"):
     """A complete entry of these reviews for ``--unfreeze-top K'`` > ``unfreeze_top`` (the
-    smallest such K'), as ``(K', its FeatureStore)``, or None.  From it the hidden states
-    entering layer ``L-K`` cost only layers ``L-K' .. L-K-1`` (:func:`_encode_from`), not the
-    ``L-K`` layers below: the K = 1 entry from the K = 2 one is one layer per token, not 11."""
-    for deeper in range(unfreeze_top + 1, encoder.model.config.num_hidden_layers + 1):
-        key = cache_key(encoder, ids, max_length, autocast, deeper, fingerprint=fingerprint)
-        store, _ = scratch_features.open_entry(Path(cache_root) / key)
+    smallest such K'), as ``(K', its FeatureStore, seconds waited)``, or None.  From it the
+    hidden states entering layer ``L-K`` cost only layers ``L-K' .. L-K-1``
+    (:func:`_encode_from`), not the ``L-K`` layers below: the K = 1 entry from the K = 2 one is
+    one layer per token, not 11.  With none complete but one being written by another process
+    (``python -m reference.pipeline.features --unfreeze-top K'`` in the background), this waits
+    for it: its remaining layers plus ours cost the machine less than our ``L-K`` layers beside
+    it."""
+    root = Path(cache_root)
+    keys = {deeper: cache_key(encoder, ids, max_length, autocast, deeper, fingerprint=fingerprint)
+            for deeper in range(unfreeze_top + 1, encoder.model.config.num_hidden_layers + 1)}
+    for deeper, key in keys.items():
+        store, _ = scratch_features.open_entry(root / key)
         if store is not None:
-            return deeper, store
+            return deeper, store, 0.0
+    for deeper, key in keys.items():
+        if scratch_features.being_written(root / key):
+            log.info("%s: the entry for --unfreeze-top %d is being written by another process; "
+                     "waiting for it, to compute this one from it", desc, deeper)
+            with scratch_features.writer_lock(root / key, desc) as waited:
+                store, _ = scratch_features.open_entry(root / key)
+            if store is not None:
+                return deeper, store, waited
     return None
 
 
@@ -213,10 +227,11 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
     upto = n_layers - unfreeze_top
     encode = lambda batch: _encode(encoder, batch, autocast, device, upto)   # noqa: E731
     found = (deeper_entry(encoder, ids, max_length, autocast, unfreeze_top, cache_root,
-                          fingerprint)
+                          fingerprint, desc)
              if unfreeze_top and ids and not (Path(cache_root) / key).exists() else None)
+    waited = 0.0
     if found:                      # no entry of this K begun: start from a deeper one's states
-        deeper, source = found
+        deeper, source, waited = found
         key = cache_key(encoder, ids, max_length, autocast, unfreeze_top, deeper, fingerprint)
         meta["computed_from"] = {"unfreeze_top": deeper, "entry": source.folder.name}
         if ranks.main:
@@ -235,7 +250,7 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
         store.meta["portable_key"] = portable                # before the portable key existed
         atomic_write(store.folder / "index.json", json.dumps(store.meta, indent=1).encode())
     unfreeze.check_entry(store.meta, unfreeze_top, n_layers, store.folder)
-    return FeatureStore(store.folder, wait_seconds=store.wait_seconds)
+    return FeatureStore(store.folder, wait_seconds=store.wait_seconds + waited)
 
 
 def imdb_features(encoder: Encoder, data: dict, cache_root=DEFAULT_ROOT, **kw) -> dict:

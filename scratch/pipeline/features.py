@@ -408,6 +408,19 @@ def writer_lock(folder: Path, desc: str = "features", heartbeat=None, poll_secon
         os.close(fd)
 
 
+def being_written(folder: Path) -> bool:
+    """Whether another process (or thread) holds ``folder``'s writer lock now: a probe, the lock
+    let go at once when it was free."""
+    try:
+        fd = os.open(Path(folder) / ".lock", os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        return not _try_lock(fd)
+    finally:
+        os.close(fd)
+
+
 def _try_lock(fd: int) -> bool:
     import fcntl
 
