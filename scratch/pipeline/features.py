@@ -81,6 +81,7 @@ from tqdm.auto import tqdm
 
 from .atomic import NoSpace, atomic_write, gib, is_enospc
 from .errors import CommandError
+from .malloc import give_back_freed_memory
 
 FORMAT = 1
 SUMS = "shard_sums"               # index.json: {shard: {"sha256", "bytes", "reviews", "rows"}}
@@ -610,6 +611,8 @@ def write_shards(folder: Path, ids, encode, plan: Plan, todo, batch_tokens: int,
                            for t in todo[j:])
                 raise NoSpace(folder, left, f"the {len(todo) - j} shards still to write") from e
             raise
+        del feats, record
+        give_back_freed_memory()           # the next shard is bigger: not this one's hole
 
 
 def finish_entry(folder: Path, plan: Plan, meta: dict, seconds: float) -> None:
