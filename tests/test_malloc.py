@@ -71,7 +71,7 @@ import json, sys
 import numpy as np
 from scratch.pipeline.malloc import give_back_freed_memory, reuse_freed_memory
 assert reuse_freed_memory()
-give_back = sys.argv[1] == "on"
+mode = sys.argv[1]
 
 def anon_mib():
     for line in open("/proc/self/status"):
@@ -83,8 +83,10 @@ for s in range(6):                              # shards of longer reviews, one 
     rows = [np.ones((40 + 40 * s, 768), np.float16) for _ in range(512)]
     shard = np.concatenate(rows)                # gathered, then written
     del rows, shard
-    if give_back:
+    if mode == "on":
         give_back_freed_memory()
+    elif mode == "above":
+        give_back_freed_memory(above=100 * 2**20)
     grown.append(anon_mib() - base)
 print(json.dumps(grown))
 """
@@ -94,16 +96,19 @@ print(json.dumps(grown))
 def test_growing_shards_do_not_grow_the_heap_when_freed_memory_is_given_back():
     """With freed memory kept (never trimmed), blocks that grow one after the other leave the
     heap holding every one of them (a shard's hole is too small for the next); given back after
-    each, the process holds about nothing between shards.  Six shards of 30-180 MiB: kept, the
-    heap ends holding over 300 MiB more than it began with; given back, under 20."""
+    each, the process holds about nothing between shards; given back past 100 MiB free, at most
+    that much more.  Six shards of 30-180 MiB: kept, the heap ends holding over 300 MiB more
+    than it began with; given back, under 20."""
     def run(mode):
         out = subprocess.run([sys.executable, "-c", GROWING, mode], cwd=ROOT,
                              capture_output=True, text=True, check=True).stdout
         return json.loads(out)
 
-    kept, given = run("off"), run("on")
+    kept, given, above = run("off"), run("on"), run("above")
     assert kept[-1] > 300 and kept[-1] > kept[0] + 200, kept
     assert max(given) < 20, given
+    # given back only past 100 MiB free: the heap holds at most that plus the biggest shard
+    assert max(above) < 100 + 180 + 20 and above[-1] < kept[-1] - 100, above
 
 
 def test_each_shard_written_gives_freed_memory_back(tmp_path, monkeypatch):
@@ -125,3 +130,50 @@ def test_giving_back_is_harmless_off_glibc(monkeypatch):
 
     monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("", ""))
     assert malloc.give_back_freed_memory() is False
+
+
+def test_free_heap_bytes_sees_a_freed_block():
+    """mallinfo2's free bytes grow by a block freed inside the heap (kept there)."""
+    code = r"""
+import json, numpy as np
+from scratch.pipeline.malloc import free_heap_bytes, reuse_freed_memory
+assert reuse_freed_memory()
+a = np.ones(64 * 2**18, np.float32); b = np.ones(2**10, np.float32)   # b keeps a off the top
+before = free_heap_bytes(); del a
+print(json.dumps([before, free_heap_bytes()]))
+"""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("a glibc function")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    before, after = json.loads(out)
+    assert after - before >= 63 * 2**20, (before, after)        # 64 MiB, less headers
+
+
+@pytest.mark.parametrize("side", ["reference", "scratch"])
+def test_every_training_batch_checks_the_heap(monkeypatch, side):
+    """Both training loops ask after every batch to give freed memory back past the slack."""
+    import importlib
+
+    from tests.helpers import MemoryStore
+
+    train = importlib.import_module(f"{side}.pipeline.train")
+    calls = []
+    monkeypatch.setattr(train, "give_back_freed_memory", lambda above: calls.append(above))
+    rng = np.random.default_rng(0)
+    feats = [rng.normal(size=(3 + i % 5, 8)).astype(np.float16) for i in range(10)]
+    store = MemoryStore(feats, torch_batches=side == "reference")
+    split = train.Split(store, np.arange(10), (np.arange(10) % 2).astype(np.float32))
+    if side == "reference":
+        from reference.model import GRUHead
+        head = GRUHead(8, 4, 1, 1, True, 0.0).double()
+    else:
+        from scratch.sentiment import SentimentHead
+        head = SentimentHead(8, 4, 1, 1, True, 0.0, seed=0)
+    train.run_epoch(head, split, batch_size=4)
+    assert calls == [malloc_slack()] * 3
+
+
+def malloc_slack():
+    from scratch.pipeline.malloc import TRAINING_SLACK
+    return TRAINING_SLACK

@@ -65,6 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scratch.pipeline import unfreeze
+from scratch.pipeline.malloc import TRAINING_SLACK, give_back_freed_memory
 
 from ..model import GRUHead
 from ..top_layers import TopGRUHead, position_table
@@ -138,6 +139,7 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
         total += loss
         correct += int(((logits > 0) == (y > 0.5)).sum())
         seen += len(mine)
+        give_back_freed_memory(above=TRAINING_SLACK)       # batches of every length fragment
         if progress and ranks.main:
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
     total, correct, seen = ranks.all_sum([total, correct, seen])

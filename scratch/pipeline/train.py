@@ -54,6 +54,7 @@ from .atomic import write_json
 from .data import bucket_batches, train_valid_split
 from .encoder_names import Encoder, EncoderNameError
 from .features import DamagedEntry, extract, find_entry, portable_key, wait_for_writers
+from .malloc import TRAINING_SLACK, give_back_freed_memory
 from .tokenizer import pad_batch
 
 VALID_FRACTION = 0.3      # 7,500 of 25,000, as the assignment
@@ -146,6 +147,7 @@ def run_epoch(head: SentimentHead | TopHead, split: Split, batch_size: int,
             raise FloatingPointError(f"{desc}: the loss is not finite ({total}); lower --lr")
         correct += int(((logits[:, 0] > 0) == (y > 0.5)).sum())
         seen += len(b)
+        give_back_freed_memory(above=TRAINING_SLACK)       # batches of every length fragment
         if progress:
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
     return total / seen, correct / seen
