@@ -313,6 +313,10 @@ def test_an_entry_for_k_is_computed_from_a_deeper_one(tmp_path, monkeypatch, fam
                                      progress=False, unfreeze_top=1, batch_tokens=120)
     assert one.meta["computed_from"] == {"unfreeze_top": 2, "entry": two.folder.name}
     assert (one.meta["unfreeze_top"], one.meta["input_layer"]) == (1, 2)
+    def deeper_opened(*a, **kw):
+        raise AssertionError("the K = 2 entry was opened again")
+
+    monkeypatch.setattr(rfeatures, "deeper_entry", deeper_opened)      # found by its own key
     again = rfeatures.extract_features(enc, texts, tmp_path / "c", max_length=40,
                                        autocast=False, progress=False, unfreeze_top=1)
     assert again.folder == one.folder and len(list((tmp_path / "c").iterdir())) == 2

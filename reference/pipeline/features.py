@@ -170,6 +170,19 @@ def deeper_entry(encoder: Encoder, ids, max_length: int, autocast: bool, unfreez
     return None
 
 
+def derived_entry(encoder: Encoder, ids, max_length: int, autocast: bool, unfreeze_top: int,
+                  cache_root, fingerprint: str):
+    """A complete entry of these reviews for ``--unfreeze-top K`` computed before from a
+    deeper one (:func:`deeper_entry`), or None: found by its own key, without opening (and
+    checksumming, 10 GB for IMDB's train split with MPNet) the deeper entry again."""
+    for deeper in range(unfreeze_top + 1, encoder.model.config.num_hidden_layers + 1):
+        key = cache_key(encoder, ids, max_length, autocast, unfreeze_top, deeper, fingerprint)
+        store, _ = scratch_features.open_entry(Path(cache_root) / key)
+        if store is not None:
+            return store
+    return None
+
+
 def middle_layers(encoder: Encoder, first: int, stop: int):
     """The encoder's layers ``first .. stop-1`` in eval mode, with MPNet's relative position
     bias (:class:`reference.top_layers.TopLayers`, the module the trained layers run in),
@@ -226,9 +239,13 @@ def extract_features(encoder: Encoder, texts, cache_root=DEFAULT_ROOT, max_lengt
             "portable_key": portable, **unfreeze.entry_meta(unfreeze_top, n_layers)}
     upto = n_layers - unfreeze_top
     encode = lambda batch: _encode(encoder, batch, autocast, device, upto)   # noqa: E731
+    derive = unfreeze_top and ids and not (Path(cache_root) / key).exists()
+    if derive and (done := derived_entry(encoder, ids, max_length, autocast, unfreeze_top,
+                                         cache_root, fingerprint)):
+        unfreeze.check_entry(done.meta, unfreeze_top, n_layers, done.folder)
+        return FeatureStore(done.folder)
     found = (deeper_entry(encoder, ids, max_length, autocast, unfreeze_top, cache_root,
-                          fingerprint, desc)
-             if unfreeze_top and ids and not (Path(cache_root) / key).exists() else None)
+                          fingerprint, desc) if derive else None)
     waited = 0.0
     if found:                      # no entry of this K begun: start from a deeper one's states
         deeper, source, waited = found
