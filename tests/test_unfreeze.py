@@ -479,6 +479,11 @@ def test_a_checkpoint_is_predicted_alike_by_both_pipelines(trained, trainer):
     assert np.abs(np.array(untrained) - mine).max() > 1e-3
     m = json.loads((folder / "metrics.json").read_text())
     assert len(m["epochs"]) == 2 and 0 <= m["test_acc"] <= 1
+    if trainer == "r":                                 # the K = 1 entries it read, by name
+        entries = {split: json.loads((Path(f) / "index.json").read_text())
+                   for split, f in m["feature_entries"].items()}
+        assert sorted(entries) == ["test", "train"]
+        assert all(e["unfreeze_top"] == 1 for e in entries.values())
 
 
 @pytest.mark.parametrize("side", ["scratch", "reference"])

@@ -367,13 +367,14 @@ def features(encoder, texts, cache, max_length: int, device="cpu", desc="feature
 
 def timed_features(run: Run, split: str):
     """:func:`features` of ``run``'s ``split`` reviews; records the seconds spent computing
-    (waits excluded) and waiting in ``run.metrics``."""
+    (waits excluded) and waiting, and the entry read, in ``run.metrics``."""
     a, t0 = run.args, time.perf_counter()
     store, waited = features(run.encoder, run.reviews[split].texts, a.cache, a.max_length,
                              run.device, split, run.progress, run.ranks, a.autocast,
                              a.unfreeze_top)
     run.metrics["feature_seconds"][split] = round(time.perf_counter() - t0 - waited, 1)
     run.metrics["feature_wait_seconds"][split] = round(waited, 1)
+    run.metrics.setdefault("feature_entries", {})[split] = str(store.folder)
     return store
 
 
