@@ -486,6 +486,40 @@ def test_a_checkpoint_is_predicted_alike_by_both_pipelines(trained, trainer):
         assert all(e["unfreeze_top"] == 1 for e in entries.values())
 
 
+def test_the_full_run_summary_gathers_a_run(trained, tmp_path, capsys):
+    """bench/unfreeze_full_summary.py on a K = 1 run folder: its test result, epochs, the two
+    entries it read (sizes, tokens), the peak memory watched beside it, and the frozen row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "unfreeze_full_summary", Path(__file__).resolve().parents[1] / "bench" /
+        "unfreeze_full_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    run = trained / "r"
+    m = json.loads((run / "metrics.json").read_text())
+    (trained / "r.memory.json").write_text(json.dumps({"RssAnon_peak_gib": 1.5,
+                                                       "VmHWM_peak_gib": 2.5}))
+    try:
+        assert summary.main(["--runs", str(run), str(tmp_path / "absent"),
+                             "--out", str(tmp_path / "s.json")]) == 0
+    finally:
+        (trained / "r.memory.json").unlink()
+    out = json.loads((tmp_path / "s.json").read_text())
+    (r,) = out["runs"]
+    assert (r["unfreeze_top"], r["test_acc"], r["best_epoch"]) == (1, m["test_acc"],
+                                                                   m["best_epoch"])
+    assert [e["valid_loss"] for e in r["epochs"]] == [e["valid_loss"] for e in m["epochs"]]
+    assert sorted(r["entries"]) == ["test", "train"]
+    layers = json.loads((Path(m["config"]["encoder_source"]) / "config.json").read_text())[
+        "num_hidden_layers"]
+    assert all(e["gib"] >= 0 and e["tokens"] > 0 and e["input_layer"] == layers - 1
+               for e in r["entries"].values())
+    assert r["peak_memory_gib"] == {"anonymous": 1.5, "resident": 2.5}
+    assert out["frozen"]["unfreeze_top"] == 0 and len(out["frozen"]["epochs"]) == 2
+    assert "K = 1: 2 epochs, test" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("side", ["scratch", "reference"])
 def test_the_head_alone_refuses_a_checkpoint_with_layers(trained, side):
     load = sckpt.load_head if side == "scratch" else rckpt.load_head
