@@ -128,8 +128,14 @@ def test_each_shard_written_gives_freed_memory_back(tmp_path, monkeypatch):
 def test_giving_back_is_harmless_off_glibc(monkeypatch):
     from scratch.pipeline import malloc
 
+    malloc._glibc.cache_clear()                         # (glibc is looked up once)
     monkeypatch.setattr(malloc.platform, "libc_ver", lambda: ("", ""))
-    assert malloc.give_back_freed_memory() is False
+    try:
+        assert malloc.give_back_freed_memory() is False
+        assert malloc.give_back_freed_memory(above=1) is False
+        assert malloc.free_heap_bytes() is None
+    finally:
+        malloc._glibc.cache_clear()
 
 
 def test_free_heap_bytes_sees_a_freed_block():

@@ -36,8 +36,9 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # glibc's <malloc.h>
 TRIM_THRESHOLD = -1                             # never trim (mallopt(3))
 
 
+@functools.cache
 def _glibc():
-    """glibc, loaded through ctypes, or None elsewhere."""
+    """glibc, loaded through ctypes (once), or None elsewhere."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -67,7 +68,7 @@ def free_heap_bytes() -> int | None:
     None off glibc or before 2.33."""
     if (libc := _glibc()) is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _MallInfo2
+    libc.mallinfo2.restype = _MallInfo2            # (the default restype is int)
     return int(libc.mallinfo2().fordblks)
 
 
