@@ -27,7 +27,8 @@ FIELDS = ("RssAnon", "VmRSS", "VmHWM")
 
 
 def status(pid: int) -> dict[str, int] | None:
-    """The FIELDS of /proc/PID/status in KiB, or None when the process is gone."""
+    """The FIELDS of /proc/PID/status in KiB, or None when the process is gone (or a zombie:
+    ended, its parent not yet told)."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except (FileNotFoundError, ProcessLookupError):
@@ -35,6 +36,8 @@ def status(pid: int) -> dict[str, int] | None:
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(":")
+        if name == "State" and value.split()[0] in ("Z", "X"):
+            return None
         if name in FIELDS:
             out[name] = int(value.split()[0])
     return out
