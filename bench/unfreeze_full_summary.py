@@ -7,12 +7,12 @@ against.
 
 Each run folder is one ``ENCODER=mpnet OUT=runs/kK bash bench/imdb_full.sh --unfreeze-top K``
 (its ``metrics.json``; the peak memory that ``bench/memory_watch.py`` wrote beside it as
-``runs/kK.memory.json``).  Per run: test accuracy and loss, the best epoch, every epoch's
-numbers and seconds, the test evaluation's seconds, the two feature entries it read (size on
-disk, tokens, and where each came from: extracted, or computed from a deeper entry), the peak
-memory.  A run without its test result yet is written with ``test_acc`` null.  The frozen row
-is the committed full MPNet run (``results/imdb_runs.json``, its epochs from
-``results/imdb_mpnet_epochs.json``).
+``runs/kK.memory*.json``, one file per process of a resumed run: the largest is taken).  Per
+run: test accuracy and loss, the best epoch, every epoch's numbers and seconds, the test
+evaluation's seconds, the two feature entries it read (size on disk, tokens, and where each
+came from: extracted, or computed from a deeper entry), the peak memory.  A run without its
+test result yet is written with ``test_acc`` null.  The frozen row is the committed full MPNet
+run (``results/imdb_runs.json``, its epochs from ``results/imdb_mpnet_epochs.json``).
 """
 from __future__ import annotations
 
@@ -43,8 +43,10 @@ def entry(folder: str) -> dict:
 def run_record(folder: Path) -> dict:
     m = json.loads((folder / "metrics.json").read_text())
     k = m["config"].get("unfreeze_top", 0)
-    memory = folder.with_name(folder.name + ".memory.json")
-    peak = json.loads(memory.read_text()) if memory.exists() else None
+    watched = [json.loads(f.read_text())                  # one file per process of the run
+               for f in sorted(folder.parent.glob(folder.name + ".memory*.json"))]
+    peak = {key: max(w.get(key, 0.0) for w in watched)
+            for key in ("RssAnon_peak_gib", "VmHWM_peak_gib")} if watched else None
     shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
     return {
         "unfreeze_top": k,

@@ -498,13 +498,17 @@ def test_the_full_run_summary_gathers_a_run(trained, tmp_path, capsys):
     spec.loader.exec_module(summary)
     run = trained / "r"
     m = json.loads((run / "metrics.json").read_text())
-    (trained / "r.memory.json").write_text(json.dumps({"RssAnon_peak_gib": 1.5,
-                                                       "VmHWM_peak_gib": 2.5}))
+    watched = {trained / "r.memory.json": {"RssAnon_peak_gib": 1.5, "VmHWM_peak_gib": 2.0},
+               trained / "r.memory.resumed.json": {"RssAnon_peak_gib": 1.0,
+                                                   "VmHWM_peak_gib": 2.5}}
+    for f, peak in watched.items():                     # two processes of one resumed run
+        f.write_text(json.dumps(peak))
     try:
         assert summary.main(["--runs", str(run), str(tmp_path / "absent"),
                              "--out", str(tmp_path / "s.json")]) == 0
     finally:
-        (trained / "r.memory.json").unlink()
+        for f in watched:
+            f.unlink()
     out = json.loads((tmp_path / "s.json").read_text())
     (r,) = out["runs"]
     assert (r["unfreeze_top"], r["test_acc"], r["best_epoch"]) == (1, m["test_acc"],
