@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scratch.pipeline.atomic import atomic_write  # noqa: E402
+
 FIELDS = ("RssAnon", "VmRSS", "VmHWM")
 
 
@@ -59,9 +62,7 @@ def find(text: str) -> int | None:
 
 
 def write(out: Path, record: dict) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(record, indent=1).encode())
 
 
 def main(argv=None) -> int:

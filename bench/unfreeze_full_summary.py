@@ -20,9 +20,13 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from scratch.pipeline.atomic import atomic_write  # noqa: E402
+
 EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "train_seconds",
               "valid_seconds", "best")
 
@@ -97,9 +101,7 @@ def main(argv=None) -> int:
                    "assignment's head, batch 128, 2 epochs, best-validation checkpoint, on "
                    "this machine's CPU.  Gathered by bench/unfreeze_full_summary.py.",
            "machine": machine(), "frozen": frozen_record(), "runs": runs}
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, a.out)
+    atomic_write(a.out, (json.dumps(out, indent=1) + "\n").encode())
     for r in runs:
         acc = "not yet" if r["test_acc"] is None else f"{r['test_acc']:.2%}"
         print(f"K = {r['unfreeze_top']}: {len(r['epochs'])} epochs, test {acc}")
