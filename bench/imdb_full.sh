@@ -10,7 +10,8 @@
 # ENCODER (default minilm), PY (default .venv/bin/python).  Extra arguments go to
 # reference.pipeline.train (e.g. --unfreeze-top 1).  Run the same command again after an
 # interruption: features already in CACHE are reused (a partial entry resumes at its first
-# missing shard), and a run that saved an epoch ($OUT/last.pt) goes on with --resume.  If
+# missing shard), and a run that saved its state ($OUT/last.pt: after each epoch and every 10
+# training batches, --save-every 10) goes on with --resume from there.  If
 # another process is still extracting the features, reference.pipeline.train waits for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,8 @@ if [ -f "$OUT/last.pt" ] && [[ " $* " != *" --resume "* ]]; then
   echo "resuming the run saved in $OUT"
 fi
 "$PY" -m reference.pipeline.train --data "$DATA" --encoder "$ENCODER" --epochs 2 --batch-size 128 \
-    --max-length 512 --out "$OUT" --cache "$CACHE" --device cpu --seed 3407 "${RESUME[@]}" "$@"
+    --max-length 512 --out "$OUT" --cache "$CACHE" --device cpu --seed 3407 --save-every 10 \
+    "${RESUME[@]}" "$@"
 echo "cache size: $(du -sh "$CACHE" | cut -f1) ($CACHE)"
 "$PY" -m reference.pipeline.predict --checkpoint "$OUT" \
     "This film is terrible, the worst two hours of my life." \

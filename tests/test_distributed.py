@@ -424,9 +424,10 @@ def test_torchrun_features_write_the_one_process_cache(world, one_process_cache,
 @pytest.mark.slow
 def test_torchrun_train_follows_one_process_and_resumes(world, tmp_path):
     """Dropout 0, global batch 4: 17 train reviews make a last batch of one, so rank 1 has an
-    empty slice there.  One epoch, then ``--resume`` to two: the losses and accuracies are
-    the one-process run's up to float32 rounding (see reference.pipeline.train), and so is the
-    test."""
+    empty slice there.  One epoch, then ``--resume`` to two, killed (rank 0, right after it
+    saved) after batch 2 of epoch 2 with ``--save-every 2``, then ``--resume`` again: the
+    losses and accuracies are the one-process run's up to float32 rounding (see
+    reference.pipeline.train), and so is the test."""
     two = tmp_path / "two"
     for epochs, extra in ((1, []), (2, ["--resume"])):
         done = torchrun("reference.pipeline.train",
@@ -434,6 +435,14 @@ def test_torchrun_train_follows_one_process_and_resumes(world, tmp_path):
                          *extra, "--dist-timeout", "120"])
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count(f"epoch {epochs}: train loss") == 1          # rank 0 logs
+        if epochs == 1:                    # epoch 2 cut after its batch 2, then resumed
+            cut = torchrun("tests.dist_crash",
+                           ["train", *train_args(world, tmp_path / "cache", two, 2), "--resume",
+                            "--save-every", "2", "--dist-timeout", "120"],
+                           CRASH_MODE="after-save")
+            assert cut.returncode != 0 and ckpt.load_state(two)["partial"]["batches"] == 2
+        else:
+            assert "resuming after epoch 1 and batch 2 of epoch 2" in done.stdout
     one_process(train.main, train_args(world, tmp_path / "cache1", tmp_path / "one", 2))
     m1, m2 = (json.loads((tmp_path / d / ckpt.METRICS).read_text()) for d in ("one", "two"))
     assert (m2["processes"], m2["n_train"], m2["n_valid"], m2["n_test"]) == (2, 17, 7, 16)

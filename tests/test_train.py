@@ -166,6 +166,77 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
             .equal(ckpt.load_state(tmp_path / "full")["model"]["rnn.weight_hh_l1"]))
 
 
+
+class Cut(Exception):
+    """The kill of a run, right after it saved an epoch's first batches."""
+
+
+def cut_after(monkeypatch, epoch, batches):
+    """ckpt.save_state, which raises Cut once it has saved batch ``batches`` of ``epoch``."""
+    save = ckpt.save_state
+
+    def save_then_cut(folder, state):
+        save(folder, state)
+        cut = state.get("partial")
+        if cut and state["epoch"] + 1 == epoch and cut["batches"] == batches:
+            raise Cut
+
+    monkeypatch.setattr(ckpt, "save_state", save_then_cut)
+
+
+@pytest.mark.parametrize("epoch, batches", [(1, 2), (2, 4)])
+def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, monkeypatch, epoch, batches):
+    """save_every = 2 on 5 batches an epoch: killed after batch 2 of epoch 1 (or 4 of epoch
+    2), resumed, the run ends where the uninterrupted one does, bit for bit: history, weights,
+    Adam's moments, the generator."""
+    store, labels = toy_data()
+    tr, va = splits(store, labels)
+    kw = dict(epochs=3, batch_size=8, seed=5, log=str, save_every=2)
+    full = fit(new_head(), tr, va, tmp_path / "full", **kw)
+    with monkeypatch.context() as m:
+        cut_after(m, epoch, batches)
+        with pytest.raises(Cut):
+            fit(new_head(), tr, va, tmp_path / "cut", **kw)
+    state = ckpt.load_state(tmp_path / "cut")
+    assert state["epoch"] == epoch - 1 and state["partial"]["batches"] == batches
+    assert len(state["history"]) == epoch - 1 and state["partial"]["sums"][2] == 8 * batches
+    torch.manual_seed(123)                                  # whatever happened in between
+    resumed = fit(new_head(seed=9), tr, va, tmp_path / "cut", state=state, **kw)
+    assert strip_times(resumed) == strip_times(full)
+    assert resumed[epoch - 1]["train_seconds"] >= state["partial"]["seconds"]
+    a, b = (ckpt.load_state(tmp_path / d) for d in ("cut", "full"))
+    assert "partial" not in a and a["rng"].equal(b["rng"])
+    for k, v in b["model"].items():
+        assert a["model"][k].equal(v), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sb:
+        assert sa[i]["exp_avg"].equal(sb[i]["exp_avg"]), i
+        assert sa[i]["exp_avg_sq"].equal(sb[i]["exp_avg_sq"]), i
+
+
+def test_mid_epoch_saves_come_every_n_batches_and_never_after_divergence(tmp_path, monkeypatch):
+    store, labels = toy_data()
+    tr, va = splits(store, labels)
+    saved = []
+    save = ckpt.save_state
+    monkeypatch.setattr(ckpt, "save_state", lambda folder, state: (
+        saved.append((state["epoch"], state.get("partial", {}).get("batches"))),
+        save(folder, state)))
+    fit(new_head(), tr, va, tmp_path / "a", epochs=2, batch_size=8, seed=5, log=str,
+        save_every=2)
+    assert saved == [(0, 2), (0, 4), (1, None), (1, 2), (1, 4), (2, None)]
+    saved.clear()
+    fit(new_head(), tr, va, tmp_path / "b", epochs=1, batch_size=8, seed=5, log=str)
+    assert saved == [(1, None)]                             # the default: epoch ends only
+    saved.clear()
+    head = new_head()
+    with torch.no_grad():
+        head.out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        fit(head, tr, va, tmp_path / "c", epochs=1, batch_size=8, seed=5, log=str, save_every=1)
+    assert saved == []
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 MODEL = dict(emb_dim=16, hidden_dim=5, output_dim=1, n_layers=2, bidirectional=True, dropout=0.25)
@@ -236,6 +307,7 @@ def test_resume_state_loads_with_weights_only(tmp_path):
     (["--limit-train", "5"], "--limit-train must be >= 10"),
     (["--device", "tpu"], "invalid choice: 'tpu'"),
     (["--resume"], "nothing to resume"),
+    (["--save-every", "0"], "--save-every: must be > 0"),
     (["--data", "/no/such/imdb.tar.gz"], "no such file or directory"),
 ])
 def test_train_cli_errors(tmp_path, capsys, args, message):

@@ -583,6 +583,35 @@ def test_resume_is_exact_with_trained_layers(world, tmp_path, side):
         (tmp_path / "parts" / "model.safetensors").read_bytes()
 
 
+
+def test_a_k1_run_cut_mid_epoch_resumes_exactly(world, tmp_path, monkeypatch, capsys):
+    """--save-every 3 (4 batches an epoch): the command killed right after it saved batch 3 of
+    epoch 1, run again with --resume, ends with the uninterrupted run's checkpoint, bit for bit
+    (the trained layer, the head, the losses), and says where it went on from."""
+    from reference.pipeline import checkpoint as rckpt
+    extra = ("--unfreeze-top", "1", "--micro-batch-tokens", "40", "--save-every", "3")
+    assert rtrain.main(ref_argv(world, tmp_path / "whole", tmp_path / "cache", *extra)) == 0
+    save = rckpt.save_state
+
+    def save_then_die(folder, state):
+        save(folder, state)
+        if state.get("partial"):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(rckpt, "save_state", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            rtrain.main(ref_argv(world, tmp_path / "parts", tmp_path / "cache", *extra))
+    assert not (tmp_path / "parts" / "model.safetensors").exists()   # no epoch finished
+    capsys.readouterr()
+    assert rtrain.main(ref_argv(world, tmp_path / "parts", tmp_path / "cache", *extra,
+                                "--resume")) == 0
+    assert "resuming after epoch 0 and batch 3 of epoch 1" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "parts"))
+    assert [r["train_loss"] for r in a["epochs"]] == [r["train_loss"] for r in b["epochs"]]
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == \
+        (tmp_path / "parts" / "model.safetensors").read_bytes()
+
 # ---- bad input: one line, nonzero exit --------------------------------------------------------
 
 BAD = [

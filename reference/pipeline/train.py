@@ -4,7 +4,7 @@ and accuracy.
 
     python -m reference.pipeline.train --data PATH --encoder NAME --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--device auto|cpu|cuda] \\
-        [--seed 3407] [--cache .cache/features] [--resume] \\
+        [--seed 3407] [--cache .cache/features] [--resume [--save-every N]] \\
         [--unfreeze-top K [--encoder-lr 2e-5] [--micro-batch-tokens 8192]]
 
 The assignment's recipe: Adam (default lr), ``BCEWithLogitsLoss``, 17,500/7,500 train/valid
@@ -20,6 +20,8 @@ logit is > 0 (``round(sigmoid(z)) == 1``, as the assignment's ``binary_accuracy`
 Deterministic for a fixed seed on CPU: the head's init and dropout draw from ``torch``'s seeded
 generator, epoch ``e`` shuffles its batches with seed ``seed + e``; ``--resume`` restores the
 generator, so an interrupted run resumed gives the same numbers as an uninterrupted one.
+The state is saved after every epoch, and with ``--save-every N`` after every N-th training
+batch too: a long epoch cut short goes on from its last saved batch, exactly as well.
 
 Under ``torchrun --nproc-per-node N`` (:mod:`reference.pipeline.distributed`) the N processes share
 the work: the feature extraction by shards, every global batch of ``--batch-size`` reviews by
@@ -95,15 +97,16 @@ class Split:
         return len(self.idx)
 
 
-def _bar(iterable, desc, progress):
+def _bar(iterable, desc, progress, **kw):
     return tqdm(iterable, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, **kw)
 
 
 def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed: int = 0,
               device="cpu", progress: bool = False, desc: str = "",
               ranks: Ranks = SINGLE, micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS,
-              masks=None) -> tuple[float, float]:
+              masks=None, start: int = 0, sums: tuple = (0.0, 0, 0),
+              after_batch=None) -> tuple[float, float]:
     """One pass over ``split``: trains when ``optimizer`` is given (shuffled buckets, dropout),
     else evaluates (length-sorted, no grad).  Returns (mean loss, accuracy) over examples.
 
@@ -113,7 +116,12 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
 
     A :class:`TopGRUHead` (trained encoder layers) runs each batch in micro-batches
     (:func:`top_batch`); ``masks``: an iterator of dropout masks, one per training
-    micro-batch, applied instead of drawn ones (scratch's, for the comparison tests)."""
+    micro-batch, applied instead of drawn ones (scratch's, for the comparison tests).
+
+    An epoch cut short goes on from its batch ``start`` with ``sums`` = (summed loss, correct,
+    seen) of the batches before it (the same batches: the order is drawn from ``seed``);
+    ``after_batch(done, sums)``, when given, is called on every rank after each batch, with
+    the number of batches done and this rank's running sums (:func:`fit` saves there)."""
     train = optimizer is not None
     head.train(train)
     dtype = next(head.parameters()).dtype               # labels in the head's precision
@@ -122,9 +130,9 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
     else:
         step = head_batch
     batches = bucket_batches(split.store.lengths[split.idx], batch_size, shuffle=train, seed=seed)
-    total, correct, seen = 0.0, 0, 0
-    bar = _bar(batches, desc, progress and ranks.main)
-    for b in bar:
+    total, correct, seen = sums
+    bar = _bar(batches[start:], desc, progress and ranks.main, initial=start, total=len(batches))
+    for done, b in enumerate(bar, start + 1):
         mine = ranks.part(b)                      # the global batch b, or this rank's slice
         if not len(mine) and not train:
             continue
@@ -134,14 +142,15 @@ def run_epoch(head: GRUHead, split: Split, batch_size: int, optimizer=None, seed
         scale = ranks.size / len(b) if len(mine) else 0.0
         y = torch.as_tensor(split.labels[rows], dtype=dtype, device=device)
         loss, logits = step(head, split, rows, y, scale, optimizer, device=device)
-        if not len(mine):
-            continue
-        total += loss
-        correct += int(((logits > 0) == (y > 0.5)).sum())
-        seen += len(mine)
-        give_back_freed_memory(above=TRAINING_SLACK)       # batches of every length fragment
-        if progress and ranks.main:
-            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
+        if len(mine):
+            total += loss
+            correct += int(((logits > 0) == (y > 0.5)).sum())
+            seen += len(mine)
+            give_back_freed_memory(above=TRAINING_SLACK)   # batches of every length fragment
+            if progress and ranks.main:
+                bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
+        if after_batch is not None:
+            after_batch(done, (total, correct, seen))
     total, correct, seen = ranks.all_sum([total, correct, seen])
     return total / seen, correct / seen
 
@@ -274,7 +283,8 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
         seed: int = 3407, lr: float = 1e-3, device="cpu", state: dict | None = None,
         config: dict | None = None, progress: bool = False, log=print,
         ranks: Ranks = SINGLE, encoder_lr: float = unfreeze.DEFAULT_ENCODER_LR,
-        micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS, masks=None) -> list[dict]:
+        micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS, masks=None,
+        save_every: int = 0) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`checkpoint.load_state`
     dict).  After every epoch: the head's weights go to ``out/model.safetensors`` with ``config``
     and their checksum to ``out/config.json`` when the validation loss is the best so far, and
@@ -290,6 +300,12 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
     ``micro_tokens`` padded tokens; ``masks``, an iterator of dropout masks for the training
     micro-batches (see :func:`run_epoch`), makes the run follow scratch's masks.
 
+    ``save_every`` = n > 0 also saves the resume state after every n-th training batch, with
+    ``partial`` = {"batches": done, "sums": [summed loss, correct, seen] over the ranks,
+    "seconds": training time so far}: an epoch cut short (hours, for trained layers) goes on
+    from there on resume, exactly -- the batches are drawn from ``seed + epoch``, the
+    generator, weights and Adam's moments are those after batch ``done``.
+
     Denormal floats are flushed to zero while it runs (:func:`flush_denormals`)."""
     if isinstance(head, TopGRUHead):
         optimizer = torch.optim.Adam([
@@ -298,17 +314,52 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
             {"params": list(head.encoder.parameters()), "lr": encoder_lr}], lr=lr)
     else:
         optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
-    history, best, start = [], math.inf, 1
+    history, best, start, partial = [], math.inf, 1, None
     if state is not None:
         ckpt.load_head_state(head, state["model"], "resume state")
         optimizer.load_state_dict(state["optimizer"])
         history, best, start = list(state["history"]), state["best_valid_loss"], state["epoch"] + 1
+        partial = state.get("partial")             # epoch `start` cut short after a batch
         torch.set_rng_state(resumed_rng(state, ranks, seed))
     model = ranks.wrap(head, device)
+
+    def save(epoch: int, cut: dict | None = None) -> None:
+        """The resume state after ``epoch`` whole epochs (and ``cut``: the next one's first
+        batches)."""
+        rngs = ranks.gather(torch.get_rng_state())
+        if ranks.main:
+            ckpt.save_state(out, {"model": ckpt.model_state(head),
+                                  "optimizer": optimizer.state_dict(), "epoch": epoch,
+                                  "history": history, "best_valid_loss": best,
+                                  "rng": rngs[0], "config": config or {}}
+                            | ({"rng_ranks": rngs} if ranks.size > 1 else {})
+                            | ({"partial": cut} if cut else {}))
+
+    def save_cut(epoch: int, t0: float, before: float, done: int, sums: tuple) -> None:
+        """run_epoch's after_batch: every ``save_every``-th batch of ``epoch``, the state."""
+        if not save_every or done % save_every:
+            return
+        loss, correct, seen = ranks.all_sum(sums)
+        if not math.isfinite(loss):                 # diverged: fit raises at the epoch's end
+            return
+        save(epoch - 1, {"batches": done, "sums": [loss, int(correct), int(seen)],
+                         "seconds": round(before + time.perf_counter() - t0, 2)})
+        if ranks.main:
+            log(f"epoch {epoch}: batch {done} saved (--resume goes on from it)")
+
     for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
+        # an epoch resumed mid-way: its first batches, sums (rank 0 holds the ranks' total)
+        # and training time are the saved ones
+        done, sums, before = 0, (0.0, 0, 0), 0.0
+        if partial and epoch == start:
+            done, before = partial["batches"], partial["seconds"]
+            if ranks.main:
+                sums = (partial["sums"][0], int(partial["sums"][1]), int(partial["sums"][2]))
+        after_batch = functools.partial(save_cut, epoch, t0, before)
         tl, ta = run_epoch(model, train, batch_size, optimizer, seed + epoch, device, progress,
-                           f"epoch {epoch}/{epochs} train", ranks, micro_tokens, masks)
+                           f"epoch {epoch}/{epochs} train", ranks, micro_tokens, masks,
+                           done, sums, after_batch)
         t1 = time.perf_counter()
         vl, va = run_epoch(head, valid, batch_size, None, 0, device, progress,
                            f"epoch {epoch}/{epochs} valid", ranks, micro_tokens)
@@ -317,22 +368,19 @@ def fit(head: GRUHead, train: Split, valid: Split, out, *, epochs: int, batch_si
             raise FloatingPointError(f"epoch {epoch}: train loss {tl}, valid loss {vl}: training "
                                      "diverged (a smaller --lr?); nothing saved for this epoch")
         rec = {"epoch": epoch, "train_loss": tl, "train_acc": ta, "valid_loss": vl,
-               "valid_acc": va, "train_seconds": round(t1 - t0, 2),
+               "valid_acc": va, "train_seconds": round(before + t1 - t0, 2),
                "valid_seconds": round(t2 - t1, 2), "best": vl < best}
         if vl < best:
             best = vl
             if ranks.main:
                 ckpt.save_weights(out, head, config)
         history.append(rec)
-        rngs = ranks.gather(torch.get_rng_state())
+        save(epoch)
         if not ranks.main:
             continue
-        ckpt.save_state(out, {"model": ckpt.model_state(head), "optimizer": optimizer.state_dict(),
-                              "epoch": epoch, "history": history, "best_valid_loss": best,
-                              "rng": rngs[0], "config": config or {}}
-                        | ({"rng_ranks": rngs} if ranks.size > 1 else {}))
         log(f"epoch {epoch}: train loss {tl:.4f} acc {ta:.2%} | valid loss {vl:.4f} acc {va:.2%}"
-            f" | {t1 - t0:.0f} s + {t2 - t1:.0f} s{'  (best, saved)' if rec['best'] else ''}")
+            f" | {rec['train_seconds']:.0f} s + {t2 - t1:.0f} s"
+            + ("  (best, saved)" if rec["best"] else ""))
     return history
 
 
@@ -388,6 +436,9 @@ def build_parser(prog="python -m reference.pipeline.train") -> argparse.Argument
     p.add_argument("--batch-size", type=cli.positive(int), default=128)
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--save-every", type=cli.positive(int), default=None, metavar="N",
+                   help="also save the resume state every N training batches (default: after "
+                        "each epoch only), so that --resume goes on from the middle of an epoch")
     p.add_argument("--hidden-dim", type=cli.positive(int), default=256)
     p.add_argument("--n-layers", type=cli.positive(int), default=2)
     p.add_argument("--dropout", type=float, default=0.25)
@@ -485,7 +536,10 @@ def resume_state(p: argparse.ArgumentParser, run: Run) -> dict:
         ckpt.check_head_state(new_model(run), state["model"], str(run.out / ckpt.STATE))
     except ckpt.CheckpointError as e:
         p.error(f"--resume: {cli.one_line(e)}")
-    print(f"resuming after epoch {state['epoch']} from {run.out / ckpt.STATE}", flush=True)
+    cut = state.get("partial")
+    print(f"resuming after epoch {state['epoch']}"
+          + (f" and batch {cut['batches']} of epoch {state['epoch'] + 1}" if cut else "")
+          + f" from {run.out / ckpt.STATE}", flush=True)
     return state
 
 
@@ -524,7 +578,8 @@ def train_head(p: argparse.ArgumentParser, run: Run) -> list[dict]:
                       seed=a.seed, lr=a.lr, device=run.device, state=run.state,
                       config=run.config, progress=run.progress,
                       log=lambda msg: print(msg, flush=True), ranks=run.ranks,
-                      encoder_lr=a.encoder_lr, micro_tokens=a.micro_batch_tokens)
+                      encoder_lr=a.encoder_lr, micro_tokens=a.micro_batch_tokens,
+                      save_every=a.save_every or 0)
     except FloatingPointError as e:
         p.error(str(e))
     run.metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(run.reviews["test"]),
