@@ -1,6 +1,6 @@
 """What the test modules share: one ``assert_close``, the tolerances and why, central
-differences, moving test data to the backend under test, and the common hypothesis
-strategies."""
+differences, moving test data to the backend under test, the common hypothesis strategies,
+and a training run killed right after a mid-epoch save."""
 from __future__ import annotations
 
 import numpy as np
@@ -193,3 +193,21 @@ def attention_problems(draw, causal=False, dtype=None, mask_kinds=("none", "leng
     else:
         key_mask = None
     return tuple(x.astype(dtype) for x in (q, k, v, d_out)) + (key_mask,)
+
+
+class Cut(Exception):
+    """The kill of a training run, right after it saved an epoch's first batches."""
+
+
+def cut_after(monkeypatch, ckpt_module, epoch: int, batches: int) -> None:
+    """``ckpt_module.save_state`` (the reference's or scratch's) raises :class:`Cut` once it
+    has saved the state after batch ``batches`` of ``epoch`` (``--save-every``)."""
+    save = ckpt_module.save_state
+
+    def save_then_cut(folder, state):
+        save(folder, state)
+        cut = state.get("partial")
+        if cut and state["epoch"] + 1 == epoch and cut["batches"] == batches:
+            raise Cut
+
+    monkeypatch.setattr(ckpt_module, "save_state", save_then_cut)

@@ -23,7 +23,7 @@ from scratch.pipeline import predict as spredict
 from scratch.pipeline import train as strain
 from scratch.pipeline.encoder_names import Encoder
 from scratch.sentiment import SentimentHead
-from tests.helpers import MemoryStore
+from tests.helpers import Cut, MemoryStore, cut_after
 from tests.imdb_fixtures import make_tree, review, save_tiny_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,6 +197,38 @@ def test_fit_resumes_exactly(tmp_path):
         assert np.array_equal(w, resumed.params[name]), name
 
 
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("epoch, batches", [(1, 3), (2, 6)])
+def test_fit_resumes_exactly_from_the_middle_of_an_epoch(tmp_path, monkeypatch, dtype, epoch,
+                                                          batches):
+    """save_every = 3 on 9 batches an epoch: killed right after it saved batch 3 of epoch 1
+    (or 6 of epoch 2), resumed from last.safetensors, the run ends with the uninterrupted
+    run's weights and history, bit for bit (dropout on), in both precisions."""
+    labels = np.random.default_rng(1).integers(0, 2, 48)
+    tr, va = np.arange(36), np.arange(36, 48)
+
+    def run(out, state=None):
+        head = SentimentHead(6, 5, dtype=dtype, seed=3)
+        h = strain.fit(head, strain.Split(Store(), tr, labels[tr]),
+                       strain.Split(Store(), va, labels[va]), out, epochs=2, batch_size=4,
+                       seed=7, state=state, log=lambda *_: None, save_every=3)
+        return head, h
+
+    whole, h = run(tmp_path / "a")
+    with monkeypatch.context() as m:
+        cut_after(m, sckpt, epoch, batches)
+        with pytest.raises(Cut):
+            run(tmp_path / "b")
+    state = sckpt.load_state(tmp_path / "b")
+    assert (state["epoch"], state["partial"]["batches"]) == (epoch - 1, batches)
+    resumed, hb = run(tmp_path / "b", state)
+    strip = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in h]
+    assert strip == [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in hb]
+    for name, w in whole.params.items():
+        assert np.array_equal(w, resumed.params[name]), name
+    assert "partial" not in sckpt.load_state(tmp_path / "b")
+
 # ---- the commands -------------------------------------------------------------------------------
 
 def run_train(world, out, *extra):
@@ -258,6 +290,7 @@ def test_scratch_train_init_starts_from_given_weights(world, tmp_path):
     (["--limit-test", "999"], "--limit-test 999 is larger than the split"),
     (["--dropout", "1"], r"--dropout must be in \[0, 1\)"),
     (["--resume"], "nothing to resume"),
+    (["--save-every", "0"], "argument --save-every: must be > 0, got 0"),
     (["--init", "/nonexistent"], "--init: .*no such checkpoint directory"),
 ])
 def test_scratch_train_bad_input_is_one_line(world, tmp_path, capsys, argv, pattern):

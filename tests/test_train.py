@@ -15,6 +15,7 @@ from reference.model import BERTGRUSentiment, GRUHead
 from reference.pipeline import checkpoint as ckpt
 from reference.pipeline import predict, train
 from reference.pipeline.train import Split, fit, run_epoch
+from tests.helpers import Cut, cut_after
 
 
 class MemoryStore:
@@ -167,23 +168,6 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
 
 
 
-class Cut(Exception):
-    """The kill of a run, right after it saved an epoch's first batches."""
-
-
-def cut_after(monkeypatch, epoch, batches):
-    """ckpt.save_state, which raises Cut once it has saved batch ``batches`` of ``epoch``."""
-    save = ckpt.save_state
-
-    def save_then_cut(folder, state):
-        save(folder, state)
-        cut = state.get("partial")
-        if cut and state["epoch"] + 1 == epoch and cut["batches"] == batches:
-            raise Cut
-
-    monkeypatch.setattr(ckpt, "save_state", save_then_cut)
-
-
 @pytest.mark.parametrize("epoch, batches", [(1, 2), (2, 4)])
 def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, monkeypatch, epoch, batches):
     """save_every = 2 on 5 batches an epoch: killed after batch 2 of epoch 1 (or 4 of epoch
@@ -194,7 +178,7 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(tmp_path, monkeypatch, epo
     kw = dict(epochs=3, batch_size=8, seed=5, log=str, save_every=2)
     full = fit(new_head(), tr, va, tmp_path / "full", **kw)
     with monkeypatch.context() as m:
-        cut_after(m, epoch, batches)
+        cut_after(m, ckpt, epoch, batches)
         with pytest.raises(Cut):
             fit(new_head(), tr, va, tmp_path / "cut", **kw)
     state = ckpt.load_state(tmp_path / "cut")

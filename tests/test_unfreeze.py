@@ -584,14 +584,18 @@ def test_resume_is_exact_with_trained_layers(world, tmp_path, side):
 
 
 
-def test_a_k1_run_cut_mid_epoch_resumes_exactly(world, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("side", ["scratch", "reference"])
+def test_a_k1_run_cut_mid_epoch_resumes_exactly(world, tmp_path, monkeypatch, capsys, side):
     """--save-every 3 (4 batches an epoch): the command killed right after it saved batch 3 of
     epoch 1, run again with --resume, ends with the uninterrupted run's checkpoint, bit for bit
     (the trained layer, the head, the losses), and says where it went on from."""
     from reference.pipeline import checkpoint as rckpt
+    from scratch.pipeline import checkpoint as sckpt
+    main, args, ckpt_module = ((strain.main, argv, sckpt) if side == "scratch"
+                               else (rtrain.main, ref_argv, rckpt))
     extra = ("--unfreeze-top", "1", "--micro-batch-tokens", "40", "--save-every", "3")
-    assert rtrain.main(ref_argv(world, tmp_path / "whole", tmp_path / "cache", *extra)) == 0
-    save = rckpt.save_state
+    assert main(args(world, tmp_path / "whole", tmp_path / "cache", *extra)) == 0
+    save = ckpt_module.save_state
 
     def save_then_die(folder, state):
         save(folder, state)
@@ -599,13 +603,12 @@ def test_a_k1_run_cut_mid_epoch_resumes_exactly(world, tmp_path, monkeypatch, ca
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(rckpt, "save_state", save_then_die)
+        m.setattr(ckpt_module, "save_state", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            rtrain.main(ref_argv(world, tmp_path / "parts", tmp_path / "cache", *extra))
+            main(args(world, tmp_path / "parts", tmp_path / "cache", *extra))
     assert not (tmp_path / "parts" / "model.safetensors").exists()   # no epoch finished
     capsys.readouterr()
-    assert rtrain.main(ref_argv(world, tmp_path / "parts", tmp_path / "cache", *extra,
-                                "--resume")) == 0
+    assert main(args(world, tmp_path / "parts", tmp_path / "cache", *extra, "--resume")) == 0
     assert "resuming after epoch 0 and batch 3 of epoch 1" in capsys.readouterr().out
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "parts"))
     assert [r["train_loss"] for r in a["epochs"]] == [r["train_loss"] for r in b["epochs"]]

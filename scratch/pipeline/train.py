@@ -3,7 +3,7 @@ the same cached features, split, batches and recipe as :mod:`reference.pipeline.
 
     python -m scratch.pipeline.train --data PATH --encoder minilm --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--seed 3407] \\
-        [--cache .cache/features] [--dtype float32|float64] [--resume] \\
+        [--cache .cache/features] [--dtype float32|float64] [--resume [--save-every N]] \\
         [--unfreeze-top K [--encoder-lr 2e-5] [--micro-batch-tokens 8192]]
 
 The recipe, step for step the reference's: Adam (:class:`scratch.optim.Adam`, torch's
@@ -32,6 +32,7 @@ trained layers beside the head; the resume state their Adam moments and dropout 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -72,9 +73,9 @@ class Split:
         return len(self.idx)
 
 
-def _bar(iterable, desc, progress):
+def _bar(iterable, desc, progress, **kw):
     return tqdm(iterable, desc=desc, leave=False, disable=not progress, dynamic_ncols=True,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, **kw)
 
 
 class GroupedAdam:
@@ -128,15 +129,21 @@ def top_batch(model: TopHead, split: Split, b: np.ndarray, y: np.ndarray,
 def run_epoch(head: SentimentHead | TopHead, split: Split, batch_size: int,
               optimizer: Adam | GroupedAdam | None = None, seed: int = 0,
               progress: bool = False, desc: str = "",
-              micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS) -> tuple[float, float]:
+              micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS, start: int = 0,
+              sums: tuple = (0.0, 0, 0), after_batch=None) -> tuple[float, float]:
     """One pass over ``split``: trains when ``optimizer`` is given (shuffled buckets, dropout),
     else evaluates (length-sorted, nothing cached).  Returns (mean loss, accuracy) over examples.
-    A :class:`TopHead` runs each batch in micro-batches (:func:`top_batch`)."""
+    A :class:`TopHead` runs each batch in micro-batches (:func:`top_batch`).
+
+    An epoch cut short goes on from its batch ``start`` with ``sums`` = (summed loss, correct,
+    seen) of the batches before it (the same batches: the order is drawn from ``seed``);
+    ``after_batch(done, sums)``, when given, is called after each batch (:func:`fit` saves
+    there)."""
     train = optimizer is not None
     batches = bucket_batches(split.store.lengths[split.idx], batch_size, shuffle=train, seed=seed)
-    total, correct, seen = 0.0, 0, 0
-    bar = _bar(batches, desc, progress)
-    for b in bar:
+    total, correct, seen = sums
+    bar = _bar(batches[start:], desc, progress, initial=start, total=len(batches))
+    for done, b in enumerate(bar, start + 1):
         if isinstance(head, TopHead):
             y = np.asarray(split.labels[b], dtype=head.dtype)            # (B,)
             loss_sum, logits = top_batch(head, split, b, y, optimizer, micro_tokens)
@@ -150,6 +157,8 @@ def run_epoch(head: SentimentHead | TopHead, split: Split, batch_size: int,
         give_back_freed_memory(above=TRAINING_SLACK)       # batches of every length fragment
         if progress:
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / seen:.4f}")
+        if after_batch is not None:
+            after_batch(done, (total, correct, seen))
     return total / seen, correct / seen
 
 
@@ -171,42 +180,68 @@ def fit(head: SentimentHead | TopHead, train: Split, valid: Split, out, *, epoch
         batch_size: int = 128, seed: int = 3407, lr: float = 1e-3, state: dict | None = None,
         config: dict | None = None, progress: bool = False, log=print,
         encoder_lr: float = unfreeze.DEFAULT_ENCODER_LR,
-        micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS) -> list[dict]:
+        micro_tokens: int = unfreeze.DEFAULT_MICRO_TOKENS, save_every: int = 0) -> list[dict]:
     """Train for epochs ``1..epochs`` (or continue after ``state``, a :func:`ckpt.load_state`
     dict).  After every epoch: the weights to ``out`` when the validation loss is the best so far
     (:func:`scratch.pipeline.checkpoint.save_weights`), the resume state to
     ``out/last.safetensors``.  A :class:`TopHead` trains its layers at ``encoder_lr``
-    (:class:`GroupedAdam`) in micro-batches of ``micro_tokens`` padded tokens."""
+    (:class:`GroupedAdam`) in micro-batches of ``micro_tokens`` padded tokens.
+
+    ``save_every`` = n > 0 also saves the resume state after every n-th training batch, with
+    ``partial`` = {"batches": done, "sums": [summed loss, correct, seen], "seconds": training
+    time so far}: an epoch cut short goes on from there on resume, exactly (the batches are
+    drawn from ``seed + epoch``; the generator, weights and Adam's moments are those after
+    batch ``done``)."""
     top = isinstance(head, TopHead)
     optimizer = GroupedAdam(head, lr, encoder_lr) if top else Adam(head.params, lr=lr)
-    history, best, start = [], math.inf, 1
+    history, best, start, partial = [], math.inf, 1, None
     if state is not None:
         head.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         head.set_rng_state(state["rng"])
         history, best, start = list(state["history"]), state["best_valid_loss"], state["epoch"] + 1
+        partial = state.get("partial")             # epoch `start` cut short after a batch
+
+    def save(epoch: int, cut: dict | None = None) -> None:
+        """The resume state after ``epoch`` whole epochs (and ``cut``: the next one's first
+        batches)."""
+        ckpt.save_state(out, {"model": head.state_dict(), "optimizer": optimizer.state_dict(),
+                              "epoch": epoch, "history": history, "best_valid_loss": best,
+                              "rng": head.rng_state(), "config": config or {}}
+                        | ({"partial": cut} if cut else {}))
+
+    def save_cut(epoch: int, t0: float, before: float, done: int, sums: tuple) -> None:
+        """run_epoch's after_batch: every ``save_every``-th batch of ``epoch``, the state."""
+        if save_every and done % save_every == 0:
+            save(epoch - 1, {"batches": done, "sums": [float(sums[0]), sums[1], sums[2]],
+                             "seconds": round(before + time.perf_counter() - t0, 2)})
+            log(f"epoch {epoch}: batch {done} saved (--resume goes on from it)")
+
     for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
+        done, sums, before = 0, (0.0, 0, 0), 0.0   # an epoch resumed mid-way: the saved ones
+        if partial and epoch == start:
+            done, sums, before = partial["batches"], tuple(partial["sums"]), partial["seconds"]
         train_loss, train_acc = run_epoch(head, train, batch_size, optimizer, seed + epoch,
                                           progress, f"epoch {epoch}/{epochs} train",
-                                          micro_tokens)
+                                          micro_tokens, done, sums,
+                                          functools.partial(save_cut, epoch, t0, before))
         t1 = time.perf_counter()
         valid_loss, valid_acc = run_epoch(head, valid, batch_size, None, 0, progress,
                                           f"epoch {epoch}/{epochs} valid", micro_tokens)
         t2 = time.perf_counter()
         rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                "valid_loss": valid_loss, "valid_acc": valid_acc,
-               "train_seconds": round(t1 - t0, 2), "valid_seconds": round(t2 - t1, 2),
+               "train_seconds": round(before + t1 - t0, 2), "valid_seconds": round(t2 - t1, 2),
                "best": valid_loss < best}
         if valid_loss < best:
             best = valid_loss
             ckpt.save_weights(out, head, config)
         history.append(rec)
-        ckpt.save_state(out, {"model": head.state_dict(), "optimizer": optimizer.state_dict(),
-                              "epoch": epoch, "history": history, "best_valid_loss": best,
-                              "rng": head.rng_state(), "config": config or {}})
+        save(epoch)
         log(f"epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2%} | valid loss "
-            f"{valid_loss:.4f} acc {valid_acc:.2%} | {t1 - t0:.0f} s + {t2 - t1:.0f} s"
+            f"{valid_loss:.4f} acc {valid_acc:.2%} | {rec['train_seconds']:.0f} s + "
+            f"{t2 - t1:.0f} s"
             f"{'  (best, saved)' if rec['best'] else ''}")
     return history
 
@@ -295,6 +330,9 @@ def build_parser(prog="python -m scratch.pipeline.train") -> argparse.ArgumentPa
     p.add_argument("--cache", default=".cache/features",
                    help="feature cache root (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--save-every", type=cli.positive(int), default=None, metavar="N",
+                   help="also save the resume state every N training batches (default: after "
+                        "each epoch only), so that --resume goes on from the middle of an epoch")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="the head's arrays (features are stored float16 either way)")
     p.add_argument("--hidden-dim", type=cli.positive(int), default=256)
@@ -413,7 +451,10 @@ def resume_state(parser, run: Run) -> dict:
     old = state.get("config", {})
     if why := unfreeze.resume_refusal(run.out, old, run.config, RUN_KEYS):
         parser.error(f"--resume: {why}")
-    print(f"resuming after epoch {state['epoch']} from {run.out / ckpt.STATE}", flush=True)
+    cut = state.get("partial")
+    print(f"resuming after epoch {state['epoch']}"
+          + (f" and batch {cut['batches']} of epoch {state['epoch'] + 1}" if cut else "")
+          + f" from {run.out / ckpt.STATE}", flush=True)
     return state
 
 
@@ -465,7 +506,8 @@ def train_head(parser, run: Run) -> list[dict]:
         history = fit(head, train, valid, run.out, epochs=a.epochs, batch_size=a.batch_size,
                       seed=a.seed, lr=a.lr, state=run.state, config=run.config,
                       progress=run.progress, log=lambda msg: print(msg, flush=True),
-                      encoder_lr=a.encoder_lr, micro_tokens=a.micro_batch_tokens)
+                      encoder_lr=a.encoder_lr, micro_tokens=a.micro_batch_tokens,
+                      save_every=a.save_every or 0)
     except FloatingPointError as e:
         parser.error(str(e))
     run.metrics.update(n_train=len(train), n_valid=len(valid), n_test=len(run.reviews["test"]),
