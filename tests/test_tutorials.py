@@ -119,3 +119,29 @@ def test_imdb_tutorial_shows_the_committed_full_runs():
         assert row and f"{r['test_acc']:.4g}" in row[0], f"{r['encoder']}: run make tutorials"
     curve = json.loads((ROOT / "results/imdb_mpnet_epochs.json").read_text())
     assert f"test accuracy {curve['test_acc']:.2%}" in printed, "run make tutorials"
+
+
+def test_imdb_tutorial_shows_the_committed_unfreeze_runs():
+    """Tutorial 05 section 9 prints the full --unfreeze-top runs of
+    results/imdb_unfreeze_full.json (each K's test accuracy, or "not yet"), or says they are
+    not measured when the file is absent: a results file added or updated without re-rendering
+    the notebook fails here."""
+    import json
+
+    printed = printed_text(notebook(ROOT / "tutorials/05_imdb.py"))
+    path = ROOT / "results/imdb_unfreeze_full.json"
+    if not path.exists():
+        assert "not measured yet: results/imdb_unfreeze_full.json" in printed
+        return
+    full = json.loads(path.read_text())
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if "train min/epoch" in line) + 2
+    rows = {}
+    for line in lines[start:]:                  # the table's rows, after its header and rule
+        if not line[:1].isdigit():
+            break
+        rows[line.split()[0]] = line
+    for r in full["runs"]:
+        row = rows.get(str(r["unfreeze_top"]))
+        want = "not yet" if r["test_acc"] is None else f"{r['test_acc']:.4f}"
+        assert row and want in row, f"K = {r['unfreeze_top']}: run make tutorials"
