@@ -4,7 +4,7 @@ and accuracy.
 
     python -m reference.pipeline.train --data PATH --encoder NAME --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--device auto|cpu|cuda] \\
-        [--seed 3407] [--cache .cache/features] [--resume [--save-every N]] \\
+        [--seed 3407] [--cache .cache/features] [--resume] [--save-every N] \\
         [--unfreeze-top K [--encoder-lr 2e-5] [--micro-batch-tokens 8192]]
 
 The assignment's recipe: Adam (default lr), ``BCEWithLogitsLoss``, 17,500/7,500 train/valid

@@ -3,7 +3,7 @@ the same cached features, split, batches and recipe as :mod:`reference.pipeline.
 
     python -m scratch.pipeline.train --data PATH --encoder minilm --epochs 2 --batch-size 128 \\
         --max-length 512 --out DIR [--limit-train N --limit-test N] [--seed 3407] \\
-        [--cache .cache/features] [--dtype float32|float64] [--resume [--save-every N]] \\
+        [--cache .cache/features] [--dtype float32|float64] [--resume] [--save-every N] \\
         [--unfreeze-top K [--encoder-lr 2e-5] [--micro-batch-tokens 8192]]
 
 The recipe, step for step the reference's: Adam (:class:`scratch.optim.Adam`, torch's
