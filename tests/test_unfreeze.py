@@ -38,7 +38,7 @@ from scratch.sentiment import SentimentHead
 from scratch.top_layers import TopHead
 from scratch.top_layers import TopLayers as ScratchTop
 from tests.bert_fixtures import minilm_torch
-from tests.helpers import MemoryStore, assert_close
+from tests.helpers import Cut, MemoryStore, assert_close, cut_after
 from tests.imdb_fixtures import make_tree, minilm_path, review, save_tiny_encoder, tokenizer
 
 HEAD = dict(hidden_dim=5, output_dim=1, n_layers=2, bidirectional=True, dropout=0.25)
@@ -589,22 +589,13 @@ def test_a_k1_run_cut_mid_epoch_resumes_exactly(world, tmp_path, monkeypatch, ca
     """--save-every 3 (4 batches an epoch): the command killed right after it saved batch 3 of
     epoch 1, run again with --resume, ends with the uninterrupted run's checkpoint, bit for bit
     (the trained layer, the head, the losses), and says where it went on from."""
-    from reference.pipeline import checkpoint as rckpt
-    from scratch.pipeline import checkpoint as sckpt
     main, args, ckpt_module = ((strain.main, argv, sckpt) if side == "scratch"
                                else (rtrain.main, ref_argv, rckpt))
     extra = ("--unfreeze-top", "1", "--micro-batch-tokens", "40", "--save-every", "3")
     assert main(args(world, tmp_path / "whole", tmp_path / "cache", *extra)) == 0
-    save = ckpt_module.save_state
-
-    def save_then_die(folder, state):
-        save(folder, state)
-        if state.get("partial"):
-            raise KeyboardInterrupt
-
     with monkeypatch.context() as m:
-        m.setattr(ckpt_module, "save_state", save_then_die)
-        with pytest.raises(KeyboardInterrupt):
+        cut_after(m, ckpt_module, 1, 3)
+        with pytest.raises(Cut):
             main(args(world, tmp_path / "parts", tmp_path / "cache", *extra))
     assert not (tmp_path / "parts" / "model.safetensors").exists()   # no epoch finished
     capsys.readouterr()
@@ -614,6 +605,7 @@ def test_a_k1_run_cut_mid_epoch_resumes_exactly(world, tmp_path, monkeypatch, ca
     assert [r["train_loss"] for r in a["epochs"]] == [r["train_loss"] for r in b["epochs"]]
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == \
         (tmp_path / "parts" / "model.safetensors").read_bytes()
+
 
 # ---- bad input: one line, nonzero exit --------------------------------------------------------
 
