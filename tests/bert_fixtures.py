@@ -1,10 +1,14 @@
-"""Helpers for the BERT tests: random BERT folders made by torch, torch's last hidden states,
-real reviews as padded id batches, the relative error used throughout."""
+"""Helpers for the BERT tests: random BERT and MPNet models made by torch, model folders edited
+in place, torch's last hidden states, real reviews as padded id batches, the relative error used
+throughout."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
-from transformers import BertConfig, BertModel
+from safetensors.numpy import load_file, save_file
+from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
 from transformers.utils import logging as hf_logging
 
 from reference.pipeline.data import load_imdb, tokenize
@@ -21,16 +25,44 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def random_bert(seed: int, scale: float = 0.5, **config) -> BertModel:
-    """A BertModel with every parameter drawn N(0, scale^2) (LayerNorm weights 1 + noise), so
+def randomized(model, seed: int, scale: float):
+    """``model`` with every parameter drawn N(0, scale^2) (LayerNorm weights 1 + noise), so
     that no part of the forward pass is near-trivial (default init has LayerNorm = identity)."""
-    cfg = BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config)
-    model = BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
-        p.copy_(1.0 + noise if name.endswith("LayerNorm.weight") else noise)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
+            p.copy_(1.0 + noise if name.endswith("LayerNorm.weight") else noise)
     return model
+
+
+def random_bert(seed: int, scale: float = 0.5, **config) -> BertModel:
+    """A BertModel, no dropout, its parameters :func:`randomized`."""
+    cfg = BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config)
+    return randomized(BertModel(cfg, add_pooling_layer=False).eval().requires_grad_(False),
+                      seed, scale)
+
+
+def random_mpnet(seed: int, scale: float = 0.5, **config) -> MPNetModel:
+    """An MPNetModel, no dropout, its parameters (the relative position table included)
+    :func:`randomized`."""
+    cfg = MPNetConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config)
+    return randomized(MPNetModel(cfg, add_pooling_layer=False).eval().requires_grad_(False),
+                      seed, scale)
+
+
+def edit_config(folder, **changes) -> None:
+    """A model folder's config.json with ``changes`` written over it."""
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(folder, fn) -> None:
+    """A model folder's model.safetensors after ``fn(weights)`` changed the dict in place."""
+    w = load_file(folder / "model.safetensors")
+    fn(w)
+    save_file(w, folder / "model.safetensors")
 
 
 def torch_hidden(model, ids, mask=None, types=None) -> np.ndarray:

@@ -18,7 +18,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import load_file, save_file
 from scipy.special import ndtr
 from transformers.activations import ACT2FN
 
@@ -28,7 +27,15 @@ from scratch.activations import ACTIVATIONS, gelu_exact, gelu_float32
 from scratch.backend import to_numpy
 from scratch.bert import BertEncoder, BertError, swapped_layers
 from scratch.pipeline.tokenizer import BertTokenizer, pad_batch
-from tests.bert_fixtures import minilm_torch, random_bert, rel_err, review_batches, torch_hidden
+from tests.bert_fixtures import (
+    edit_config,
+    edit_weights,
+    minilm_torch,
+    random_bert,
+    rel_err,
+    review_batches,
+    torch_hidden,
+)
 from tests.helpers import CUPY, on, tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,18 +258,6 @@ def folder(small_folder, tmp_path):
     return Path(shutil.copytree(small_folder, tmp_path / "copy"))
 
 
-def _edit_config(folder, **changes):
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(changes)
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
-def _edit_weights(folder, fn):
-    w = load_file(folder / "model.safetensors")
-    fn(w)
-    save_file(w, folder / "model.safetensors")
-
-
 NAME = "encoder.layer.1.attention.self.key.weight"
 
 
@@ -270,18 +265,18 @@ NAME = "encoder.layer.1.attention.self.key.weight"
     (lambda f: (f / "config.json").unlink(), "config.json: missing"),
     (lambda f: (f / "model.safetensors").unlink(), "model.safetensors: missing"),
     (lambda f: (f / "config.json").write_text("{oops"), "not readable JSON"),
-    (lambda f: _edit_config(f, model_type="roberta"), "model_type 'roberta' is neither BERT nor"),
-    (lambda f: _edit_config(f, hidden_act="laplace"), "unknown hidden_act 'laplace'"),
-    (lambda f: _edit_config(f, num_attention_heads=3), "not a multiple of num_attention_heads"),
-    (lambda f: _edit_config(f, is_decoder=True), "is_decoder=True is not supported"),
-    (lambda f: _edit_config(f, position_embedding_type="relative_key"),
+    (lambda f: edit_config(f, model_type="roberta"), "model_type 'roberta' is neither BERT nor"),
+    (lambda f: edit_config(f, hidden_act="laplace"), "unknown hidden_act 'laplace'"),
+    (lambda f: edit_config(f, num_attention_heads=3), "not a multiple of num_attention_heads"),
+    (lambda f: edit_config(f, is_decoder=True), "is_decoder=True is not supported"),
+    (lambda f: edit_config(f, position_embedding_type="relative_key"),
      "position_embedding_type='relative_key'"),
-    (lambda f: _edit_weights(f, lambda w: w.pop(NAME)), f"tensor '{NAME}' is missing"),
-    (lambda f: _edit_weights(f, lambda w: w.update({NAME: w[NAME][:, :4].copy()})),
+    (lambda f: edit_weights(f, lambda w: w.pop(NAME)), f"tensor '{NAME}' is missing"),
+    (lambda f: edit_weights(f, lambda w: w.update({NAME: w[NAME][:, :4].copy()})),
      rf"'{NAME}' has shape \(8, 4\), expected \(8, 8\)"),
-    (lambda f: _edit_weights(f, lambda w: w[NAME].__setitem__((0, 0), np.nan)),
+    (lambda f: edit_weights(f, lambda w: w[NAME].__setitem__((0, 0), np.nan)),
      "contains NaN or inf"),
-    (lambda f: _edit_weights(f, lambda w: w.update({NAME: w[NAME].astype(np.int32)})),
+    (lambda f: edit_weights(f, lambda w: w.update({NAME: w[NAME].astype(np.int32)})),
      "dtype I32"),
     (lambda f: (f / "model.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
 ])

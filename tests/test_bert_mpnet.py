@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import load_file, save_file
 from transformers import MPNetConfig, MPNetForMaskedLM, MPNetModel
 from transformers.models.mpnet.modeling_mpnet import MPNetEncoder as TorchMPNetEncoder
 
@@ -27,21 +26,16 @@ from scratch.bert import BertEncoder, BertError, MPNetEncoder, relative_position
 from scratch.bert_folder import MPNET_BUCKETS
 from scratch.pipeline.encoder_names import MPNET_FOLDER, installed
 from scratch.pipeline.tokenizer import BertTokenizer, pad_batch
-from tests.bert_fixtures import random_bert, rel_err, torch_hidden
+from tests.bert_fixtures import (
+    edit_config,
+    edit_weights,
+    random_bert,
+    random_mpnet,
+    rel_err,
+    torch_hidden,
+)
 
 PAD = 1                                   # MPNet's pad id (transformers' padding_idx)
-
-
-def random_mpnet(seed: int, scale: float = 0.5, **config) -> MPNetModel:
-    """An MPNetModel with every parameter drawn N(0, scale^2) (LayerNorm weights 1 + noise),
-    the relative position table included (as tests/bert_fixtures.py's random_bert)."""
-    cfg = MPNetConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config)
-    model = MPNetModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, dtype=p.dtype) * scale
-        p.copy_(1.0 + noise if name.endswith("LayerNorm.weight") else noise)
-    return model
 
 
 def saved(model, folder) -> Path:
@@ -341,18 +335,6 @@ def folder(small_mpnet, tmp_path):
     return Path(shutil.copytree(small_mpnet, tmp_path / "copy"))
 
 
-def _edit_config(folder, **changes):
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(changes)
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
-def _edit_weights(folder, fn):
-    w = load_file(folder / "model.safetensors")
-    fn(w)
-    save_file(w, folder / "model.safetensors")
-
-
 TABLE = "encoder.relative_attention_bias.weight"
 
 
@@ -361,21 +343,21 @@ def _bert_labelled_mpnet(folder):
         f.unlink()
     random_bert(0, vocab_size=50, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=12, max_position_embeddings=16).save_pretrained(folder)
-    _edit_config(folder, model_type="mpnet")
+    edit_config(folder, model_type="mpnet")
 
 
 @pytest.mark.parametrize("break_it, message", [
-    (lambda f: _edit_weights(f, lambda w: w.pop(TABLE)), f"tensor '{TABLE}' is missing$"),
-    (lambda f: _edit_config(f, relative_attention_num_buckets=40),
+    (lambda f: edit_weights(f, lambda w: w.pop(TABLE)), f"tensor '{TABLE}' is missing$"),
+    (lambda f: edit_config(f, relative_attention_num_buckets=40),
      rf"'{TABLE}' has shape \(32, 2\), expected \(40, 2\)"),
-    (lambda f: _edit_weights(f, lambda w: w.update({TABLE: w[TABLE][:, :1].copy()})),
+    (lambda f: edit_weights(f, lambda w: w.update({TABLE: w[TABLE][:, :1].copy()})),
      rf"'{TABLE}' has shape \(32, 1\), expected \(32, 2\)"),
-    (lambda f: _edit_config(f, relative_attention_num_buckets=16),
+    (lambda f: edit_config(f, relative_attention_num_buckets=16),
      "relative_attention_num_buckets must be an integer >= 32"),
-    (lambda f: _edit_config(f, max_position_embeddings=2), "max_position_embeddings must be >= 3"),
+    (lambda f: edit_config(f, max_position_embeddings=2), "max_position_embeddings must be >= 3"),
     (_bert_labelled_mpnet, rf"'{TABLE}' is missing \(the tensors are bert's: config.json says "
                            "model_type 'mpnet'\\)"),
-    (lambda f: _edit_weights(f, lambda w: w.pop("encoder.layer.1.attention.attn.k.weight")),
+    (lambda f: edit_weights(f, lambda w: w.pop("encoder.layer.1.attention.attn.k.weight")),
      "'encoder.layer.1.attention.attn.k.weight' is missing"),
 ])
 def test_bad_mpnet_folder_is_a_one_line_error(folder, break_it, message):

@@ -37,7 +37,7 @@ from scratch.pipeline.features import portable_key
 from scratch.sentiment import SentimentHead
 from scratch.top_layers import TopHead
 from scratch.top_layers import TopLayers as ScratchTop
-from tests.bert_fixtures import minilm_torch
+from tests.bert_fixtures import minilm_torch, randomized
 from tests.helpers import Cut, MemoryStore, assert_close, cut_after
 from tests.imdb_fixtures import make_tree, minilm_path, review, save_tiny_encoder, tokenizer
 
@@ -47,24 +47,13 @@ F64 = 1e-9          # float64, 10 Adam steps: the worst seen was ~1e-12
 
 def random_bert(seed: int, layers: int = 3, hidden: int = 16, dropout: float = 0.1,
                 scale: float = 0.3) -> BertModel:
-    """A float64 BertModel whose parameters are all N(0, scale^2) (LayerNorm weights 1 + noise),
-    with the given dropout probabilities in its config."""
+    """A float64 BertModel in eval mode, its parameters
+    :func:`tests.bert_fixtures.randomized`, with the given dropout probabilities in its
+    config."""
     cfg = BertConfig(vocab_size=200, hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=4, intermediate_size=24, max_position_embeddings=64,
                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    return randomized(BertModel(cfg, add_pooling_layer=False), seed, scale)
-
-
-def randomized(model, seed: int, scale: float):
-    """``model`` in float64, eval mode, every parameter drawn N(0, scale^2) (LayerNorm weights
-    1 + noise)."""
-    model = model.double().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
-            p.copy_(1.0 + noise if name.endswith("LayerNorm.weight") else noise)
-    return model
+    return randomized(BertModel(cfg, add_pooling_layer=False).double().eval(), seed, scale)
 
 
 def scratch_encoder(bert: BertModel, folder) -> BertEncoder:
@@ -761,7 +750,8 @@ def random_mpnet(seed: int, layers: int = 3, hidden: int = 16, dropout: float = 
     cfg = MPNetConfig(vocab_size=200, hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=4, intermediate_size=24, max_position_embeddings=80,
                       hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    return randomized(MPNetModel(cfg, add_pooling_layer=False), seed, scale)
+    return randomized(MPNetModel(cfg, add_pooling_layer=False).double().eval(), seed,
+                      scale)
 
 
 def test_mpnet_top_layers_carry_the_position_bias_as_the_encoder(tmp_path):
