@@ -11,8 +11,10 @@ Each run folder is one ``ENCODER=mpnet OUT=runs/kK bash bench/imdb_full.sh --unf
 run: test accuracy and loss, the best epoch, every epoch's numbers and seconds, the test
 evaluation's seconds, the two feature entries it read (size on disk, tokens, and where each
 came from: extracted, or computed from a deeper entry), the peak memory.  A run without its
-test result yet is written with ``test_acc`` null.  The frozen row is the committed full MPNet
-run (``results/imdb_runs.json``, its epochs from ``results/imdb_mpnet_epochs.json``).
+test result yet is written with ``test_acc`` null.  A K already in ``--out`` whose run
+folder is not given (or has no ``metrics.json`` any more) keeps its row there.  The frozen
+row is the committed full MPNet run (``results/imdb_runs.json``, its epochs from
+``results/imdb_mpnet_epochs.json``).
 """
 from __future__ import annotations
 
@@ -96,6 +98,12 @@ def main(argv=None) -> int:
     runs = [run_record(f.resolve()) for f in a.runs if (f / "metrics.json").exists()]
     if not runs:
         p.error("no run folder with a metrics.json among " + ", ".join(map(str, a.runs)))
+    kept = []                  # a K measured earlier whose run folder is not here any more
+    if a.out.exists():
+        gathered = {r["unfreeze_top"] for r in runs}
+        kept = [r for r in json.loads(a.out.read_text())["runs"]
+                if r["unfreeze_top"] not in gathered]
+    runs = sorted(runs + kept, key=lambda r: r["unfreeze_top"])
     out = {"note": "Full MPNet runs with --unfreeze-top K (bench/imdb_full.sh): 25,000 train "
                    "(17,500 / 7,500, seed 3407) and 25,000 test reviews, 512 tokens, the "
                    "assignment's head, batch 128, 2 epochs, best-validation checkpoint, on "
@@ -104,7 +112,8 @@ def main(argv=None) -> int:
     atomic_write(a.out, (json.dumps(out, indent=1) + "\n").encode())
     for r in runs:
         acc = "not yet" if r["test_acc"] is None else f"{r['test_acc']:.2%}"
-        print(f"K = {r['unfreeze_top']}: {len(r['epochs'])} epochs, test {acc}")
+        print(f"K = {r['unfreeze_top']}: {len(r['epochs'])} epochs, test {acc}"
+              + (f" (kept from {a.out})" if r in kept else ""))
     print(f"written {a.out}")
     return 0
 

@@ -492,6 +492,9 @@ def test_the_full_run_summary_gathers_a_run(trained, tmp_path, capsys):
                                                    "VmHWM_peak_gib": 2.5}}
     for f, peak in watched.items():                     # two processes of one resumed run
         f.write_text(json.dumps(peak))
+    earlier = {"unfreeze_top": 2, "test_acc": 0.5, "epochs": []}    # its folder is gone
+    stale = {"unfreeze_top": 1, "test_acc": 0.25, "epochs": []}     # gathered again below
+    (tmp_path / "s.json").write_text(json.dumps({"runs": [stale, earlier]}))
     try:
         assert summary.main(["--runs", str(run), str(tmp_path / "absent"),
                              "--out", str(tmp_path / "s.json")]) == 0
@@ -499,7 +502,8 @@ def test_the_full_run_summary_gathers_a_run(trained, tmp_path, capsys):
         for f in watched:
             f.unlink()
     out = json.loads((tmp_path / "s.json").read_text())
-    (r,) = out["runs"]
+    r, kept = out["runs"]
+    assert kept == earlier
     assert (r["unfreeze_top"], r["test_acc"], r["best_epoch"]) == (1, m["test_acc"],
                                                                    m["best_epoch"])
     assert [e["valid_loss"] for e in r["epochs"]] == [e["valid_loss"] for e in m["epochs"]]
@@ -510,7 +514,8 @@ def test_the_full_run_summary_gathers_a_run(trained, tmp_path, capsys):
                for e in r["entries"].values())
     assert r["peak_memory_gib"] == {"anonymous": 1.5, "resident": 2.5}
     assert out["frozen"]["unfreeze_top"] == 0 and len(out["frozen"]["epochs"]) == 2
-    assert "K = 1: 2 epochs, test" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "K = 1: 2 epochs, test" in printed and "K = 2: 0 epochs, test 50.00% (kept" in printed
 
 
 @pytest.mark.parametrize("side", ["scratch", "reference"])
