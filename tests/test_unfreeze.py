@@ -37,7 +37,7 @@ from scratch.pipeline.features import portable_key
 from scratch.sentiment import SentimentHead
 from scratch.top_layers import TopHead
 from scratch.top_layers import TopLayers as ScratchTop
-from tests.bert_fixtures import minilm_torch, randomized
+from tests.bert_fixtures import edit_config, minilm_torch, randomized
 from tests.helpers import Cut, MemoryStore, assert_close, cut_after
 from tests.imdb_fixtures import make_tree, minilm_path, review, save_tiny_encoder, tokenizer
 
@@ -538,8 +538,7 @@ def drop_key_bias(folder):
 
 
 def claim_two_layers(folder):
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "unfreeze_top": 2}))
+    edit_config(folder, unfreeze_top=2)
 
 
 @pytest.mark.parametrize("side", ["scratch", "reference"])
